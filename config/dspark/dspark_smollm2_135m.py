@@ -1,0 +1,65 @@
+"""DSpark on the embedded SmolLM2-135M-Instruct target (30 layers, hidden 576), sized for CPU.
+
+DSpark: DFlash backbone + vanilla Markov head + confidence head.
+
+Why these sizes (2-core CPU, bf16):
+- The target's forward over 8 new tokens costs about as much as over 1, so a draft
+  wins when it is cheap next to the target: 2 draft layers (1 for Eagle3) are ~1/15
+  of the target's 30, and the frozen LM head (49152 x 576) dominates the draft's cost.
+- block_size 7 as in the paper: long enough for tau > 3 when drafts are good.
+- Sequences are cut to 1024 tokens and 64 anchors per sequence keep the
+  [anchors x block x vocab] logits at ~29M entries per sequence.
+- Five target layers spread evenly over the 30, never the last (index 29).
+- A global batch of 16 sequences and a higher lr (1e-3) suit the small data of a
+  CPU run; epochs are set by the quickstart profile through --opts.
+"""
+
+algorithm = "dspark"
+project_name = "deepspec"
+exp_name = "dspark_smollm2_135m"
+seed = 42
+
+model = dict(
+    target_model_name_or_path="embedded:smollm2-135m-instruct",
+    target_layer_ids=[1, 7, 14, 21, 27],
+    mask_token_id=None,  # SmolLM2 has no spare token id: the mask slot is a learned vector
+    block_size=7,
+    num_draft_layers=2,
+    num_anchors=64,
+    markov_rank=128,
+    markov_head_type="vanilla",
+    confidence_head_alpha=1.0,
+    confidence_head_with_markov=True,
+    loss_decay_gamma=4.0,
+    ce_loss_alpha=0.1,
+    l1_loss_alpha=0.9,
+)
+
+train = dict(
+    lr=1.0e-3,
+    warmup_ratio=0.04,
+    weight_decay=0.0,
+    precision="bf16",
+    local_batch_size=4,
+    global_batch_size=16,
+    num_train_epochs=2,
+    max_train_steps=None,
+    max_grad_norm=1.0,
+    sharding_strategy="no_shard",
+    torch_compile=False,
+    num_cpu_workers=1,
+)
+
+logging = dict(
+    logging_steps=5,
+    checkpointing_steps=100,
+)
+
+data = dict(
+    mode="offline",
+    target_cache_path=None,  # set with --opts data.target_cache_path=<dir>
+    chat_template="auto",
+    max_length=1024,
+    min_loss_tokens=14,
+    num_workers=0,
+)

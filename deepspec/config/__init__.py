@@ -1,0 +1,30 @@
+"""Validated configuration: one schema (``schema.py``), loading and overrides (``loader.py``)."""
+
+from deepspec.config.loader import (
+    build_config,
+    config_to_dict,
+    finalize_config,
+    get_default_config,
+    load_config,
+    parse_opts,
+    save_config,
+    suggest_keys,
+    validate_against_target,
+)
+from deepspec.config.schema import ALGORITHMS, DEFAULT_EVAL_TASKS, FIELDS, FIELDS_BY_KEY
+
+__all__ = [
+    "ALGORITHMS",
+    "DEFAULT_EVAL_TASKS",
+    "FIELDS",
+    "FIELDS_BY_KEY",
+    "build_config",
+    "config_to_dict",
+    "finalize_config",
+    "get_default_config",
+    "load_config",
+    "parse_opts",
+    "save_config",
+    "suggest_keys",
+    "validate_against_target",
+]

@@ -1,0 +1,412 @@
+"""Load, override, validate and save configs.
+
+Order of precedence (later wins): schema defaults → ``ALGORITHM_DEFAULTS[algorithm]`` →
+config file (Python module or YAML) → ``--opts key.path=value`` overrides. Every problem
+found on the way is collected and raised once as a single-line :class:`ConfigError`.
+
+A Python config file is a module whose top-level names are the schema's top-level keys
+(``algorithm``, ``seed`` …) and sections given as dicts (``model = dict(block_size=7)``).
+Names starting with ``_``, imported modules, functions and classes are ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import runpy
+import types
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import yaml
+from yacs.config import CfgNode
+
+from deepspec.config.schema import ALGORITHM_DEFAULTS, FIELDS, FIELDS_BY_KEY, SECTIONS, Field
+from deepspec.errors import ConfigError
+from deepspec.utils.io import atomic_write_text
+
+_NONE_WORDS = {"none", "null", "~", ""}
+_TRUE_WORDS = {"true", "yes", "on", "1"}
+_FALSE_WORDS = {"false", "no", "off", "0"}
+
+
+class _Problems:
+    """Collects config problems so that all of them are reported in one error."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, key: str, message: str, source: str | None = None) -> None:
+        where = f" (from {source})" if source else ""
+        self.items.append(f"{key}: {message}{where}")
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise ConfigError("invalid config: " + "; ".join(self.items))
+
+
+# --------------------------------------------------------------------------------------
+# building blocks
+# --------------------------------------------------------------------------------------
+
+
+def suggest_keys(key: str, n: int = 3) -> list[str]:
+    """Closest valid keys to an unknown ``key`` (by full path and by leaf name)."""
+    keys = list(FIELDS_BY_KEY)
+    found = difflib.get_close_matches(key, keys, n=n, cutoff=0.8)
+    leaf = key.rsplit(".", 1)[-1]
+    leaves = {k.rsplit(".", 1)[-1]: k for k in keys}
+    for match in difflib.get_close_matches(leaf, list(leaves), n=n, cutoff=0.75):
+        if leaves[match] not in found:
+            found.append(leaves[match])
+    return found[:n]
+
+
+def _unknown_key_message(key: str) -> str:
+    close = suggest_keys(key)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"unknown key{hint}"
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def coerce_value(field: Field, value: Any) -> Any:
+    """Return ``value`` converted to ``field``'s type or raise ``ValueError`` saying why."""
+    if value is None or (
+        isinstance(value, str)
+        and value.strip().lower() in _NONE_WORDS
+        and field.kind not in ("str", "list[str]")
+    ):
+        if field.optional:
+            return None
+        raise ValueError("must not be null")
+    if isinstance(value, str) and field.optional and value.strip().lower() in {"none", "null"}:
+        return None
+    kind = field.kind
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"expected an integer, got {_describe(value)}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {_describe(value)}") from None
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError(f"expected a number, got {_describe(value)}")
+        try:
+            out = float(value)
+        except ValueError:
+            raise ValueError(f"expected a number, got {_describe(value)}") from None
+        if not math.isfinite(out):
+            raise ValueError(f"expected a finite number, got {_describe(value)}")
+        return out
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
+            return value.strip().lower() in _TRUE_WORDS
+        raise ValueError(f"expected true or false, got {_describe(value)}")
+    if kind == "str":
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueError(f"expected a string, got {_describe(value)}")
+        return str(value)
+    if kind in ("list[int]", "list[str]"):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.strip().strip("[]").split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"expected a list, got {_describe(value)}")
+        item = Field(key=field.key, default=None, kind=kind[5:-1], help="")
+        try:
+            return [coerce_value(item, v) for v in value]
+        except ValueError as exc:
+            raise ValueError(f"list item: {exc}") from None
+    raise AssertionError(f"unknown field kind {kind}")
+
+
+def _check_bounds(field: Field, value: Any) -> str | None:
+    """Return why ``value`` is out of ``field``'s allowed range, or None."""
+    if value is None:
+        return None
+    if field.choices is not None and value not in field.choices:
+        return f"{_describe(value)} is not one of {', '.join(map(str, field.choices))}"
+    numbers = value if isinstance(value, list) else [value]
+    for v in numbers:
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            continue
+        if field.minimum is not None and v < field.minimum:
+            return f"{_describe(value)} is invalid, must be >= {field.minimum:g}"
+        if field.exclusive_minimum is not None and v <= field.exclusive_minimum:
+            return f"{_describe(value)} is invalid, must be > {field.exclusive_minimum:g}"
+        if field.maximum is not None and v > field.maximum:
+            return f"{_describe(value)} is invalid, must be <= {field.maximum:g}"
+    return None
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"block_size": 7}}`` → ``{"model.block_size": 7}``."""
+    flat: dict[str, Any] = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, Mapping) and key not in FIELDS_BY_KEY:
+            flat.update(flatten(value, prefix=f"{key}."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def _new_node() -> CfgNode:
+    tree: dict[str, Any] = {section: {} for section in SECTIONS}
+    for field in FIELDS:
+        parts = field.key.split(".")
+        node = tree
+        for part in parts[:-1]:
+            node = node[part]
+        default = field.default
+        node[parts[-1]] = list(default) if isinstance(default, list) else default
+    return CfgNode(tree)
+
+
+def get(cfg: CfgNode, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _set(cfg: CfgNode, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = cfg
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = value
+
+
+# --------------------------------------------------------------------------------------
+# reading sources
+# --------------------------------------------------------------------------------------
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a Python or YAML config file into a flat ``{key.path: value}`` dict."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path} (give --config a .py or .yaml file)")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".py":
+        try:
+            namespace = runpy.run_path(path)
+        except Exception as exc:  # a config file that does not run
+            raise ConfigError(f"config file {path} failed to run: {type(exc).__name__}: {exc}") from exc
+        tree = {
+            name: value
+            for name, value in namespace.items()
+            if not name.startswith("_")
+            and not isinstance(value, types.ModuleType | types.FunctionType | type)
+        }
+    elif ext in (".yaml", ".yml"):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                tree = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(tree).__name__}")
+    else:
+        raise ConfigError(f"config file {path}: unsupported extension {ext!r} (use .py, .yaml or .yml)")
+    return flatten(tree)
+
+
+def parse_opts(opts: Iterable[str] | None) -> dict[str, Any]:
+    """Parse ``["a.b=1", "c.d=[1, 2]"]`` (or yacs-style ``["a.b", "1"]``) into a flat dict.
+
+    Values are parsed as YAML scalars or lists; the schema's type check runs later.
+    """
+    items = list(opts or [])
+    parsed: dict[str, Any] = {}
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if "=" in item:
+            key, raw = item.split("=", 1)
+            i += 1
+        elif i + 1 < len(items):
+            key, raw = item, items[i + 1]
+            i += 2
+        else:
+            raise ConfigError(f"--opts {item!r}: expected key.path=value")
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed[key] = value
+    return parsed
+
+
+# --------------------------------------------------------------------------------------
+# the public API
+# --------------------------------------------------------------------------------------
+
+
+def get_default_config(algorithm: str = "dspark") -> CfgNode:
+    """Schema defaults with the algorithm's defaults applied (not frozen, not finalized)."""
+    cfg = _new_node()
+    if algorithm not in ALGORITHM_DEFAULTS:
+        raise ConfigError(f"algorithm: {algorithm!r} is not one of {', '.join(ALGORITHM_DEFAULTS)}")
+    cfg.algorithm = algorithm
+    for key, value in ALGORITHM_DEFAULTS[algorithm].items():
+        _set(cfg, key, value)
+    return cfg
+
+
+def build_config(layers: Sequence[tuple[str, Mapping[str, Any]]], *, finalize: bool = True) -> CfgNode:
+    """Merge flat override layers ``[(source name, {key: value})]`` over the defaults."""
+    problems = _Problems()
+    algorithm = "dspark"
+    for _, layer in layers:
+        if "algorithm" in layer and isinstance(layer["algorithm"], str):
+            algorithm = layer["algorithm"]
+    if algorithm not in ALGORITHM_DEFAULTS:
+        problems.add("algorithm", f"{algorithm!r} is not one of {', '.join(ALGORITHM_DEFAULTS)}")
+        problems.raise_if_any()
+    cfg = get_default_config(algorithm)
+    sources: dict[str, str] = {}
+    for source, layer in layers:
+        for key, value in layer.items():
+            field = FIELDS_BY_KEY.get(key)
+            if field is None:
+                problems.add(key, _unknown_key_message(key), source)
+                continue
+            try:
+                _set(cfg, key, coerce_value(field, value))
+                sources[key] = source
+            except ValueError as exc:
+                problems.add(key, str(exc), source)
+    _validate(cfg, problems, sources)
+    problems.raise_if_any()
+    if finalize:
+        finalize_config(cfg)
+    return cfg
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    opts: Iterable[str] | None = None,
+    *,
+    finalize: bool = True,
+) -> CfgNode:
+    """Load a config file (or just defaults) and apply ``--opts`` overrides.
+
+    Raises :class:`ConfigError` naming every unknown key, wrong type and invalid value.
+    """
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if path is not None:
+        layers.append((os.fspath(path), read_config_file(path)))
+    overrides = parse_opts(opts)
+    if overrides:
+        layers.append(("--opts", overrides))
+    return build_config(layers, finalize=finalize)
+
+
+def _validate(cfg: CfgNode, problems: _Problems, sources: Mapping[str, str]) -> None:
+    for field in FIELDS:
+        reason = _check_bounds(field, get(cfg, field.key))
+        if reason:
+            problems.add(field.key, reason, sources.get(field.key))
+    layer_ids = list(cfg.model.target_layer_ids)
+    if not layer_ids:
+        problems.add(
+            "model.target_layer_ids", "must list at least one layer", sources.get("model.target_layer_ids")
+        )
+    elif any(b <= a for a, b in zip(layer_ids, layer_ids[1:])):
+        problems.add(
+            "model.target_layer_ids",
+            f"{layer_ids} must be strictly increasing",
+            sources.get("model.target_layer_ids"),
+        )
+    if cfg.algorithm in ("dspark", "dflash") and cfg.model.ce_loss_alpha + cfg.model.l1_loss_alpha <= 0:
+        problems.add(
+            "model.ce_loss_alpha",
+            "ce_loss_alpha + l1_loss_alpha must be > 0",
+            sources.get("model.ce_loss_alpha"),
+        )
+    if cfg.train.global_batch_size % cfg.train.local_batch_size:
+        problems.add(
+            "train.global_batch_size",
+            f"{cfg.train.global_batch_size} is not a multiple of train.local_batch_size "
+            f"{cfg.train.local_batch_size}",
+            sources.get("train.global_batch_size"),
+        )
+    template = cfg.data.chat_template
+    if template != "auto" and not os.path.isfile(os.path.expanduser(template)):
+        problems.add(
+            "data.chat_template",
+            f"{template!r} is neither 'auto' nor an existing file",
+            sources.get("data.chat_template"),
+        )
+
+
+def default_exp_name(cfg: CfgNode) -> str:
+    target = cfg.model.target_model_name_or_path.rstrip("/")
+    base = os.path.basename(target).split(":")[-1]
+    base = os.path.splitext(base)[0] if base.endswith(".gguf") else base
+    return f"{cfg.algorithm}_{base}".replace(" ", "_")
+
+
+def finalize_config(cfg: CfgNode) -> CfgNode:
+    """Derive ``exp_name`` and the checkpoint / TensorBoard dirs, then freeze."""
+    cfg.defrost()
+    if not cfg.exp_name:
+        cfg.exp_name = default_exp_name(cfg)
+    for kind in ("checkpoint", "tensorboard"):
+        key = f"{kind}_dir"
+        if cfg.logging[key] is None:
+            root = os.path.expanduser(cfg.logging[f"{kind}_root"])
+            cfg.logging[key] = os.path.join(root, cfg.project_name, cfg.exp_name)
+    cfg.freeze()
+    return cfg
+
+
+def config_to_dict(cfg: CfgNode) -> dict[str, Any]:
+    """A plain nested dict (lists stay lists) of a config."""
+
+    def convert(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: convert(v) for k, v in node.items()}
+        if isinstance(node, tuple | list):
+            return [convert(v) for v in node]
+        return node
+
+    return convert(cfg)
+
+
+def save_config(cfg: CfgNode, path: str | os.PathLike[str]) -> None:
+    """Write the resolved config as YAML, atomically; ``load_config(path)`` reads it back."""
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+    atomic_write_text(path, text)
+
+
+def validate_against_target(cfg: CfgNode, spec: Any) -> None:
+    """Check the keys that depend on the target (layer ids, mask token) against its spec.
+
+    ``spec`` is a :class:`deepspec.targets.FamilySpec`.
+    """
+    problems = _Problems()
+    bad = [i for i in cfg.model.target_layer_ids if i >= spec.num_hidden_layers]
+    if bad:
+        problems.add(
+            "model.target_layer_ids",
+            f"{list(cfg.model.target_layer_ids)} out of range for target "
+            f"{cfg.model.target_model_name_or_path} with {spec.num_hidden_layers} layers "
+            f"(allowed -1..{spec.num_hidden_layers - 1})",
+        )
+    mask_id = cfg.model.mask_token_id
+    if mask_id is not None and mask_id >= spec.vocab_size:
+        problems.add(
+            "model.mask_token_id", f"{mask_id} is outside the target vocabulary of {spec.vocab_size} tokens"
+        )
+    problems.raise_if_any()

@@ -1,0 +1,247 @@
+"""The one config schema: every key, its default, type, allowed values and meaning.
+
+Defaults are the reference setting (DSpark on Qwen3-4B, DESIGN §2). Per-algorithm
+defaults (``ALGORITHM_DEFAULTS``) are applied on top before a config file, so a DFlash
+config does not have to switch off the DSpark heads by hand.
+
+Key names follow the reference trainer so its documented ``--opts`` lines keep working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+ALGORITHMS = ("dspark", "dflash", "eagle3")
+
+DEFAULT_EVAL_TASKS = {
+    "gsm8k": 500,
+    "math500": 500,
+    "aime25": 30,
+    "humaneval": 164,
+    "mbpp": 256,
+    "livecodebench": 500,
+    "mt-bench": 80,
+    "alpaca": 500,
+    "arena-hard-v2": 500,
+}
+
+
+@dataclass(frozen=True)
+class Field:
+    """One config key.
+
+    ``kind`` is one of ``int``, ``float``, ``bool``, ``str``, ``list[int]``, ``list[str]``.
+    ``optional`` allows ``None``. ``minimum``/``exclusive_minimum``/``maximum`` bound numbers
+    (and list items for ``list[int]``).
+    """
+
+    key: str
+    default: Any
+    kind: str
+    help: str
+    optional: bool = False
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    exclusive_minimum: float | None = None
+    maximum: float | None = None
+
+
+def _f(key: str, default: Any, kind: str, help: str, **kw: Any) -> Field:
+    return Field(key=key, default=default, kind=kind, help=help, **kw)
+
+
+FIELDS: tuple[Field, ...] = (
+    # ---- top level -------------------------------------------------------------------
+    _f("project_name", "deepspec", "str", "Groups experiments under <root>/<project_name>/."),
+    _f("exp_name", "", "str", "Experiment name; empty = '<algorithm>_<target basename>'."),
+    _f("seed", 42, "int", "Seed for anchors, data order and initialisation.", minimum=0),
+    _f("algorithm", "dspark", "str", "Draft algorithm.", choices=ALGORITHMS),
+    # ---- model -----------------------------------------------------------------------
+    _f(
+        "model.target_model_name_or_path",
+        "Qwen/Qwen3-4B",
+        "str",
+        "Target: local HF dir, hub id, .gguf file or 'embedded:smollm2-135m-instruct'.",
+    ),
+    _f("model.block_size", 7, "int", "DFlash/DSpark block size gamma (drafts per round).", minimum=1),
+    _f("model.num_draft_layers", 5, "int", "DFlash/DSpark draft decoder layers.", minimum=1),
+    _f("model.draft_num_hidden_layers", 1, "int", "Eagle3 draft decoder layers.", minimum=1),
+    _f(
+        "model.target_layer_ids",
+        [1, 9, 17, 25, 33],
+        "list[int]",
+        "Target layers whose outputs form the context features (0-based; -1 = embeddings).",
+        minimum=-1,
+    ),
+    _f(
+        "model.mask_token_id",
+        None,
+        "int",
+        "Token id whose embedding fills the block's mask slots; null = a learned vector.",
+        optional=True,
+        minimum=0,
+    ),
+    _f("model.num_anchors", 512, "int", "Anchors (blocks) sampled per training sequence.", minimum=1),
+    _f("model.markov_rank", 256, "int", "Rank r of the DSpark sequential head; 0 disables it.", minimum=0),
+    _f(
+        "model.markov_head_type",
+        "vanilla",
+        "str",
+        "DSpark sequential head.",
+        choices=("vanilla", "gated", "rnn"),
+    ),
+    _f(
+        "model.confidence_head_alpha",
+        1.0,
+        "float",
+        "Weight of the confidence BCE loss; 0 = no head.",
+        minimum=0.0,
+    ),
+    _f(
+        "model.confidence_head_with_markov",
+        True,
+        "bool",
+        "Confidence head also sees the Markov embedding of the previous token.",
+    ),
+    _f(
+        "model.loss_decay_gamma",
+        4.0,
+        "float",
+        "Position weight w_k = exp(-k / gamma).",
+        exclusive_minimum=0.0,
+    ),
+    _f("model.ce_loss_alpha", 0.1, "float", "Weight of the cross-entropy loss.", minimum=0.0),
+    _f("model.l1_loss_alpha", 0.9, "float", "Weight of the total-variation (L1) loss.", minimum=0.0),
+    _f("model.ttt_length", 7, "int", "Eagle3 training-time-test unroll length.", minimum=1),
+    _f(
+        "model.step_loss_decay",
+        0.8,
+        "float",
+        "Eagle3 per-step loss weight decay.",
+        exclusive_minimum=0.0,
+        maximum=1.0,
+    ),
+    _f(
+        "model.attention_backend",
+        "auto",
+        "str",
+        "Block-sparse training attention: flex (CUDA), sdpa (dense mask) or auto.",
+        choices=("auto", "flex", "sdpa"),
+    ),
+    # ---- train -----------------------------------------------------------------------
+    _f("train.lr", 6e-4, "float", "Peak learning rate (AdamW).", exclusive_minimum=0.0),
+    _f(
+        "train.warmup_ratio", 0.04, "float", "Fraction of steps with linear warmup.", minimum=0.0, maximum=1.0
+    ),
+    _f("train.weight_decay", 0.0, "float", "AdamW weight decay.", minimum=0.0),
+    _f("train.adam_beta1", 0.9, "float", "AdamW beta1.", minimum=0.0, maximum=1.0),
+    _f("train.adam_beta2", 0.95, "float", "AdamW beta2.", minimum=0.0, maximum=1.0),
+    _f("train.precision", "bf16", "str", "Training precision.", choices=("bf16", "fp32")),
+    _f("train.local_batch_size", 1, "int", "Sequences per worker per micro-step.", minimum=1),
+    _f("train.global_batch_size", 512, "int", "Sequences per optimizer step over all workers.", minimum=1),
+    _f("train.num_train_epochs", 10, "int", "Epochs (ignored when max_train_steps is set).", minimum=1),
+    _f(
+        "train.max_train_steps",
+        None,
+        "int",
+        "Stop after this many optimizer steps.",
+        optional=True,
+        minimum=1,
+    ),
+    _f("train.max_grad_norm", 1.0, "float", "Gradient clipping norm; 0 disables clipping.", minimum=0.0),
+    _f(
+        "train.sharding_strategy",
+        "no_shard",
+        "str",
+        "no_shard = DDP; full_shard = FSDP.",
+        choices=("no_shard", "full_shard", "shard_grad_op"),
+    ),
+    _f("train.torch_compile", False, "bool", "torch.compile the draft (GPU)."),
+    _f("train.num_cpu_workers", 1, "int", "gloo worker processes when no GPU is visible.", minimum=1),
+    _f("train.resume", True, "bool", "Resume from <checkpoint_dir>/step_latest when it exists."),
+    # ---- data ------------------------------------------------------------------------
+    _f(
+        "data.mode",
+        "offline",
+        "str",
+        "offline = read the target cache; online = run the target inside each worker.",
+        choices=("offline", "online"),
+    ),
+    _f("data.target_cache_path", None, "str", "Target cache directory (offline mode).", optional=True),
+    _f("data.train_data_paths", [], "list[str]", "Regenerated conversation JSONL files (online mode)."),
+    _f(
+        "data.chat_template",
+        "auto",
+        "str",
+        "'auto' = the target tokenizer's own template, or a path to a Jinja template file.",
+    ),
+    _f("data.system_prompt", None, "str", "System prompt added to conversations without one.", optional=True),
+    _f("data.enable_thinking", False, "bool", "Passed to chat templates that support thinking."),
+    _f("data.max_length", 4096, "int", "Truncate tokenized conversations to this many tokens.", minimum=2),
+    _f("data.min_loss_tokens", 14, "int", "Drop samples with fewer supervised tokens.", minimum=0),
+    _f("data.num_workers", 4, "int", "DataLoader worker processes.", minimum=0),
+    _f("data.shuffle", True, "bool", "Shuffle samples each epoch (seeded)."),
+    # ---- logging ---------------------------------------------------------------------
+    _f("logging.logging_steps", 10, "int", "Log metrics every N optimizer steps.", minimum=1),
+    _f("logging.checkpointing_steps", 3000, "int", "Save a checkpoint every N optimizer steps.", minimum=1),
+    _f("logging.keep_last_checkpoints", 3, "int", "Keep the newest K step checkpoints; 0 = all.", minimum=0),
+    _f("logging.checkpoint_root", "~/checkpoints", "str", "Root of checkpoint directories."),
+    _f("logging.tensorboard_root", "~/tensorboard", "str", "Root of TensorBoard directories."),
+    _f(
+        "logging.checkpoint_dir",
+        None,
+        "str",
+        "Derived: <checkpoint_root>/<project_name>/<exp_name> unless set.",
+        optional=True,
+    ),
+    _f(
+        "logging.tensorboard_dir",
+        None,
+        "str",
+        "Derived: <tensorboard_root>/<project_name>/<exp_name> unless set.",
+        optional=True,
+    ),
+    # ---- eval ------------------------------------------------------------------------
+    _f("eval.tasks", list(DEFAULT_EVAL_TASKS), "list[str]", "Benchmarks under eval_datasets/."),
+    _f(
+        "eval.max_samples",
+        None,
+        "int",
+        "Cap per task; null = the task's default cap.",
+        optional=True,
+        minimum=1,
+    ),
+    _f("eval.max_new_tokens", 2048, "int", "Generation limit per prompt.", minimum=1),
+    _f("eval.temperature", 1.0, "float", "Sampling temperature; 0 = greedy.", minimum=0.0),
+    _f(
+        "eval.confidence_threshold",
+        0.0,
+        "float",
+        "DSpark: cut the proposal where the cumulative confidence drops below this.",
+        minimum=0.0,
+        maximum=1.0,
+    ),
+    _f("eval.seed", 980406, "int", "Seed for prompt subsampling and sampling.", minimum=0),
+    _f("eval.eval_datasets_dir", "eval_datasets", "str", "Folder with <task>.jsonl prompt files."),
+)
+
+FIELDS_BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}
+SECTIONS = ("model", "train", "data", "logging", "eval")
+
+# Applied over the schema defaults, before the config file, by `algorithm`.
+ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dspark": {},
+    "dflash": {
+        "model.markov_rank": 0,
+        "model.confidence_head_alpha": 0.0,
+        "model.ce_loss_alpha": 1.0,
+        "model.l1_loss_alpha": 0.0,
+    },
+    "eagle3": {
+        "model.markov_rank": 0,
+        "model.confidence_head_alpha": 0.0,
+        "model.ce_loss_alpha": 1.0,
+        "model.l1_loss_alpha": 0.0,
+    },
+}

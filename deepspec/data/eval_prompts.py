@@ -1,0 +1,69 @@
+"""Benchmark prompts: ``eval_datasets/<task>.jsonl`` rows ``{"turns": ["...", ...]}``.
+
+Only the first user turn of each row is used (DESIGN §3). When a file has more rows than
+the cap, rows are shuffled with ``random.Random(seed)`` and the first ``max_samples`` kept,
+so the same seed always picks the same prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+
+from deepspec.errors import DataError
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    task: str
+    index: int  # 0-based row index in the file
+    text: str  # the first user turn
+
+
+def available_tasks(datasets_dir: str | os.PathLike[str]) -> list[str]:
+    directory = os.fspath(datasets_dir)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(f[:-6] for f in os.listdir(directory) if f.endswith(".jsonl"))
+
+
+def load_eval_prompts(
+    task: str,
+    datasets_dir: str | os.PathLike[str] = "eval_datasets",
+    *,
+    max_samples: int | None = None,
+    seed: int = 980406,
+) -> list[EvalPrompt]:
+    """Read ``<datasets_dir>/<task>.jsonl``; malformed rows stop with ``file:line: reason``."""
+    path = os.path.join(os.fspath(datasets_dir), f"{task}.jsonl")
+    if not os.path.isfile(path):
+        tasks = available_tasks(datasets_dir)
+        hint = f"available: {', '.join(tasks)}" if tasks else f"no .jsonl files in {datasets_dir}"
+        raise DataError(f"eval task {task!r} not found at {path} ({hint})")
+    prompts: list[EvalPrompt] = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+                if not text.strip():
+                    continue
+                row = json.loads(text)
+                turns = row.get("turns") if isinstance(row, dict) else None
+                if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
+                    raise ValueError("expected an object with a non-empty 'turns' list of strings")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte {exc.start}") from None
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            except ValueError as exc:
+                raise DataError(f"{path}:{lineno}: {exc}") from None
+            prompts.append(EvalPrompt(task=task, index=lineno - 1, text=turns[0]))
+    if not prompts:
+        raise DataError(f"eval task {task!r}: {path} has no prompts")
+    if max_samples is not None and len(prompts) > max_samples:
+        order = list(range(len(prompts)))
+        random.Random(seed).shuffle(order)
+        prompts = [prompts[i] for i in order[:max_samples]]
+    return prompts

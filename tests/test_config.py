@@ -1,0 +1,259 @@
+"""Config system: shipped configs, overrides of every type, and every error path."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+from deepspec.config import (
+    FIELDS,
+    config_to_dict,
+    get_default_config,
+    load_config,
+    parse_opts,
+    save_config,
+    validate_against_target,
+)
+from deepspec.errors import ConfigError
+from deepspec.targets.family import family_spec_from_config
+from deepspec.targets.tiny import tiny_config
+from tests.conftest import ROOT
+
+SHIPPED = sorted(glob.glob(os.path.join(ROOT, "config", "*", "*.py")))
+# Decoder layer counts of the shipped targets (from their public HF configs).
+TARGET_LAYERS = {"qwen3_4b": 36, "qwen3_8b": 36, "qwen3_14b": 40, "gemma4_12b": 48, "smollm2_135m": 30}
+
+
+def test_every_algorithm_and_target_has_a_config():
+    names = {os.path.relpath(p, os.path.join(ROOT, "config")) for p in SHIPPED}
+    for algo in ("dspark", "dflash", "eagle3"):
+        for target in TARGET_LAYERS:
+            assert f"{algo}/{algo}_{target}.py" in names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: os.path.basename(p))
+def test_shipped_config_loads(path):
+    cfg = load_config(path)
+    algo = os.path.basename(os.path.dirname(path))
+    assert cfg.algorithm == algo
+    target = os.path.basename(path)[len(algo) + 1 : -3]
+    n_layers = TARGET_LAYERS[target]
+    ids = list(cfg.model.target_layer_ids)
+    assert len(ids) == 5 and ids == sorted(set(ids))
+    assert 0 <= ids[0] and ids[-1] < n_layers - 1, "never the target's last layer"
+    if algo == "dflash":
+        assert cfg.model.markov_rank == 0 and cfg.model.confidence_head_alpha == 0
+        assert (cfg.model.ce_loss_alpha, cfg.model.l1_loss_alpha) == (1.0, 0.0)
+    if algo == "dspark":
+        assert cfg.model.markov_rank > 0 and cfg.model.confidence_head_alpha > 0
+    if target != "smollm2_135m":  # the reference hyperparameters (DESIGN §2)
+        assert cfg.train.lr == 6e-4 and cfg.train.global_batch_size == 512
+        assert cfg.train.num_train_epochs == 10 and cfg.data.max_length == 4096
+        if algo != "eagle3":
+            assert cfg.model.block_size == 7 and cfg.model.num_draft_layers == 5
+        else:
+            assert cfg.model.draft_num_hidden_layers == 1 and cfg.model.ttt_length == 7
+    assert cfg.logging.checkpoint_dir.endswith(os.path.join(cfg.project_name, cfg.exp_name))
+
+
+def test_defaults_are_the_reference_setting():
+    cfg = load_config()
+    assert cfg.algorithm == "dspark"
+    assert cfg.model.block_size == 7 and cfg.model.num_draft_layers == 5
+    assert list(cfg.model.target_layer_ids) == [1, 9, 17, 25, 33]
+    assert cfg.model.num_anchors == 512 and cfg.model.markov_rank == 256
+    assert (cfg.model.ce_loss_alpha, cfg.model.l1_loss_alpha, cfg.model.confidence_head_alpha) == (
+        0.1,
+        0.9,
+        1.0,
+    )
+    assert cfg.train.lr == 6e-4 and cfg.train.warmup_ratio == 0.04 and cfg.train.precision == "bf16"
+    assert cfg.seed == 42 and cfg.data.max_length == 4096
+
+
+def test_algorithm_defaults_follow_opts():
+    cfg = load_config(opts=["algorithm=dflash"])
+    assert cfg.model.markov_rank == 0 and cfg.model.ce_loss_alpha == 1.0
+    # explicit values still win over algorithm defaults
+    cfg = load_config(opts=["algorithm=dflash", "model.markov_rank=64"])
+    assert cfg.model.markov_rank == 64
+
+
+@pytest.mark.parametrize(
+    "opt, key, expected",
+    [
+        ("model.block_size=8", "model.block_size", 8),
+        ("train.lr=3e-4", "train.lr", 3e-4),  # YAML reads 3e-4 as a string; coerced
+        ("train.lr=1", "train.lr", 1.0),  # int accepted for a float key
+        ("train.torch_compile=true", "train.torch_compile", True),
+        ("data.shuffle=False", "data.shuffle", False),
+        ("exp_name=my_run", "exp_name", "my_run"),
+        ("model.target_layer_ids=[0, 4, 8]", "model.target_layer_ids", [0, 4, 8]),
+        ("model.target_layer_ids=-1,3", "model.target_layer_ids", [-1, 3]),
+        ("eval.tasks=gsm8k,mt-bench", "eval.tasks", ["gsm8k", "mt-bench"]),
+        ("eval.tasks=[humaneval]", "eval.tasks", ["humaneval"]),
+        ("model.mask_token_id=null", "model.mask_token_id", None),
+        ("model.mask_token_id=7", "model.mask_token_id", 7),
+        ("train.max_train_steps=None", "train.max_train_steps", None),
+        ("data.target_cache_path=/data/cache", "data.target_cache_path", "/data/cache"),
+    ],
+)
+def test_override_types(opt, key, expected):
+    cfg = load_config(opts=[opt])
+    section, _, leaf = key.rpartition(".")
+    value = cfg[section][leaf] if section else cfg[leaf]
+    assert value == expected and type(value) is type(expected)
+
+
+def test_yacs_style_pairs_and_repeated_opts():
+    assert parse_opts(["train.lr", "0.1", "model.block_size=3"]) == {"train.lr": 0.1, "model.block_size": 3}
+    cfg = load_config(opts=["train.lr", "0.1", "model.block_size=3"])
+    assert cfg.train.lr == 0.1 and cfg.model.block_size == 3
+
+
+@pytest.mark.parametrize(
+    "opts, fragments",
+    [
+        (["train.lrr=1"], ["train.lrr", "unknown key", "train.lr"]),
+        (["model.lr=1"], ["model.lr", "train.lr"]),
+        (["model.blocksize=3"], ["model.blocksize", "model.block_size"]),
+        (["model.block_size=abc"], ["model.block_size", "expected an integer", "'abc'"]),
+        (["model.block_size=2.5"], ["model.block_size", "expected an integer"]),
+        (["train.lr=[1]"], ["train.lr", "expected a number"]),
+        (["train.torch_compile=maybe"], ["train.torch_compile", "true or false"]),
+        (["model.block_size=0"], ["model.block_size", "0 is invalid", ">= 1"]),
+        (["model.block_size=null"], ["model.block_size", "must not be null"]),
+        (["model.target_layer_ids=[3, 1]"], ["model.target_layer_ids", "strictly increasing"]),
+        (["model.target_layer_ids=[1, 1]"], ["model.target_layer_ids", "strictly increasing"]),
+        (["model.target_layer_ids=[-2, 1]"], ["model.target_layer_ids", ">= -1"]),
+        (["model.target_layer_ids=[]"], ["model.target_layer_ids", "at least one"]),
+        (["train.precision=fp16"], ["train.precision", "fp16", "bf16, fp32"]),
+        (["algorithm=medusa"], ["algorithm", "medusa", "dspark"]),
+        (["train.warmup_ratio=2"], ["train.warmup_ratio", "<= 1"]),
+        (["model.loss_decay_gamma=0"], ["model.loss_decay_gamma", "> 0"]),
+        (["train.lr=nan"], ["train.lr", "finite"]),
+        (["train.global_batch_size=10", "train.local_batch_size=4"], ["not a multiple"]),
+        (["model.ce_loss_alpha=0", "model.l1_loss_alpha=0"], ["ce_loss_alpha + l1_loss_alpha"]),
+        (["data.chat_template=/no/such/template.jinja"], ["data.chat_template", "neither 'auto'"]),
+        (["train.lrr"], ["expected key.path=value"]),
+    ],
+)
+def test_errors_name_key_and_value(opts, fragments):
+    with pytest.raises(ConfigError) as info:
+        load_config(opts=opts)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        load_config(opts=["train.lrr=1", "model.block_size=0", "train.precision=fp8"])
+    message = str(info.value)
+    assert "train.lrr" in message and "model.block_size" in message and "train.precision" in message
+
+
+def test_python_config_file_errors(tmp_path):
+    bad_key = tmp_path / "bad_key.py"
+    bad_key.write_text("import os\nmodel = dict(block_size=4, blok_size=3)\n")
+    with pytest.raises(ConfigError, match=r"model\.blok_size: unknown key; did you mean model\.block_size"):
+        load_config(bad_key)
+    bad_top = tmp_path / "bad_top.py"
+    bad_top.write_text("modle = dict(block_size=4)\n")
+    with pytest.raises(ConfigError, match=r"modle\.block_size.*model\.block_size"):
+        load_config(bad_top)
+    crashes = tmp_path / "crash.py"
+    crashes.write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(ConfigError, match="failed to run.*boom"):
+        load_config(crashes)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.py")
+    other = tmp_path / "c.toml"
+    other.write_text("")
+    with pytest.raises(ConfigError, match="unsupported extension"):
+        load_config(other)
+
+
+def test_yaml_config_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "algorithm: eagle3\nmodel:\n  ttt_length: 5\n  target_layer_ids: [2, 4]\ntrain:\n  lr: 1.0e-4\n"
+    )
+    cfg = load_config(path, ["model.ttt_length=6"])
+    assert cfg.algorithm == "eagle3" and cfg.model.ttt_length == 6 and cfg.train.lr == 1e-4
+    path.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(path)
+
+
+def test_derived_dirs_and_exp_name(tmp_path):
+    cfg = load_config(
+        opts=[
+            f"logging.checkpoint_root={tmp_path}/ck",
+            f"logging.tensorboard_root={tmp_path}/tb",
+            "project_name=p",
+            "model.target_model_name_or_path=embedded:smollm2-135m-instruct",
+        ]
+    )
+    assert cfg.exp_name == "dspark_smollm2-135m-instruct"
+    assert cfg.logging.checkpoint_dir == f"{tmp_path}/ck/p/dspark_smollm2-135m-instruct"
+    assert cfg.logging.tensorboard_dir == f"{tmp_path}/tb/p/dspark_smollm2-135m-instruct"
+    assert cfg.is_frozen()
+
+
+@pytest.mark.parametrize("path", SHIPPED[:3] + [None], ids=lambda p: os.path.basename(p) if p else "defaults")
+def test_save_and_load_round_trip(tmp_path, path):
+    cfg = load_config(path, ["train.lr=2e-4", "eval.tasks=gsm8k"])
+    out = tmp_path / "resolved" / "config.yaml"
+    save_config(cfg, out)
+    again = load_config(out)
+    assert config_to_dict(again) == config_to_dict(cfg)
+    assert not [p for p in os.listdir(out.parent) if p.endswith(".tmp")]
+
+
+def test_every_field_has_help_and_valid_default():
+    cfg = get_default_config()
+    for field in FIELDS:
+        assert field.help
+        assert field.key.count(".") <= 1
+    assert cfg.algorithm == "dspark"
+
+
+def test_validate_against_target():
+    spec = family_spec_from_config(tiny_config("qwen3", num_hidden_layers=4, vocab_size=100))
+    validate_against_target(load_config(opts=["model.target_layer_ids=[-1, 1, 3]"]), spec)
+    with pytest.raises(ConfigError, match=r"model\.target_layer_ids: \[1, 4\] out of range.*4 layers"):
+        validate_against_target(load_config(opts=["model.target_layer_ids=[1, 4]"]), spec)
+    with pytest.raises(ConfigError, match=r"model\.mask_token_id: 100 is outside"):
+        validate_against_target(
+            load_config(opts=["model.target_layer_ids=[1]", "model.mask_token_id=100"]), spec
+        )
+
+
+def test_train_cli_unknown_key_one_line():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "config/dspark/dspark_smollm2_135m.py",
+            "--opts",
+            "train.lrr=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "train.lrr" in lines[0] and "train.lr?" in lines[0]

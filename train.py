@@ -1,0 +1,56 @@
+"""Train a draft model (DSpark, DFlash or Eagle3) for a target LLM.
+
+CPU (gloo workers, count from train.num_cpu_workers):
+    python train.py --config config/dspark/dspark_smollm2_135m.py \
+        --opts data.target_cache_path=<cache dir>
+One node, one worker per visible GPU:
+    CUDA_VISIBLE_DEVICES=0,1,2,3 python train.py --config config/dspark/dspark_qwen3_4b.py \
+        --opts data.target_cache_path=<cache dir>
+Several nodes (run on each; torchrun-style env names the node):
+    MASTER_ADDR=<node0> MASTER_PORT=29500 RANK=<node rank> WORLD_SIZE=<nodes> python train.py ...
+
+Any config key can be overridden: --opts train.lr=3e-4 --opts model.block_size=8
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from deepspec.cli import run_main
+from deepspec.config import load_config, validate_against_target
+from deepspec.errors import NotBuiltYetError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="config file (.py or .yaml) under config/")
+    parser.add_argument(
+        "--opts",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --opts train.lr=3e-4 (repeatable)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, [o for group in args.opts for o in group])
+    from deepspec.targets import load_family_spec, resolve_target
+
+    target_dir = resolve_target(cfg.model.target_model_name_or_path)
+    spec = load_family_spec(target_dir)
+    validate_against_target(cfg, spec)
+    print(
+        f"config ok: {cfg.algorithm} on {cfg.model.target_model_name_or_path} "
+        f"({spec.family}, {spec.num_hidden_layers} layers); checkpoints -> {cfg.logging.checkpoint_dir}"
+    )
+    raise NotBuiltYetError("the trainer is not available in this version of deepspec yet")
+
+
+if __name__ == "__main__":
+    run_main(main)
