@@ -27,6 +27,10 @@ class TargetError(DeepSpecError, ValueError):
     """A target model that cannot be resolved, loaded or is not supported."""
 
 
+class NumericalError(DeepSpecError, ValueError):
+    """NaN or infinite logits/probabilities, or a distribution with no mass, met at run time."""
+
+
 class NotBuiltYetError(DeepSpecError):
     """A pipeline stage that this version of deepspec does not provide yet."""
 

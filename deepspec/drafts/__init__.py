@@ -1,0 +1,43 @@
+"""Draft models: DSpark, DFlash and Eagle3, built from any supported target's family spec.
+
+from deepspec.drafts import build_draft, load_draft
+draft = build_draft(cfg, target_dir)        # from a training config
+draft = load_draft("~/checkpoints/.../step_latest")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deepspec.drafts.base import DraftConfig, DraftModel, KVCache, Proposal, sample_tokens
+from deepspec.drafts.checkpoint import load_draft, read_draft_config, save_draft
+from deepspec.drafts.registry import ALGORITHMS, Algorithm, get_algorithm
+
+
+def build_draft(cfg: Any, target_dir: str | None = None, spec: Any = None) -> DraftModel:
+    """A new draft for a training config; embedding + LM head copied from ``target_dir``."""
+    from deepspec.targets.family import load_family_spec
+
+    if spec is None:
+        spec = load_family_spec(target_dir)
+    model = get_algorithm(cfg.algorithm).model_cls(DraftConfig.from_cfg(cfg, spec))
+    model.attention_backend = getattr(cfg.model, "attention_backend", "auto")
+    if target_dir is not None:
+        model.load_target_embeddings(target_dir)
+    return model
+
+
+__all__ = [
+    "ALGORITHMS",
+    "Algorithm",
+    "DraftConfig",
+    "DraftModel",
+    "KVCache",
+    "Proposal",
+    "build_draft",
+    "get_algorithm",
+    "load_draft",
+    "read_draft_config",
+    "sample_tokens",
+    "save_draft",
+]

@@ -1,0 +1,260 @@
+"""What every draft shares: its config, the frozen target embedding / LM head, the context
+projection, a ragged KV cache for inference, sampling, and the checkpoint format.
+
+Conventions recorded in every checkpoint (``config.json``):
+
+* ``layer_id_convention = "output"``: ``target_layer_ids`` entry ``i`` is the output of
+  target decoder layer ``i`` (0-based); ``-1`` is the embedding output.
+* ``anchor_convention = "anchor_first"``: the anchor (last accepted token) is block
+  position 0 and every one of the ``block_size`` positions predicts a token.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from deepspec import __version__
+from deepspec.errors import TargetError
+from deepspec.targets.family import FamilySpec
+
+LAYER_ID_CONVENTION = "output"
+ANCHOR_CONVENTION = "anchor_first"
+
+
+@dataclass
+class DraftConfig:
+    """Everything needed to rebuild a draft without the training config."""
+
+    algorithm: str
+    target: dict[str, Any]  # FamilySpec.to_dict() of the target
+    target_model_name_or_path: str
+    target_layer_ids: list[int]
+    block_size: int = 7
+    num_draft_layers: int = 5
+    mask_token_id: int | None = None
+    markov_rank: int = 0
+    markov_head_type: str = "vanilla"
+    confidence_head: bool = False
+    confidence_head_with_markov: bool = True
+    ttt_length: int = 7
+    draft_num_hidden_layers: int = 1
+    layer_id_convention: str = LAYER_ID_CONVENTION
+    anchor_convention: str = ANCHOR_CONVENTION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> FamilySpec:
+        return FamilySpec.from_dict(self.target)
+
+    @classmethod
+    def from_cfg(cls, cfg: Any, spec: FamilySpec) -> DraftConfig:
+        """Build from a validated training config (``deepspec.config``) and the target spec."""
+        m = cfg.model
+        return cls(
+            algorithm=cfg.algorithm,
+            target=spec.to_dict(),
+            target_model_name_or_path=m.target_model_name_or_path,
+            target_layer_ids=list(m.target_layer_ids),
+            block_size=m.block_size,
+            num_draft_layers=m.num_draft_layers,
+            mask_token_id=m.mask_token_id,
+            markov_rank=m.markov_rank if cfg.algorithm == "dspark" else 0,
+            markov_head_type=m.markov_head_type,
+            confidence_head=cfg.algorithm == "dspark" and m.confidence_head_alpha > 0,
+            confidence_head_with_markov=m.confidence_head_with_markov,
+            ttt_length=m.ttt_length,
+            draft_num_hidden_layers=m.draft_num_hidden_layers,
+        )
+
+    def to_json(self, architecture: str) -> dict[str, Any]:
+        return {"architectures": [architecture], **asdict(self), "deepspec_version": __version__}
+
+
+class KVCache:
+    """Per-layer key/value buffers ``[B, capacity, KVH, hd]`` with a length per row.
+
+    Rows may hold different numbers of positions (batched decoding accepts different
+    numbers of tokens per row); position ``j`` of row ``b`` is valid iff
+    ``min_position <= j < lengths[b]``.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        min_position: int = 0,
+    ) -> None:
+        self.k = [
+            torch.zeros(batch, 0, num_kv_heads, head_dim, dtype=dtype, device=device)
+            for _ in range(num_layers)
+        ]
+        self.v = [t.clone() for t in self.k]
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.min_position = min_position
+
+    def _ensure(self, capacity: int) -> None:
+        have = self.k[0].shape[1]
+        if capacity <= have:
+            return
+        new = max(capacity, 2 * have, 64)
+        for store in (self.k, self.v):
+            for i, t in enumerate(store):
+                grown = t.new_zeros(t.shape[0], new, *t.shape[2:])
+                grown[:, :have] = t
+                store[i] = grown
+
+    def write(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, counts: torch.Tensor
+    ) -> None:
+        """Write ``k/v`` ``[B, T, KVH, hd]`` at positions ``start[b] + i`` for ``i < counts[b]``."""
+        T = k.shape[1]
+        pos = start[:, None] + torch.arange(T, device=k.device)  # [B, T]
+        valid = torch.arange(T, device=k.device)[None] < counts[:, None]
+        self._ensure(int(pos[valid].max()) + 1 if valid.any() else 0)
+        rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(pos)
+        self.k[layer][rows[valid], pos[valid]] = k[valid].to(self.k[layer].dtype)
+        self.v[layer][rows[valid], pos[valid]] = v[valid].to(self.v[layer].dtype)
+
+    def view(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``k, v`` as ``[B, KVH, upto, hd]`` for attention."""
+        self._ensure(upto)
+        return (self.k[layer][:, :upto].transpose(1, 2), self.v[layer][:, :upto].transpose(1, 2))
+
+    def mask(self, upto: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, upto]`` bool: which cached positions are visible."""
+        lengths = self.lengths if lengths is None else lengths
+        j = torch.arange(upto, device=lengths.device)[None]
+        return (j >= self.min_position) & (j < lengths[:, None])
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample from ``logits`` [..., V]; returns ``tokens`` [...] and the fp32 ``probs`` [..., V]
+    they were drawn from (one-hot at temperature 0)."""
+    logits = logits.float()
+    if not torch.isfinite(logits).any(-1).all() or torch.isnan(logits).any():
+        raise FloatingPointError("draft logits contain NaN or no finite value")
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+        probs = torch.zeros_like(logits).scatter_(-1, tokens.unsqueeze(-1), 1.0)
+        return tokens, probs
+    probs = torch.softmax(logits / temperature, dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    tokens = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    return tokens, probs
+
+
+@dataclass
+class Proposal:
+    """A drafted block. ``tokens`` [B, k]; ``probs`` [B, k, V] the draft distribution each
+    token was sampled from; ``logits`` [B, k, V] raw draft logits; ``confidence`` [B, k]
+    (DSpark: P(token k survives | tokens < k did)) or None."""
+
+    tokens: torch.Tensor
+    probs: torch.Tensor
+    logits: torch.Tensor
+    confidence: torch.Tensor | None = None
+
+
+def find_target_tensor(target_dir: str, suffixes: tuple[str, ...]) -> torch.Tensor | None:
+    """Read the first tensor whose name ends with one of ``suffixes`` from the target's
+    safetensors files, without loading the others."""
+    files = sorted(f for f in os.listdir(target_dir) if f.endswith(".safetensors"))
+    for suffix in suffixes:
+        for name in files:
+            with safe_open(os.path.join(target_dir, name), framework="pt") as fh:
+                for key in fh.keys():
+                    if key.endswith(suffix):
+                        return fh.get_tensor(key)
+    return None
+
+
+class DraftModel(nn.Module):
+    """Base class: frozen target embedding + LM head, the ``fc`` over target features.
+
+    Subclasses set ``algorithm`` and implement the training forward and the proposer
+    protocol (``new_state``, ``extend``, ``propose``).
+    """
+
+    algorithm = ""
+
+    def __init__(self, config: DraftConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.spec = spec = config.spec
+        d, V = spec.hidden_size, spec.vocab_size
+        self.embed_tokens = nn.Embedding(V, d)
+        self.lm_head = nn.Linear(d, V, bias=False)
+        nn.init.normal_(self.embed_tokens.weight, std=0.02)  # replaced by the target's
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        for p in (self.embed_tokens.weight, self.lm_head.weight):
+            p.requires_grad_(False)
+        self.fc = nn.Linear(len(config.target_layer_ids) * d, d, bias=False)
+
+    # -- frozen target pieces ----------------------------------------------------------
+    def load_target_embeddings(self, target_dir: str) -> None:
+        """Copy the target's token embedding and LM head (frozen) from its safetensors."""
+        embed = find_target_tensor(target_dir, ("embed_tokens.weight",))
+        if embed is None:
+            raise TargetError(f"no embed_tokens.weight in the safetensors of {target_dir}")
+        if tuple(embed.shape) != tuple(self.embed_tokens.weight.shape):
+            raise TargetError(
+                f"target embedding shape {tuple(embed.shape)} does not match the draft's "
+                f"{tuple(self.embed_tokens.weight.shape)}"
+            )
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(embed)
+            if not self.spec.tie_word_embeddings:
+                head = find_target_tensor(target_dir, ("lm_head.weight",))
+                if head is None:
+                    raise TargetError(f"no lm_head.weight in the safetensors of {target_dir}")
+                self.lm_head.weight.copy_(head)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(ids) * self.spec.embed_scale
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The target's LM head (with its logit softcapping) on ``hidden`` [..., d]."""
+        logits = self.lm_head(hidden)
+        cap = self.spec.final_logit_softcapping
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    # -- parameters --------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_parameters(self) -> tuple[int, int]:
+        """(trainable, frozen) parameter counts (a tied tensor counted once)."""
+        seen: set[int] = set()
+        trainable = frozen = 0
+        for p in self.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.requires_grad:
+                trainable += p.numel()
+            else:
+                frozen += p.numel()
+        return trainable, frozen
+
+    # -- checkpoints -------------------------------------------------------------------
+    def save_pretrained(self, out_dir: str) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (see :mod:`deepspec.drafts.checkpoint`)."""
+        from deepspec.drafts.checkpoint import save_draft
+
+        save_draft(self, out_dir)
+
+    def config_json(self) -> dict[str, Any]:
+        return self.config.to_json(type(self).__name__)

@@ -1,0 +1,150 @@
+"""Anchors and block-sparse attention for block drafters (DFlash, DSpark).
+
+A block for anchor ``a`` holds positions ``a .. a+gamma-1``; its position ``k`` predicts
+token ``a+1+k``. A block position attends to context positions ``j < a`` (target features)
+and to every position of its own block. All blocks of a sequence go through the draft in
+one pass:
+
+* ``flex``: ``torch.nn.attention.flex_attention`` with a block mask (CUDA);
+* ``sdpa``: exact dense boolean masks through SDPA, processed in chunks of anchors so the
+  score tensor stays ``[chunk*gamma, S + chunk*gamma]`` per head (4k-token sequences with
+  512 anchors fit in a few hundred MB).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deepspec.drafts.layers import attend
+
+
+def sample_anchors(
+    loss_mask: torch.Tensor,
+    num_anchors: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample anchors uniformly among valid positions ``a`` (``loss_mask[a] = loss_mask[a+1] = 1``).
+
+    ``loss_mask`` [B, S]. Returns ``anchors`` [B, N] (sorted ascending per row) and ``keep``
+    [B, N] (False for dummy anchors padding rows with too few valid positions), with
+    ``N = min(num_anchors, max valid count over the batch)`` (at least 1).
+    """
+    lm = loss_mask.bool()
+    valid = torch.zeros_like(lm)
+    valid[:, :-1] = lm[:, :-1] & lm[:, 1:]
+    counts = valid.sum(1)
+    n = max(1, min(num_anchors, int(counts.max()) if counts.numel() else 0))
+    # random keys; invalid positions pushed to the end, then take the n smallest
+    keys = torch.rand(lm.shape, generator=generator, device="cpu").to(lm.device)
+    keys = torch.where(valid, keys, torch.full_like(keys, 2.0))
+    order = keys.argsort(dim=1)[:, :n]
+    keep = torch.gather(valid, 1, order)
+    anchors = torch.where(keep, order, torch.zeros_like(order))
+    # sort real anchors ascending, dummies (anchor 0) last
+    sort_key = torch.where(keep, anchors, torch.full_like(anchors, lm.shape[1]))
+    idx = sort_key.argsort(dim=1)
+    return torch.gather(anchors, 1, idx), torch.gather(keep, 1, idx)
+
+
+def block_targets(
+    input_ids: torch.Tensor, loss_mask: torch.Tensor, anchors: torch.Tensor, keep: torch.Tensor, gamma: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher-forcing views of each block.
+
+    Returns ``prev_tokens`` [B, N, gamma] (token before each position: the anchor, then the
+    ground truth), ``targets`` [B, N, gamma] (token ``a+1+k``), ``target_pos`` [B, N, gamma]
+    (position ``a+k`` whose target hidden state gives p_t) and ``eval_mask`` [B, N, gamma]
+    (the contiguous prefix of supervised, in-range targets of kept blocks).
+    """
+    B, S = input_ids.shape
+    k = torch.arange(gamma, device=input_ids.device)
+    pos = anchors[..., None] + k  # a + k
+    in_range = pos + 1 < S
+    gather = lambda t, p: torch.gather(t, 1, p.clamp(max=S - 1).flatten(1)).view(p.shape)  # noqa: E731
+    prev_tokens = gather(input_ids, pos)
+    targets = gather(input_ids, pos + 1)
+    supervised = gather(loss_mask.long(), pos + 1).bool() & in_range
+    eval_mask = supervised.long().cumprod(-1).bool() & keep[..., None]
+    return prev_tokens, targets, pos.clamp(max=S - 1), eval_mask
+
+
+def _dense_block_attention(q, kb, vb, kc, vc, anchors, scale, chunk):
+    B, N, H, G, hd = q.shape
+    S = kc.shape[-2]
+    outs = []
+    for n0 in range(0, N, chunk):
+        n1 = min(N, n0 + chunk)
+        c = n1 - n0
+        # context keys beyond the chunk's largest anchor are invisible to all its queries
+        ctx_len = max(1, min(S, int(anchors[:, n0:n1].max())))
+        Q = q[:, n0:n1].permute(0, 2, 1, 3, 4).reshape(B, H, c * G, hd)
+        Kb = kb[:, n0:n1].permute(0, 2, 1, 3, 4).reshape(B, -1, c * G, hd)
+        Vb = vb[:, n0:n1].permute(0, 2, 1, 3, 4).reshape(B, -1, c * G, hd)
+        K = torch.cat([kc[..., :ctx_len, :], Kb], dim=-2)
+        V = torch.cat([vc[..., :ctx_len, :], Vb], dim=-2)
+        j = torch.arange(ctx_len, device=q.device)
+        ctx_mask = (j[None, None] < anchors[:, n0:n1, None]).repeat_interleave(G, dim=1)  # [B, cG, ctx]
+        blk = torch.arange(c, device=q.device).repeat_interleave(G)
+        blk_mask = (blk[:, None] == blk[None, :]).expand(B, -1, -1)  # [B, cG, cG]
+        mask = torch.cat([ctx_mask, blk_mask], dim=-1)[:, None]
+        o = attend(Q, K, V, mask, scale)  # [B, H, cG, hd]
+        outs.append(o.reshape(B, H, c, G, hd).permute(0, 2, 1, 3, 4))
+    return torch.cat(outs, dim=1)
+
+
+_COMPILED_FLEX = None
+
+
+def _flex_fn(cuda: bool):
+    """flex_attention, compiled on CUDA (eager elsewhere: slow, for checking only)."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not cuda:
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True)
+    return _COMPILED_FLEX
+
+
+def _flex_block_attention(q, kb, vb, kc, vc, anchors, scale):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, N, H, G, hd = q.shape
+    S = kc.shape[-2]
+    Q = q.permute(0, 2, 1, 3, 4).reshape(B, H, N * G, hd)
+    K = torch.cat([kc, kb.permute(0, 2, 1, 3, 4).reshape(B, -1, N * G, hd)], dim=-2)
+    V = torch.cat([vc, vb.permute(0, 2, 1, 3, 4).reshape(B, -1, N * G, hd)], dim=-2)
+
+    def mask_mod(b, h, qi, ki):
+        block = qi // G
+        ctx_visible = (ki < S) & (ki < anchors[b, block])
+        same_block = (ki >= S) & ((ki - S) // G == block)
+        return ctx_visible | same_block
+
+    mask = create_block_mask(mask_mod, B, None, N * G, S + N * G, device=q.device)
+    o = _flex_fn(q.is_cuda)(Q, K, V, block_mask=mask, scale=scale, enable_gqa=K.shape[1] != H)
+    return o.reshape(B, H, N, G, hd).permute(0, 2, 1, 3, 4)
+
+
+def block_attention(
+    q: torch.Tensor,
+    kb: torch.Tensor,
+    vb: torch.Tensor,
+    kc: torch.Tensor,
+    vc: torch.Tensor,
+    anchors: torch.Tensor,
+    scale: float,
+    backend: str = "auto",
+    chunk: int = 64,
+) -> torch.Tensor:
+    """Attention of every block over its visible context and its own block.
+
+    ``q`` [B, N, H, G, hd] (block queries), ``kb/vb`` [B, N, KVH, G, hd] (block keys),
+    ``kc/vc`` [B, KVH, S, hd] (context keys), ``anchors`` [B, N]. Returns [B, N, H, G, hd].
+    """
+    if backend == "auto":
+        backend = "flex" if q.is_cuda else "sdpa"
+    if backend == "flex":
+        return _flex_block_attention(q, kb, vb, kc, vc, anchors, scale)
+    return _dense_block_attention(q, kb, vb, kc, vc, anchors, scale, chunk)

@@ -1,0 +1,229 @@
+"""DFlash: a parallel block drafter conditioned on target features (DESIGN §2).
+
+Architecture choices:
+- context = RMSNorm(fc(concat of target layer outputs)), one vector per target position;
+- ``num_draft_layers`` decoder layers in the target family's style; in attention the
+  queries come from the block only, keys/values are ``W_k/W_v`` applied to the context
+  *and* to the block (same projections), so a block position sees context ``< anchor``
+  and its whole block (bidirectionally);
+- RoPE: context position ``j`` keeps index ``j``, block position ``k`` has ``a + k``;
+- block input: the anchor's embedding, then ``block_size - 1`` mask embeddings (the
+  configured ``mask_token_id``'s embedding, or a learned vector when the target has no
+  spare id);
+- one pass yields ``block_size`` logits; position ``k`` predicts token ``a + 1 + k``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from deepspec.drafts.base import DraftConfig, DraftModel, KVCache, Proposal, sample_tokens
+from deepspec.drafts.blocks import block_attention, block_targets, sample_anchors
+from deepspec.drafts.layers import DecoderLayer, RotaryEmbedding, attend, init_weights, norm_for
+
+
+@dataclass
+class BlockTrainOutput:
+    """Training forward of a block drafter; N blocks per sequence, G = block_size.
+
+    hidden:        [B, N, G, d] final-normed draft states (the LM head's input)
+    prev_tokens:   [B, N, G] token before each position (anchor, then ground truth)
+    targets:       [B, N, G] ground-truth token a+1+k
+    target_hidden: [B, N, G, d] target final hidden state at a+k (gives p_t)
+    eval_mask:     [B, N, G] contiguous valid prefix of each kept block
+    keep:          [B, N] False for dummy blocks
+    anchors:       [B, N]
+    markov:        [B, N, G, r] teacher-forced pre-W2 head vectors (DSpark) or None
+    confidence_logits: [B, N, G] (DSpark with a confidence head) or None
+    """
+
+    hidden: torch.Tensor
+    prev_tokens: torch.Tensor
+    targets: torch.Tensor
+    target_hidden: torch.Tensor
+    eval_mask: torch.Tensor
+    keep: torch.Tensor
+    anchors: torch.Tensor
+    markov: torch.Tensor | None = None
+    confidence_logits: torch.Tensor | None = None
+
+
+class DFlashDraft(DraftModel):
+    algorithm = "dflash"
+
+    def __init__(self, config: DraftConfig) -> None:
+        super().__init__(config)
+        spec = self.spec
+        d = spec.hidden_size
+        self.context_norm = norm_for(spec, d)
+        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(config.num_draft_layers))
+        self.norm = norm_for(spec, d)
+        self.rotary = RotaryEmbedding(spec)
+        self.mask_embedding = nn.Parameter(torch.zeros(d)) if config.mask_token_id is None else None
+        self.attention_backend = "auto"
+        self.anchor_chunk = 64
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_weights(self.fc)
+        init_weights(self.layers)
+        if self.mask_embedding is not None:
+            nn.init.normal_(self.mask_embedding, std=0.02)
+
+    # -- pieces ------------------------------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    def project_context(self, features: torch.Tensor) -> torch.Tensor:
+        """Target features [..., L*d] → context vectors [..., d]."""
+        return self.context_norm(self.fc(features.to(self.fc.weight.dtype)))
+
+    def block_inputs(self, anchor_tokens: torch.Tensor) -> torch.Tensor:
+        """Anchor tokens [...] → block input embeddings [..., G, d]."""
+        first = self.embed(anchor_tokens)
+        if self.mask_embedding is None:
+            mask = self.embed(torch.full_like(anchor_tokens, self.config.mask_token_id))
+        else:
+            mask = self.mask_embedding.to(first.dtype).expand_as(first)
+        rest = mask.unsqueeze(-2).expand(*first.shape[:-1], self.block_size - 1, first.shape[-1])
+        return torch.cat([first.unsqueeze(-2), rest], dim=-2)
+
+    def _layers(self, h: torch.Tensor, positions: torch.Tensor, attn: Callable) -> torch.Tensor:
+        """Run the decoder stack on block states ``h`` [..., G, d] at RoPE ``positions``
+        [..., G]; ``attn(i, layer, q, kb, vb)`` returns the attention output for layer ``i``."""
+        cos, sin = self.rotary(positions)
+        for i, layer in enumerate(self.layers):
+            x = layer.input_layernorm(h)
+            q = layer.self_attn.project_q(x, cos, sin)
+            kb, vb = layer.self_attn.project_kv(x, cos, sin)
+            o = attn(i, layer, q, kb, vb)
+            h = layer.add_attention(h, layer.self_attn.output(o))
+            h = layer.forward_mlp(h)
+        return self.norm(h)
+
+    def block_logits(self, hidden: torch.Tensor, markov: torch.Tensor | None = None) -> torch.Tensor:
+        """Draft logits [..., V] from final states ``hidden`` [..., d] (+ the Markov bias)."""
+        return self.lm_logits(hidden)
+
+    # -- training ----------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        loss_mask: torch.Tensor,
+        hidden_states: torch.Tensor,
+        last_hidden_states: torch.Tensor,
+        *,
+        anchors: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+        num_anchors: int = 512,
+        generator: torch.Generator | None = None,
+    ) -> BlockTrainOutput:
+        """All blocks of each sequence in one pass.
+
+        ``input_ids``/``loss_mask`` [B, S]; ``hidden_states`` [B, S, L*d] target features;
+        ``last_hidden_states`` [B, S, d] target final states. Anchors are sampled unless given.
+        """
+        if anchors is None:
+            anchors, keep = sample_anchors(loss_mask, num_anchors, generator)
+        elif keep is None:
+            keep = torch.ones_like(anchors, dtype=torch.bool)
+        G = self.block_size
+        B, S = input_ids.shape
+        prev_tokens, targets, target_pos, eval_mask = block_targets(input_ids, loss_mask, anchors, keep, G)
+        ctx = self.project_context(hidden_states)  # [B, S, d]
+        ctx_cos, ctx_sin = self.rotary(torch.arange(S, device=ctx.device))
+        positions = anchors[..., None] + torch.arange(G, device=anchors.device)
+
+        def attn(i, layer, q, kb, vb):
+            kc, vc = layer.self_attn.project_kv(ctx, ctx_cos, ctx_sin)
+            return block_attention(
+                q,
+                kb,
+                vb,
+                kc,
+                vc,
+                anchors,
+                layer.self_attn.scale,
+                backend=self.attention_backend,
+                chunk=self.anchor_chunk,
+            )
+
+        hidden = self._layers(self.block_inputs(prev_tokens[..., 0]), positions, attn)
+        d = last_hidden_states.shape[-1]
+        target_hidden = torch.gather(
+            last_hidden_states, 1, target_pos.flatten(1)[..., None].expand(-1, -1, d)
+        ).view(B, -1, G, d)
+        out = BlockTrainOutput(
+            hidden=hidden,
+            prev_tokens=prev_tokens,
+            targets=targets,
+            target_hidden=target_hidden,
+            eval_mask=eval_mask,
+            keep=keep,
+            anchors=anchors,
+        )
+        return self._add_heads(out)
+
+    def _add_heads(self, out: BlockTrainOutput) -> BlockTrainOutput:
+        return out
+
+    # -- inference (proposer protocol) -------------------------------------------------
+    def new_state(self, batch_size: int, device: torch.device | str = "cpu") -> KVCache:
+        """An empty context cache for ``batch_size`` sequences."""
+        spec = self.spec
+        return KVCache(
+            len(self.layers),
+            batch_size,
+            spec.num_key_value_heads,
+            spec.head_dim,
+            self.fc.weight.dtype,
+            torch.device(device),
+        )
+
+    @torch.no_grad()
+    def extend(
+        self, state: KVCache, features: torch.Tensor, counts: torch.Tensor, tokens: torch.Tensor | None = None
+    ) -> None:
+        """Append target features of newly verified positions: ``features`` [B, T, L*d];
+        row ``b`` adds its first ``counts[b]`` rows at positions ``lengths[b]...``."""
+        ctx = self.project_context(features)
+        positions = state.lengths[:, None] + torch.arange(features.shape[1], device=ctx.device)
+        cos, sin = self.rotary(positions)
+        for i, layer in enumerate(self.layers):
+            k, v = layer.self_attn.project_kv(ctx, cos, sin)  # [B, KVH, T, hd]
+            state.write(i, k.transpose(1, 2), v.transpose(1, 2), state.lengths, counts)
+        state.lengths += counts
+
+    @torch.no_grad()
+    def backbone(self, state: KVCache, anchor_tokens: torch.Tensor) -> torch.Tensor:
+        """Final block states [B, G, d] for anchors [B] at positions ``state.lengths``."""
+        G = self.block_size
+        positions = state.lengths[:, None] + torch.arange(G, device=anchor_tokens.device)
+        upto = int(state.lengths.max())
+        visible = state.mask(upto)[:, None, :].expand(-1, G, -1)  # [B, G, upto]
+        mask = torch.cat([visible, visible.new_ones(visible.shape[0], G, G)], -1)[:, None]
+
+        def attn(i, layer, q, kb, vb):
+            kc, vc = state.view(i, upto)
+            return attend(q, torch.cat([kc, kb], -2), torch.cat([vc, vb], -2), mask, layer.self_attn.scale)
+
+        return self._layers(self.block_inputs(anchor_tokens), positions, attn)
+
+    @torch.no_grad()
+    def propose(
+        self,
+        state: KVCache,
+        anchor_tokens: torch.Tensor,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Proposal:
+        """Draft ``block_size`` tokens after ``anchor_tokens`` [B] (one backbone pass)."""
+        hidden = self.backbone(state, anchor_tokens)
+        logits = self.block_logits(hidden).float()
+        tokens, probs = sample_tokens(logits, temperature, generator)
+        return Proposal(tokens=tokens, probs=probs, logits=logits)

@@ -1,0 +1,58 @@
+"""Algorithm registry: name → draft class and loss. Trainer and evaluator use only this."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from deepspec.drafts.base import DraftModel
+from deepspec.drafts.dflash import DFlashDraft
+from deepspec.drafts.dspark import DSparkDraft
+from deepspec.drafts.eagle3 import Eagle3Draft
+from deepspec.drafts.losses import LossOutput, block_loss, eagle3_loss
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    model_cls: type[DraftModel]
+    loss: Callable[..., LossOutput]
+    loss_kwargs: Callable[[Any], dict[str, Any]]  # training config → loss keyword arguments
+
+
+def _block_kwargs(cfg: Any) -> dict[str, Any]:
+    m = cfg.model
+    return dict(
+        ce_alpha=m.ce_loss_alpha,
+        l1_alpha=m.l1_loss_alpha,
+        conf_alpha=m.confidence_head_alpha,
+        decay_gamma=m.loss_decay_gamma,
+    )
+
+
+def _eagle_kwargs(cfg: Any) -> dict[str, Any]:
+    return dict(step_loss_decay=cfg.model.step_loss_decay)
+
+
+ALGORITHMS: dict[str, Algorithm] = {}
+
+
+def register(algorithm: Algorithm) -> None:
+    if algorithm.name in ALGORITHMS:
+        raise ValueError(f"algorithm {algorithm.name!r} is already registered")
+    ALGORITHMS[algorithm.name] = algorithm
+
+
+register(Algorithm("dspark", DSparkDraft, block_loss, _block_kwargs))
+register(Algorithm("dflash", DFlashDraft, block_loss, _block_kwargs))
+register(Algorithm("eagle3", Eagle3Draft, eagle3_loss, _eagle_kwargs))
+
+ARCHITECTURES = {a.model_cls.__name__: a for a in ALGORITHMS.values()}
+
+
+def get_algorithm(name: str) -> Algorithm:
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise ValueError(f"unknown algorithm {name!r}; registered: {', '.join(ALGORITHMS)}") from None

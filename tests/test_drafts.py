@@ -1,0 +1,355 @@
+"""Draft models: train/inference consistency, masking, gradients, losses, checkpoints, overfit."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepspec.config import load_config
+from deepspec.drafts import build_draft, get_algorithm, load_draft
+from deepspec.drafts.blocks import block_attention, sample_anchors
+from deepspec.drafts.losses import position_weights
+from deepspec.targets.family import family_spec_from_config
+from deepspec.targets.tiny import TINY_FAMILIES, tiny_config
+
+V, D = 128, 64
+LAYER_IDS = [0, 2]
+VARIANTS = [
+    ("dflash", {}),
+    ("dspark", {"model.markov_head_type": "vanilla"}),
+    ("dspark", {"model.markov_head_type": "gated"}),
+    ("dspark", {"model.markov_head_type": "rnn"}),
+    ("dspark", {"model.markov_head_type": "vanilla", "model.confidence_head_with_markov": False}),
+    ("eagle3", {}),
+]
+IDS = ["dflash", "dspark-vanilla", "dspark-gated", "dspark-rnn", "dspark-conf-no-markov", "eagle3"]
+
+
+def make_cfg(algo: str, **overrides):
+    opts = [
+        f"algorithm={algo}",
+        f"model.target_layer_ids={LAYER_IDS}",
+        "model.block_size=5",
+        "model.num_draft_layers=2",
+        "model.markov_rank=16",
+        "model.ttt_length=4",
+    ]
+    opts += [f"{k}={v}" for k, v in overrides.items()]
+    return load_config(opts=opts)
+
+
+def make_draft(algo: str, family: str = "qwen3", dtype=torch.float32, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    spec = family_spec_from_config(tiny_config(family, vocab_size=V, hidden_size=D, num_hidden_layers=4))
+    cfg = make_cfg(algo, **overrides)
+    model = build_draft(cfg, spec=spec).to(dtype)
+    with torch.no_grad():  # stand-in for the target's embedding (rows of norm ~0.8)
+        model.embed_tokens.weight.normal_(std=0.1)
+    return cfg, model
+
+
+def random_batch(B: int, S: int, dtype=torch.float32, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, S), generator=g)
+    loss_mask = torch.ones(B, S, dtype=torch.long)
+    feats = torch.randn(B, S, len(LAYER_IDS) * D, generator=g, dtype=dtype)
+    last = torch.randn(B, S, D, generator=g, dtype=dtype)
+    return ids, loss_mask, feats, last
+
+
+def infer(model, ids, feats, anchor_pos, n_tokens=None):
+    """Extend with positions < anchor_pos, then propose greedily after the anchor."""
+    B = ids.shape[0]
+    state = model.new_state(B)
+    counts = torch.as_tensor(anchor_pos).expand(B).clone()
+    T = int(counts.max())
+    model.extend(state, feats[:, :T], counts, tokens=ids[:, :T])
+    anchor = ids[torch.arange(B), counts]
+    kwargs = {"num_tokens": n_tokens} if model.algorithm == "eagle3" else {}
+    return model.propose(state, anchor, temperature=0.0, **kwargs)
+
+
+# ---- the key test: the packed training forward equals inference ---------------------------
+
+
+@pytest.mark.parametrize("algo, overrides", VARIANTS, ids=IDS)
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "gemma4_text"])
+def test_train_inference_consistency(algo, overrides, family):
+    cfg, model = make_draft(algo, family, **overrides)
+    model.eval()
+    ids, loss_mask, feats, last = random_batch(1, 40)
+    a = 17
+    prop = infer(model, ids, feats, a)
+    k = prop.tokens.shape[1]
+    seq = ids.clone()
+    seq[0, a + 1 : a + 1 + k] = prop.tokens[0]  # the sequence the draft itself proposed
+    with torch.no_grad():
+        if algo == "eagle3":
+            out = model(seq, loss_mask, feats, last)
+            train_logits = model.lm_logits(out.hidden[0, :, a - 1])  # step s at index a-1
+        else:
+            out = model(seq, loss_mask, feats, last, anchors=torch.tensor([[5, a, 30]]))
+            markov = None if out.markov is None else out.markov[0, 1]
+            train_logits = model.block_logits(out.hidden[0, 1], markov)
+    torch.testing.assert_close(train_logits.float(), prop.logits[0], atol=1e-5, rtol=1e-5)
+    if prop.confidence is not None:
+        torch.testing.assert_close(
+            torch.sigmoid(out.confidence_logits[0, 1]), prop.confidence[0], atol=1e-5, rtol=0
+        )
+
+
+@pytest.mark.parametrize("algo, overrides", VARIANTS[:2] + VARIANTS[-1:], ids=["dflash", "dspark", "eagle3"])
+def test_batched_ragged_inference_equals_per_row(algo, overrides):
+    _, model = make_draft(algo, **overrides)
+    model.eval()
+    ids, _, feats, _ = random_batch(3, 40)
+    anchors = torch.tensor([9, 23, 14])
+    batched = infer(model, ids, feats, anchors)
+    for b in range(3):
+        single = infer(model, ids[b : b + 1], feats[b : b + 1], anchors[b : b + 1])
+        torch.testing.assert_close(batched.logits[b], single.logits[0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(batched.tokens[b], single.tokens[0])
+
+
+@pytest.mark.parametrize("algo", ["dflash", "dspark", "eagle3"])
+def test_incremental_extend_equals_one_extend(algo):
+    """Decoding extends the context a few verified tokens at a time."""
+    _, model = make_draft(algo)
+    model.eval()
+    ids, _, feats, _ = random_batch(1, 40)
+    once = infer(model, ids, feats, 20)
+    state = model.new_state(1)
+    for start, stop in ((0, 8), (8, 9), (9, 15), (15, 20)):
+        model.extend(state, feats[:, start:stop], torch.tensor([stop - start]), tokens=ids[:, start:stop])
+    steps = model.propose(state, ids[:, 20], temperature=0.0)
+    torch.testing.assert_close(steps.logits, once.logits, atol=1e-5, rtol=1e-5)
+
+
+# ---- masking ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo", ["dflash", "dspark"])
+def test_block_sees_only_context_before_anchor_and_its_own_block(algo):
+    _, model = make_draft(algo)
+    ids, loss_mask, feats, last = random_batch(1, 48)
+    anchors = torch.tensor([[6, 20, 33]])
+    with torch.no_grad():
+        base = model(ids, loss_mask, feats, last, anchors=anchors)
+        feats2 = feats.clone()
+        feats2[:, 20:] += torch.randn_like(feats2[:, 20:])  # context at/after the middle anchor
+        ids2 = ids.clone()
+        ids2[0, 6] = (ids[0, 6] + 1) % V  # the first block's anchor token
+        ids2[0, 33] = (ids[0, 33] + 1) % V  # the last block's anchor token
+        changed = model(ids2, loss_mask, feats2, last, anchors=anchors)
+    torch.testing.assert_close(changed.hidden[0, 1], base.hidden[0, 1], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(changed.hidden[0, 2], base.hidden[0, 2])
+
+
+def test_eagle3_training_is_causal():
+    _, model = make_draft("eagle3")
+    ids, loss_mask, feats, last = random_batch(1, 30)
+    with torch.no_grad():
+        base = model(ids, loss_mask, feats, last)
+        feats2, ids2 = feats.clone(), ids.clone()
+        feats2[:, 15:] += 1.0
+        ids2[0, 20:] = (ids2[0, 20:] + 1) % V
+        changed = model(ids2, loss_mask, feats2, last)
+    # step s at index t reads tokens up to t+1+s and features up to t
+    torch.testing.assert_close(changed.hidden[0, 0, :15], base.hidden[0, 0, :15], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(changed.hidden[0, 3, :15], base.hidden[0, 3, :15], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(changed.hidden[0, 0, 15:], base.hidden[0, 0, 15:])
+
+
+def test_flex_equals_dense_block_attention():
+    g = torch.Generator().manual_seed(0)
+    B, N, H, G, hd, KVH, S = 2, 6, 4, 3, 16, 2, 24
+    q = torch.randn(B, N, H, G, hd, generator=g)
+    kb, vb = torch.randn(2, B, N, KVH, G, hd, generator=g)
+    kc, vc = torch.randn(2, B, KVH, S, hd, generator=g)
+    anchors = torch.sort(torch.randint(0, S, (B, N), generator=g), 1).values
+    dense = block_attention(q, kb, vb, kc, vc, anchors, 0.25, backend="sdpa", chunk=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flex = block_attention(q, kb, vb, kc, vc, anchors, 0.25, backend="flex")
+    torch.testing.assert_close(dense, flex, atol=1e-5, rtol=1e-5)
+    # chunking never changes the result
+    torch.testing.assert_close(
+        dense, block_attention(q, kb, vb, kc, vc, anchors, 0.25, backend="sdpa", chunk=1)
+    )
+
+
+def test_anchor_sampling():
+    loss_mask = torch.zeros(3, 20, dtype=torch.long)
+    loss_mask[0, 5:15] = 1  # valid anchors 5..13 (9)
+    loss_mask[1, 18:] = 1  # valid anchor 18 only
+    anchors, keep = sample_anchors(loss_mask, 4, torch.Generator().manual_seed(0))
+    assert anchors.shape == (3, 4)
+    assert keep[0].all() and keep[1].tolist() == [True, False, False, False] and not keep[2].any()
+    real = anchors[0]
+    assert (real >= 5).all() and (real <= 13).all() and (real.diff() > 0).all()
+    assert anchors[1, 0] == 18
+    counts = torch.zeros(20)
+    for seed in range(400):  # uniform over the valid positions
+        a, _ = sample_anchors(loss_mask[:1], 3, torch.Generator().manual_seed(seed))
+        counts[a[0]] += 1
+    assert counts[:5].sum() == 0 and counts[14:].sum() == 0
+    assert counts[5:14].min() > 0.6 * counts[5:14].mean()
+
+
+# ---- gradients and losses -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo, overrides", VARIANTS, ids=IDS)
+def test_only_trainable_parameters_change(algo, overrides):
+    cfg, model = make_draft(algo, **overrides)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert {"embed_tokens.weight"} <= set(frozen)
+    ids, loss_mask, feats, last = random_batch(2, 32)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    out = model(ids, loss_mask, feats, last, num_anchors=6)
+    alg = get_algorithm(algo)
+    alg.loss(model, out, **alg.loss_kwargs(cfg)).loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{name} got no gradient"
+        else:
+            assert p.grad is None, f"frozen {name} got a gradient"
+    opt.step()
+    for name, before in frozen.items():
+        assert torch.equal(dict(model.named_parameters())[name], before)
+
+
+def test_block_loss_matches_hand_computation():
+    cfg, model = make_draft("dspark", dtype=torch.float64)
+    ids, loss_mask, feats, last = random_batch(2, 30, dtype=torch.float64)
+    loss_mask[1, 20:] = 0
+    out = model(ids, loss_mask, feats, last, num_anchors=5, generator=torch.Generator().manual_seed(3))
+    alg = get_algorithm("dspark")
+    res = alg.loss(model, out, **alg.loss_kwargs(cfg), chunk=3)
+    # by hand, all blocks at once
+    m = cfg.model
+    logits = model.lm_logits(out.hidden) + model.markov_head.W2(out.markov)
+    p_d = torch.softmax(logits, -1)
+    p_t = torch.softmax(model.lm_logits(out.target_hidden), -1)
+    ce = -torch.log(p_d.gather(-1, out.targets[..., None]).squeeze(-1))
+    l1 = (p_d - p_t).abs().sum(-1)
+    c_star = 1 - 0.5 * l1
+    c = torch.sigmoid(out.confidence_logits)
+    bce = -(c_star * torch.log(c) + (1 - c_star) * torch.log(1 - c))
+    w = torch.exp(-torch.arange(5.0, dtype=torch.float64) / m.loss_decay_gamma) * out.eval_mask
+    expected = (
+        m.ce_loss_alpha * (w * ce).sum()
+        + m.l1_loss_alpha * (w * l1).sum()
+        + m.confidence_head_alpha * (w * bce).sum()
+    ) / w.sum()
+    torch.testing.assert_close(res.loss, expected, atol=1e-10, rtol=1e-10)
+    assert res.metrics["ce"] == pytest.approx(float((w * ce).sum() / w.sum()))
+    # the eval mask is the contiguous supervised prefix of each kept block
+    for b in range(2):
+        for n in range(out.anchors.shape[1]):
+            a = int(out.anchors[b, n])
+            for k in range(5):
+                ok = bool(out.keep[b, n]) and all(
+                    a + 1 + j < 30 and loss_mask[b, a + 1 + j] for j in range(k + 1)
+                )
+                assert bool(out.eval_mask[b, n, k]) == ok
+    # a global normalizer (other ranks' weights) scales the loss
+    doubled = alg.loss(model, out, **alg.loss_kwargs(cfg), normalizer=2 * w.sum())
+    torch.testing.assert_close(doubled.loss, expected / 2)
+    assert position_weights(3, 4.0).tolist() == pytest.approx([1.0, 0.7788007, 0.6065307])
+
+
+def test_eagle3_loss_matches_hand_computation():
+    cfg, model = make_draft("eagle3", dtype=torch.float64)
+    ids, loss_mask, feats, last = random_batch(2, 20, dtype=torch.float64)
+    loss_mask[0, :6] = 0
+    out = model(ids, loss_mask, feats, last)
+    res = get_algorithm("eagle3").loss(model, out, step_loss_decay=0.8, chunk=7)
+    logp = F.log_softmax(model.lm_logits(out.hidden), -1)
+    p_t = torch.softmax(model.lm_logits(out.target_hidden), -1)
+    soft_ce = -(p_t * logp).sum(-1)  # [B, K, T]
+    mask = out.mask.double()
+    expected = sum(0.8**s * (soft_ce[:, s] * mask[:, s]).sum() / mask[:, s].sum() for s in range(4))
+    torch.testing.assert_close(res.loss, expected, atol=1e-10, rtol=1e-10)
+    # targets: step s at index t predicts x_{t+2+s}; masks follow the loss mask
+    assert torch.equal(out.targets[0, 2, :10], ids[0, 4:14])
+    assert not out.mask[0, 0, :4].any() and out.mask[0, 0, 4:18].all() and not out.mask[0, 0, 18:].any()
+
+
+# ---- families, checkpoints, overfit -------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("algo", ["dspark", "eagle3"])
+def test_every_family_trains_and_round_trips(tmp_path, family, algo):
+    cfg, model = make_draft(algo, family)
+    ids, loss_mask, feats, last = random_batch(1, 24)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+    alg = get_algorithm(algo)
+    loss = alg.loss(model, model(ids, loss_mask, feats, last, num_anchors=4), **alg.loss_kwargs(cfg)).loss
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    model.eval()
+    model.save_pretrained(str(tmp_path / "draft"))
+    loaded = load_draft(str(tmp_path / "draft"))
+    assert type(loaded) is type(model) and loaded.config == model.config
+    a, b = infer(model, ids, feats, 12), infer(loaded, ids, feats, 12)
+    assert torch.equal(a.logits, b.logits)
+
+
+def test_checkpoint_records_conventions_and_loads_embedded_target_embeddings(tmp_path, smollm2_dir):
+    import json
+
+    from deepspec.targets import load_family_spec
+
+    cfg = load_config("config/dspark/dspark_smollm2_135m.py", ["model.num_draft_layers=1"])
+    model = build_draft(cfg, smollm2_dir)
+    from safetensors import safe_open
+
+    with safe_open(f"{smollm2_dir}/model.safetensors", "pt") as fh:
+        assert torch.equal(model.embed_tokens.weight, fh.get_tensor("model.embed_tokens.weight"))
+    assert model.lm_head.weight is model.embed_tokens.weight  # SmolLM2 ties them
+    model.save_pretrained(str(tmp_path / "d"))
+    with open(tmp_path / "d" / "config.json") as fh:
+        saved = json.load(fh)
+    assert saved["architectures"] == ["DSparkDraft"]
+    assert saved["layer_id_convention"] == "output" and saved["anchor_convention"] == "anchor_first"
+    assert saved["target_layer_ids"] == [1, 7, 14, 21, 27] and saved["target"]["family"] == "llama"
+    assert saved["mask_token_id"] is None and saved["markov_rank"] == 128
+    assert load_family_spec(smollm2_dir).to_dict() == saved["target"]
+    trainable, frozen = model.num_parameters()
+    assert frozen == 49152 * 576 and trainable > 0
+
+
+@pytest.mark.parametrize("algo", ["dflash", "dspark", "eagle3"])
+def test_overfit_one_batch(algo):
+    """200 steps on one batch: CE near 0 and per-position acceptance above 0.95."""
+    cfg, model = make_draft(algo, "llama", seed=0)
+    g = torch.Generator().manual_seed(5)
+    S = 32
+    ids = torch.randint(3, V, (1, S), generator=g)
+    loss_mask = torch.ones(1, S, dtype=torch.long)
+    feats = torch.randn(1, S, len(LAYER_IDS) * D, generator=g)
+    # a target whose next-token distribution is peaked on the true next token
+    with torch.no_grad():
+        last = torch.zeros(1, S, D)
+        last[0, :-1] = 60.0 * model.embed_tokens.weight[ids[0, 1:]]
+    anchors = torch.tensor([[1, 6, 11, 16, 21, 25]])
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-2)
+    alg = get_algorithm(algo)
+    for _ in range(200):
+        opt.zero_grad()
+        out = model(ids, loss_mask, feats, last, anchors=anchors)
+        res = alg.loss(model, out, **alg.loss_kwargs(cfg))
+        res.loss.backward()
+        opt.step()
+    rates = [v for k, v in res.metrics.items() if k.startswith("accept_rate@")]
+    assert min(rates) > 0.95, res.metrics
+    if algo != "eagle3":
+        assert res.metrics["ce"] < 0.1, res.metrics
+    else:
+        assert min(v for k, v in res.metrics.items() if k.startswith("accuracy@")) == 1.0
