@@ -12,10 +12,11 @@ GPUs (one worker per visible GPU, prompts split across them):
 from __future__ import annotations
 
 import argparse
+import os
 
 from deepspec.cli import run_main
 from deepspec.config.schema import DEFAULT_EVAL_TASKS
-from deepspec.errors import ConfigError, NotBuiltYetError
+from deepspec.errors import ConfigError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +38,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-datasets-dir", default="eval_datasets")
     parser.add_argument("--output-dir", default=None)
     parser.add_argument("--no-baseline", action="store_true", help="skip plain target decoding")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="target and draft precision; auto = fp32 at temperature 0 (bf16 matmuls of "
+        "different shapes can flip near-tied greedy choices), bf16 otherwise",
+    )
     return parser.parse_args(argv)
 
 
@@ -48,15 +56,39 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens} is invalid, must be >= 1")
     if args.max_samples is not None and args.max_samples < 1:
         raise ConfigError(f"--max-samples {args.max_samples} is invalid, must be >= 1")
+    if not 0 <= args.confidence_threshold <= 1:
+        raise ConfigError(f"--confidence-threshold {args.confidence_threshold} is invalid, must be in [0, 1]")
+    import torch
+
     from deepspec.data import load_eval_prompts
+    from deepspec.drafts import load_draft
+    from deepspec.eval.runner import EvalSettings, Evaluator, format_table
     from deepspec.targets import resolve_target
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    for task in tasks:
-        cap = args.max_samples or DEFAULT_EVAL_TASKS.get(task)
-        load_eval_prompts(task, args.eval_datasets_dir, max_samples=cap, seed=args.seed)
-    resolve_target(args.target_name_or_path)
-    raise NotBuiltYetError("speculative-decoding evaluation is not available in this version of deepspec yet")
+    for task in tasks:  # fail on a bad task before loading any model
+        load_eval_prompts(task, args.eval_datasets_dir, max_samples=1, seed=args.seed)
+    target_dir = resolve_target(args.target_name_or_path)
+    torch.manual_seed(args.seed)
+    draft = load_draft(args.draft_name_or_path)
+    settings = EvalSettings(
+        tasks=tasks,
+        max_samples=args.max_samples,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        confidence_threshold=args.confidence_threshold,
+        seed=args.seed,
+        eval_datasets_dir=args.eval_datasets_dir,
+        output_dir=args.output_dir,
+        baseline=not args.no_baseline,
+        dtype=args.dtype,
+    )
+    results = Evaluator(target_dir, draft, settings, target_name=args.target_name_or_path).evaluate()
+    name = os.path.basename(os.path.realpath(os.path.expanduser(args.draft_name_or_path)).rstrip("/"))
+    print(format_table(results, f"{draft.algorithm}:{name}"))
+    if args.output_dir:
+        print(f"results: {os.path.join(args.output_dir, 'results.json')}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ def tiny_config(
     bos_token_id: int | None = 1,
     eos_token_id: int | None = 2,
     pad_token_id: int | None = 2,
+    **extra: Any,
 ) -> Any:
-    """An HF config object of ``family`` with tiny sizes."""
+    """An HF config object of ``family`` with tiny sizes (``extra``: other config fields)."""
     common: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -49,6 +50,7 @@ def tiny_config(
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
+        **extra,
     )
     if family == "llama":
         from transformers import LlamaConfig

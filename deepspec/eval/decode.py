@@ -1,0 +1,134 @@
+"""Speculative decoding, generic over draft algorithms (batch 1 per call).
+
+One round, with ``a`` the anchor (last emitted token, not yet seen by the target):
+
+1. the draft proposes ``x_1..x_k`` from its context state and ``a``;
+2. DSpark with a confidence threshold keeps the prefix whose cumulative confidence
+   ``prod_{i<=j} c_i`` stays >= the threshold;
+3. the target scores ``[a, x_1..x_k]`` in one forward: ``k+1`` distributions;
+4. verification (``verify.py``) accepts ``m`` tokens and draws the next token ``y``
+   (the correction at the first rejection, or the bonus);
+5. the target cache is cropped to the anchor + accepted tokens, the draft's context is
+   extended with their features, and ``y`` becomes the anchor.
+
+Output = accepted drafts + ``y`` each round, cut at the first EOS and at ``max_new_tokens``.
+Proposals are shortened so that a round never emits more than the tokens still allowed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from deepspec.eval.target import Target
+from deepspec.eval.verify import probs_from_logits, sample_from_probs, verify_greedy, verify_sampling
+
+
+@dataclass
+class DecodeResult:
+    output_ids: list[int]  # generated tokens (EOS included when produced)
+    proposed: list[int] = field(default_factory=list)  # per round: draft tokens verified
+    accepted: list[int] = field(default_factory=list)  # per round: draft tokens accepted
+    confidences: list[list[float]] = field(default_factory=list)  # per round, untruncated (DSpark)
+    seconds: float = 0.0
+
+
+def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
+    """One token from the target's logits [V]."""
+    probs = probs_from_logits(logits[None], temperature)
+    if temperature == 0:
+        return int(probs.argmax())
+    u = torch.rand(1, generator=generator, dtype=torch.float64)
+    return int(sample_from_probs(probs, u))
+
+
+def _cut(tokens: list[int], eos_ids: set[int], room: int) -> tuple[list[int], bool]:
+    """Tokens up to and including the first EOS, at most ``room``; whether generation ends."""
+    for i, t in enumerate(tokens[:room]):
+        if t in eos_ids:
+            return tokens[: i + 1], True
+    return tokens[:room], len(tokens) >= room
+
+
+@torch.inference_mode()
+def speculative_generate(
+    target: Target,
+    draft,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    eos_ids: set[int],
+    generator: torch.Generator | None = None,
+    confidence_threshold: float = 0.0,
+) -> DecodeResult:
+    """Generate with ``draft`` proposing and ``target`` verifying; lossless by construction."""
+    start = time.perf_counter()
+    target.reset()
+    prompt = torch.tensor(prompt_ids, dtype=torch.long)
+    logits, features = target.forward(prompt)
+    state = draft.new_state(1)
+    draft.extend(state, features[None], torch.tensor([len(prompt_ids)]), tokens=prompt[None])
+    output, done = _cut([_sample(logits[-1], temperature, generator)], eos_ids, max_new_tokens)
+    result = DecodeResult(output_ids=output)
+    while not done:
+        anchor = output[-1]
+        proposal = draft.propose(state, torch.tensor([anchor]), temperature=temperature, generator=generator)
+        k = proposal.tokens.shape[1]
+        if proposal.confidence is not None:
+            result.confidences.append(proposal.confidence[0].tolist())
+            if confidence_threshold > 0:
+                survive = torch.cumprod(proposal.confidence[0], 0) >= confidence_threshold
+                k = int(survive.long().cumprod(0).sum())
+        k = min(k, max_new_tokens - len(output) - 1)  # a round emits at most k + 1 tokens
+        drafted = proposal.tokens[:, :k]
+        logits, features = target.forward(torch.cat([torch.tensor([anchor]), drafted[0]]))
+        if temperature == 0:
+            verdict = verify_greedy(drafted, logits[None])
+        else:
+            verdict = verify_sampling(
+                drafted,
+                proposal.probs[:, :k],
+                probs_from_logits(logits[None], temperature),
+                generator=generator,
+            )
+        m = int(verdict.num_accepted[0])
+        result.proposed.append(k)
+        result.accepted.append(m)
+        emitted, done = _cut(verdict.emitted_lists()[0], eos_ids, max_new_tokens - len(output))
+        output.extend(emitted)
+        if done:
+            break
+        # keep anchor + accepted drafts in the target cache; their features feed the draft
+        target.crop(len(prompt_ids) + len(output) - 1)
+        kept = torch.tensor([anchor] + emitted[:-1])
+        draft.extend(state, features[None, : m + 1], torch.tensor([m + 1]), tokens=kept[None])
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+@torch.inference_mode()
+def plain_generate(
+    target: Target,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    eos_ids: set[int],
+    generator: torch.Generator | None = None,
+) -> DecodeResult:
+    """Target-only decoding, one token per forward (the speedup baseline)."""
+    start = time.perf_counter()
+    target.reset()
+    step = getattr(target, "plain_forward", None) or (lambda t: target.forward(t)[0])
+    logits = step(torch.tensor(prompt_ids, dtype=torch.long))
+    output: list[int] = []
+    while True:
+        token = _sample(logits[-1], temperature, generator)
+        output.append(token)
+        if token in eos_ids or len(output) >= max_new_tokens:
+            break
+        logits = step(torch.tensor([token]))
+    return DecodeResult(output_ids=output, seconds=time.perf_counter() - start)

@@ -1,0 +1,105 @@
+"""The target side of speculative decoding: a KV-cached HF model that returns, for the
+tokens it is fed, both its next-token logits and the context features a draft consumes
+(outputs of ``target_layer_ids``; see :mod:`deepspec.data.target_features`).
+
+The decode loop only needs the small protocol below, so tests can also plug in exact
+lookup-table targets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from deepspec.data.target_features import find_decoder
+
+
+class Target(Protocol):
+    vocab_size: int
+
+    def reset(self) -> None:
+        """Forget all cached positions."""
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed ``tokens`` [T] after the cached positions; returns ``logits`` [T, V] (fp32)
+        and ``features`` [T, L*d]; the positions join the cache."""
+
+    def crop(self, length: int) -> None:
+        """Keep only the first ``length`` cached positions."""
+
+
+@contextlib.contextmanager
+def capture_layers(base: torch.nn.Module, layer_ids: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Forward hooks storing the output of decoder layer ``i`` (``-1``: the input of layer 0,
+    i.e. the scaled embedding) into the yielded dict while the context is open."""
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer_id in layer_ids:
+        if layer_id < 0:
+
+            def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
+                captured[-1] = args[0] if args else kwargs["hidden_states"]
+
+            handles.append(base.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+        else:
+
+            def hook(module: Any, args: tuple, output: Any, layer_id: int = layer_id) -> None:
+                captured[layer_id] = output[0] if isinstance(output, tuple | list) else output
+
+            handles.append(base.layers[layer_id].register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class HFTarget:
+    """An HF CausalLM with a ``DynamicCache``, batch 1."""
+
+    def __init__(self, model: torch.nn.Module, layer_ids: Sequence[int]) -> None:
+        self.model = model.eval()
+        self.base = find_decoder(model)
+        self.layer_ids = list(layer_ids)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.cache: Any = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def reset(self) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cache is None:
+            self.reset()
+        with capture_layers(self.base, self.layer_ids) as captured:
+            out = self.model(
+                input_ids=tokens.view(1, -1).to(self.device), past_key_values=self.cache, use_cache=True
+            )
+        self.cache = out.past_key_values
+        features = torch.cat([captured[i] for i in self.layer_ids], dim=-1)[0]
+        return out.logits[0].float(), features
+
+    @torch.inference_mode()
+    def plain_forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [T, V] without capturing features (plain decoding baseline)."""
+        if self.cache is None:
+            self.reset()
+        out = self.model(
+            input_ids=tokens.view(1, -1).to(self.device), past_key_values=self.cache, use_cache=True
+        )
+        self.cache = out.past_key_values
+        return out.logits[0].float()
+
+    def crop(self, length: int) -> None:
+        extra = self.cache.get_seq_length() - length
+        if extra > 0:
+            self.cache.crop(-extra)  # negative = drop that many (every transformers 5.x)

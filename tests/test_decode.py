@@ -1,0 +1,328 @@
+"""The speculative decoding loop: greedy exactness, losslessness at temperature 1, EOS and
+length limits, self-drafting, and the eval.py command on the embedded target."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import deepspec.eval.decode as decode
+from deepspec.config import load_config
+from deepspec.drafts import Proposal, build_draft
+from deepspec.eval.decode import plain_generate, speculative_generate
+from deepspec.eval.target import HFTarget
+from deepspec.targets.tiny import build_tiny_target
+from tests.conftest import ROOT
+
+DRAFTS = [
+    ("dflash", []),
+    ("dspark", ["model.markov_head_type=rnn"]),
+    ("eagle3", []),
+]
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: thread start-up costs more than the maths
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(tmp_path_factory, family: str, vocab: int, layers: int = 2):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp(f"{family}{vocab}")
+    build_tiny_target(
+        family,
+        out,
+        vocab_size=vocab,
+        num_hidden_layers=layers,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        intermediate_size=64,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        seed=3,
+        tie_word_embeddings=False,
+        initializer_range=0.3,
+    )  # varied, non-repeating outputs
+    return str(out), AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+
+
+def draft_for(target_dir: str, algo: str, extra: list[str], layer_ids=(0, 1), block: int = 4, seed: int = 0):
+    cfg = load_config(
+        opts=[
+            f"algorithm={algo}",
+            f"model.target_layer_ids={list(layer_ids)}",
+            f"model.block_size={block}",
+            "model.num_draft_layers=1",
+            "model.markov_rank=8",
+            f"model.ttt_length={block}",
+            *extra,
+        ]
+    )
+    torch.manual_seed(seed)
+    return build_draft(cfg, target_dir).eval()
+
+
+# ---- greedy ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("algo, extra", DRAFTS, ids=[a for a, _ in DRAFTS])
+def test_greedy_equals_transformers_generate(tmp_path_factory, single_thread, family, algo, extra):
+    target_dir, model = tiny_model(tmp_path_factory, family, vocab=96)
+    target = HFTarget(model, [0, 1])
+    for block in (1, 3, 6):
+        draft = draft_for(target_dir, algo, extra, block=block)
+        for prompt in ([5, 9, 3], [17, 4, 4, 80, 2, 31, 64], [1]):
+            out = speculative_generate(target, draft, prompt, max_new_tokens=40, temperature=0, eos_ids=set())
+            ref = model.generate(
+                torch.tensor([prompt]), max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0
+            )[0, len(prompt) :].tolist()
+            assert out.output_ids == ref
+            assert len(out.output_ids) == 40
+            # every round emits accepted + 1 tokens; the first token comes from the prefill
+            assert 1 + sum(m + 1 for m in out.accepted) == 40
+            assert all(0 <= m <= k <= block for m, k in zip(out.accepted, out.proposed))
+
+
+class OracleDraft:
+    """A draft that proposes the target's own greedy continuation (a self-draft)."""
+
+    algorithm = "oracle"
+
+    def __init__(self, continuation: list[int], prompt_len: int, vocab: int, k: int) -> None:
+        self.continuation, self.prompt_len, self.vocab, self.k = continuation, prompt_len, vocab, k
+
+    def new_state(self, batch):
+        return {"length": 0}
+
+    def extend(self, state, features, counts, tokens=None):
+        state["length"] += int(counts[0])
+
+    def propose(self, state, anchor, temperature=0.0, generator=None):
+        start = state["length"] - self.prompt_len + 1  # index of the token after the anchor
+        tokens = (self.continuation[start : start + self.k] + [0] * self.k)[: self.k]
+        probs = torch.nn.functional.one_hot(torch.tensor([tokens]), self.vocab).float()
+        return Proposal(torch.tensor([tokens]), probs, probs.log())
+
+
+def test_self_draft_accepts_everything_and_stops_at_eos_and_length(tmp_path_factory, single_thread):
+    target_dir, model = tiny_model(tmp_path_factory, "llama", vocab=96)
+    target = HFTarget(model, [0, 1])
+    for prompt in ([7, 8, 9], [40, 2, 77, 13], [90, 91], [5, 50, 60, 70]):
+        ref = plain_generate(target, prompt, max_new_tokens=60, temperature=0, eos_ids=set()).output_ids
+        fresh = [i for i in range(3, 40) if ref[i] not in ref[:i]]  # tokens that first appear at i
+        if fresh:
+            break
+    assert fresh, "no prompt gives a varied greedy continuation"
+    draft = OracleDraft(ref, len(prompt), 96, k=5)
+    full = speculative_generate(target, draft, prompt, max_new_tokens=60, temperature=0, eos_ids=set())
+    assert full.output_ids == ref
+    assert all(m == k for m, k in zip(full.accepted, full.proposed))  # every proposed token accepted
+    assert full.proposed[:-1] == [5] * (len(full.proposed) - 1)
+    # max_new_tokens cut in the middle of a block: exactly the limit, never more
+    for limit in (1, 2, 4, 9, 13):
+        out = speculative_generate(target, draft, prompt, max_new_tokens=limit, temperature=0, eos_ids=set())
+        assert out.output_ids == ref[:limit]
+    # an EOS inside an accepted block ends generation right after it
+    eos_at = fresh[0]
+    eos = ref[eos_at]
+    out = speculative_generate(target, draft, prompt, max_new_tokens=60, temperature=0, eos_ids={eos})
+    assert out.output_ids == ref[: eos_at + 1]
+    plain = plain_generate(target, prompt, max_new_tokens=60, temperature=0, eos_ids={eos})
+    assert plain.output_ids == ref[: eos_at + 1]
+
+
+# ---- losslessness at temperature 1 ----------------------------------------------------------
+
+V_SMALL = 6
+N_SAMPLES = 20_000
+PROMPT = [1, 2, 3]
+
+
+def exact_joint(model) -> np.ndarray:
+    """P(first three generated tokens) of the target, by enumeration: [V, V, V]."""
+    with torch.no_grad():
+        p1 = torch.softmax(model(torch.tensor([PROMPT])).logits[0, -1].double(), -1)
+        two = torch.tensor([PROMPT + [a] for a in range(V_SMALL)])
+        p2 = torch.softmax(model(two).logits[:, -1].double(), -1)  # [V, V]
+        three = torch.tensor([PROMPT + [a, b] for a, b in itertools.product(range(V_SMALL), repeat=2)])
+        p3 = torch.softmax(model(three).logits[:, -1].double(), -1).view(V_SMALL, V_SMALL, V_SMALL)
+    return (p1[:, None, None] * p2[:, :, None] * p3).numpy()
+
+
+def empirical_joint(target, draft, n: int, threshold: float = 0.0, seed: int = 0) -> np.ndarray:
+    counts = np.zeros((V_SMALL,) * 3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        out = speculative_generate(
+            target,
+            draft,
+            PROMPT,
+            max_new_tokens=3,
+            temperature=1.0,
+            eos_ids=set(),
+            generator=g,
+            confidence_threshold=threshold,
+        )
+        counts[tuple(out.output_ids)] += 1
+    return counts
+
+
+def law_check(counts: np.ndarray, exact: np.ndarray) -> tuple[float, float, float]:
+    """(chi-square p-value, TV, TV bound for this sample size)."""
+    n = counts.sum()
+    p, c = exact.ravel(), counts.ravel()
+    big = p * n >= 5  # pool rare cells into one bucket
+    obs = np.append(c[big], c[~big].sum())
+    exp = np.append(p[big] * n, p[~big].sum() * n)
+    keep = exp > 0
+    pvalue = stats.chisquare(obs[keep], exp[keep]).pvalue
+    tv = 0.5 * np.abs(c / n - p).sum()
+    bound = 3 * 0.5 * np.sqrt(p * (1 - p) / n).sum()  # 3x the expected TV of an exact sampler
+    return float(pvalue), float(tv), float(bound)
+
+
+@pytest.fixture(scope="module")
+def small_target(tmp_path_factory):
+    target_dir, model = tiny_model(tmp_path_factory, "llama", vocab=V_SMALL, layers=1)
+    return target_dir, model, exact_joint(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "algo, extra, threshold",
+    [
+        ("dflash", [], 0.0),
+        ("dspark", [], 0.0),
+        ("dspark", ["model.markov_head_type=gated"], 0.3),
+        ("eagle3", [], 0.0),
+    ],
+    ids=["dflash", "dspark", "dspark-threshold", "eagle3"],
+)
+def test_speculative_sampling_is_lossless(small_target, single_thread, algo, extra, threshold):
+    target_dir, model, exact = small_target
+    draft = draft_for(target_dir, algo, extra, layer_ids=(-1, 0), block=2)
+    if threshold:  # make the confidence head cut proposals often
+        with torch.no_grad():
+            draft.confidence_head.proj.bias.fill_(0.0)
+    counts = empirical_joint(HFTarget(model, [-1, 0]), draft, N_SAMPLES, threshold)
+    pvalue, tv, bound = law_check(counts, exact)
+    assert pvalue > 1e-4 and tv < bound, (pvalue, tv, bound)
+
+
+@pytest.mark.slow
+def test_broken_acceptance_rule_is_caught(small_target, single_thread, monkeypatch):
+    """The same check fails when the loop accepts every drafted token."""
+    target_dir, model, exact = small_target
+    draft = draft_for(target_dir, "dflash", [], layer_ids=(-1, 0), block=2)
+    real = decode.verify_sampling
+
+    def accept_all(drafted, draft_probs, target_probs, **kw):
+        ones = torch.ones_like(target_probs[..., :1, :1]).squeeze(-1).squeeze(-1)
+        result = real(drafted, draft_probs, target_probs, **kw)
+        return type(result)(ones.long() * drafted.shape[1], result.next_token, drafted)
+
+    monkeypatch.setattr(decode, "verify_sampling", accept_all)
+    counts = empirical_joint(HFTarget(model, [-1, 0]), draft, 5_000)
+    pvalue, tv, bound = law_check(counts, exact)
+    assert pvalue < 1e-4 or tv > bound
+
+
+# ---- eval.py ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_eval_cli_on_embedded_target(tmp_path, smollm2_dir):
+    """The eval command prints the table and writes results, samples and plots; greedy
+    outputs equal plain greedy decoding of the target."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(f"{ROOT}/config/dspark/dspark_smollm2_135m.py", ["model.num_draft_layers=1"])
+    torch.manual_seed(0)
+    build_draft(cfg, smollm2_dir).save_pretrained(str(tmp_path / "draft"))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "eval.py",
+            "--target_name_or_path",
+            "embedded:smollm2-135m-instruct",
+            "--draft_name_or_path",
+            str(tmp_path / "draft"),
+            "--tasks",
+            "gsm8k,mt-bench",
+            "--max-samples",
+            "2",
+            "--max-new-tokens",
+            "24",
+            "--temperature",
+            "0",
+            "--output-dir",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "accept_len" in proc.stdout and "gsm8k" in proc.stdout and "macro" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert [d["dataset"] for d in results["datasets"]] == ["gsm8k", "mt-bench"]
+    for d in results["datasets"]:
+        assert d["acceptance_length"] >= 1 and d["speedup"] > 0 and d["greedy_match_rate"] == 1.0
+        assert d["calibration"] and d["threshold_sweep"]
+    for name in ("conditional_acceptance.png", "reliability_gsm8k.png", "threshold_sweep.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    for s in samples:
+        assert set(s) >= {"dataset", "index", "prompt_token_ids", "output_token_ids", "accepted_per_round"}
+        ref = model.generate(
+            torch.tensor([s["prompt_token_ids"]]),
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=2,
+            pad_token_id=2,
+        )[0, len(s["prompt_token_ids"]) :].tolist()
+        assert s["output_token_ids"] == ref
+
+
+def test_eval_cli_bad_inputs(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"turns": ["ok"]}\nnot json\n')
+    for task, fragment in (("empty", "has no prompts"), ("bad", "bad.jsonl:2: invalid JSON")):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "eval.py",
+                "--target_name_or_path",
+                "embedded:smollm2-135m-instruct",
+                "--draft_name_or_path",
+                str(tmp_path),
+                "--tasks",
+                task,
+                "--eval-datasets-dir",
+                str(tmp_path),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2 and fragment in proc.stderr and proc.stderr.count("\n") == 1
