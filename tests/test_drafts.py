@@ -228,7 +228,7 @@ def test_block_loss_matches_hand_computation():
     loss_mask[1, 20:] = 0
     out = model(ids, loss_mask, feats, last, num_anchors=5, generator=torch.Generator().manual_seed(3))
     alg = get_algorithm("dspark")
-    res = alg.loss(model, out, **alg.loss_kwargs(cfg), chunk=3)
+    res = alg.loss(model, out, **alg.loss_kwargs(cfg))
     # by hand, all blocks at once
     m = cfg.model
     logits = model.lm_logits(out.hidden) + model.markov_head.W2(out.markov)
@@ -267,7 +267,7 @@ def test_eagle3_loss_matches_hand_computation():
     ids, loss_mask, feats, last = random_batch(2, 20, dtype=torch.float64)
     loss_mask[0, :6] = 0
     out = model(ids, loss_mask, feats, last)
-    res = get_algorithm("eagle3").loss(model, out, step_loss_decay=0.8, chunk=7)
+    res = get_algorithm("eagle3").loss(model, out, step_loss_decay=0.8)
     logp = F.log_softmax(model.lm_logits(out.hidden), -1)
     p_t = torch.softmax(model.lm_logits(out.target_hidden), -1)
     soft_ce = -(p_t * logp).sum(-1)  # [B, K, T]
@@ -353,3 +353,51 @@ def test_overfit_one_batch(algo):
         assert res.metrics["ce"] < 0.1, res.metrics
     else:
         assert min(v for k, v in res.metrics.items() if k.startswith("accuracy@")) == 1.0
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("with_markov", [False, True])
+def test_fused_head_gradients_equal_autograd(softcap, with_markov):
+    """The analytic backward of the chunked LM-head loss equals autograd of the plain formula."""
+    from deepspec.drafts.fused_head import head_loss_rows
+
+    g = torch.Generator().manual_seed(0)
+    R, d, r, Vs = 11, 8, 3, 13
+    h = torch.randn(R, d, generator=g, dtype=torch.float64, requires_grad=True)
+    th = torch.randn(R, d, generator=g, dtype=torch.float64)
+    W = torch.randn(Vs, d, generator=g, dtype=torch.float64)
+    m = torch.randn(R, r, generator=g, dtype=torch.float64, requires_grad=True) if with_markov else None
+    W2 = torch.randn(Vs, r, generator=g, dtype=torch.float64, requires_grad=True) if with_markov else None
+    y = torch.randint(0, Vs, (R,), generator=g)
+    a_ce, a_l1, a_soft = (torch.rand(R, generator=g, dtype=torch.float64) for _ in range(3))
+    rows = head_loss_rows(
+        h,
+        th,
+        y,
+        W,
+        a_ce=a_ce,
+        a_l1=a_l1,
+        a_soft=a_soft,
+        markov=m,
+        W2=W2,
+        softcap=softcap,
+        max_chunk_elements=4 * Vs,
+    )  # several chunks
+    got = torch.autograd.grad(rows.loss, [t for t in (h, m, W2) if t is not None])
+
+    def cap(z):
+        return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+    z = cap(h @ W.T + (m @ W2.T if with_markov else 0))
+    logp = torch.log_softmax(z, -1)
+    q = torch.softmax(cap(th @ W.T), -1)
+    ref_loss = (
+        a_ce * -logp[torch.arange(R), y]
+        + a_l1 * (logp.exp() - q).abs().sum(-1)
+        + a_soft * -(q * logp).sum(-1)
+    ).sum()
+    want = torch.autograd.grad(ref_loss, [t for t in (h, m, W2) if t is not None])
+    torch.testing.assert_close(rows.loss, ref_loss)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(rows.overlap, torch.minimum(logp.exp(), q).sum(-1))

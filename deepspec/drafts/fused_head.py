@@ -1,0 +1,140 @@
+"""LM-head losses with an analytic backward, one chunk of rows at a time.
+
+The vocabulary-sized work (draft and target logits, softmaxes) is the bulk of a draft's
+training step. This autograd function computes, per chunk of ``R`` rows, the loss and its
+gradient with respect to the logits in the same pass, keeps only the small gradients of
+the inputs (``[R, d]``, ``[R, r]``, ``[V, r]``) and frees the ``[R, V]`` tensors at once: no
+activation recompute, no ``[rows, V]`` tensor kept for backward.
+
+Loss per row ``i`` (``z`` = draft logits, ``p = softmax(z)``, ``q`` = target distribution):
+``a_ce[i]·(−log p[y_i]) + a_l1[i]·‖p − q‖₁ + a_soft[i]·(−Σ q log p)``.
+Gradient in ``z``: ``a_ce (p − e_y) + a_l1 p ⊙ (s − Σ s p) + a_soft (p − q)``, ``s = sign(p − q)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class HeadLossRows:
+    """Per-row values (detached) of one call; ``loss`` carries the gradient."""
+
+    loss: torch.Tensor  # scalar
+    ce: torch.Tensor  # [R]
+    l1: torch.Tensor  # [R] ‖p − q‖₁
+    soft_ce: torch.Tensor  # [R]
+    overlap: torch.Tensor  # [R] Σ min(p, q) = 1 − ½‖p − q‖₁ (the acceptance probability)
+    hit: torch.Tensor  # [R] argmax p == y
+
+
+def _softcap(z: torch.Tensor, cap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not cap:
+        return z, None
+    t = torch.tanh(z / cap)
+    return t * cap, 1 - t * t  # capped logits and d(capped)/dz
+
+
+class _HeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, m, W2, th, y, a_ce, a_l1, a_soft, W, cap):
+        z = h @ W.T
+        if m is not None:
+            z = z + m @ W2.T
+        z, dcap = _softcap(z.float() if z.dtype != torch.float64 else z, cap)
+        logp = torch.log_softmax(z, dim=-1)
+        p = logp.exp()
+        with torch.no_grad():
+            q = torch.softmax(_softcap((th @ W.T).to(z.dtype), cap)[0], dim=-1)
+        rows = torch.arange(y.shape[0], device=y.device)
+        ce = -logp[rows, y]
+        diff = p - q
+        l1 = diff.abs().sum(-1)
+        use_soft = bool(a_soft.any())
+        soft_ce = -(q * logp).sum(-1) if use_soft else torch.zeros_like(ce)
+        loss = (a_ce * ce + a_l1 * l1 + a_soft * soft_ce).sum()
+        # d loss / d z, row by row (in place on the [R, V] buffers)
+        s = diff.sign_()
+        s -= (s * p).sum(-1, keepdim=True)
+        grad = s.mul_(p).mul_(a_l1[:, None])  # a_l1 p ⊙ (s − Σ s p)
+        grad += p * (a_ce + a_soft)[:, None]
+        if use_soft:
+            grad -= a_soft[:, None] * q
+        grad[rows, y] -= a_ce
+        if dcap is not None:
+            grad = grad * dcap
+        grad = grad.to(h.dtype)
+        ctx.save_for_backward(
+            grad @ W,
+            None if m is None else grad @ W2,
+            None if m is None or not ctx.needs_input_grad[2] else grad.T @ m,
+        )
+        overlap = 1 - 0.5 * l1
+        hit = (z.argmax(-1) == y).to(z.dtype)
+        ctx.mark_non_differentiable(ce, l1, soft_ce, overlap, hit)
+        return loss, ce, l1, soft_ce, overlap, hit
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        g_h, g_m, g_W2 = ctx.saved_tensors
+        return (
+            g_h * g_loss,
+            None if g_m is None else g_m * g_loss,
+            None if g_W2 is None else g_W2 * g_loss,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def head_loss_rows(
+    hidden: torch.Tensor,
+    target_hidden: torch.Tensor,
+    targets: torch.Tensor,
+    lm_weight: torch.Tensor,
+    *,
+    a_ce: torch.Tensor,
+    a_l1: torch.Tensor,
+    a_soft: torch.Tensor,
+    markov: torch.Tensor | None = None,
+    W2: torch.Tensor | None = None,
+    softcap: float | None = None,
+    max_chunk_elements: int = 16 * 2**20,
+) -> HeadLossRows:
+    """Loss and per-row statistics over rows ``hidden`` [R, d] (draft states),
+    ``target_hidden`` [R, d], ``targets`` [R]; coefficients ``a_*`` [R] (0 for padding rows).
+
+    ``markov`` [R, r] and ``W2`` [V, r] add DSpark's bias ``markov @ W2.T`` to the logits.
+    Rows are processed in chunks of at most ``max_chunk_elements`` logits.
+    """
+    V = lm_weight.shape[0]
+    chunk = max(1, max_chunk_elements // V)
+    parts = []
+    for r0 in range(0, hidden.shape[0], chunk):
+        sl = slice(r0, r0 + chunk)
+        parts.append(
+            _HeadLoss.apply(
+                hidden[sl],
+                None if markov is None else markov[sl],
+                W2,
+                target_hidden[sl],
+                targets[sl],
+                a_ce[sl],
+                a_l1[sl],
+                a_soft[sl],
+                lm_weight,
+                softcap,
+            )
+        )
+    if not parts:
+        zero = hidden.sum() * 0
+        empty = hidden.new_zeros(0)
+        return HeadLossRows(zero, empty, empty, empty, empty, empty)
+    cols = list(zip(*parts))
+    return HeadLossRows(sum(cols[0]), *(torch.cat(c) for c in cols[1:]))
