@@ -1,0 +1,325 @@
+"""Read a target cache lazily and check it against a training config.
+
+``CacheDataset(path)`` validates the cache when it is opened (manifest present and
+unedited, index checksum, shard sizes, index records consistent with the shards) and
+memory-maps the shards on first use, so a sample read touches only that sample's bytes.
+Each read checks the sample's own checksum. :meth:`CacheDataset.verify_shards` re-hashes
+whole shards (slow; ``python -m deepspec.data.cache_reader DIR --full``).
+
+Every check raises a one-line :class:`~deepspec.errors.DataError` (never ``assert``, so
+validation also runs under ``python -O``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+
+from deepspec.data.cache_format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_DTYPE,
+    MANIFEST,
+    SAMPLE_ALIGN,
+    STORAGE_DTYPES,
+    SampleLayout,
+    decode_sample,
+    manifest_checksum,
+)
+from deepspec.errors import DataError
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load and check ``<path>/manifest.json`` (presence, JSON, format, own checksum)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise DataError(f"target cache {path} not found (build it with scripts/data/prepare_target_cache.py)")
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise DataError(
+            f"target cache {path} is incomplete: no {MANIFEST} (its writer did not finish; "
+            f"rerun prepare_target_cache.py with --resume)"
+        )
+    try:
+        with open(manifest_path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"target cache {path}: {MANIFEST} is unreadable ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise DataError(f"target cache {path}: {MANIFEST} is not a {FORMAT_NAME} manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise DataError(
+            f"target cache {path}: format version {manifest.get('version')!r} is not supported "
+            f"(this deepspec reads version {FORMAT_VERSION}); rebuild the cache"
+        )
+    if manifest.get("manifest_checksum") != manifest_checksum(manifest):
+        raise DataError(
+            f"target cache {path}: {MANIFEST} was modified after it was written (checksum mismatch)"
+        )
+    return manifest
+
+
+class CacheDataset(torch.utils.data.Dataset):
+    """Random access to the samples of a target cache.
+
+    ``ds[i]`` is a dict of tensors for sample ``i`` (samples sorted by source row):
+    ``input_ids`` int64 ``[S]``, ``loss_mask`` uint8 ``[S]``, ``attention_mask`` uint8
+    ``[S]`` (all ones), ``hidden_states`` ``[S, L*d]`` and ``last_hidden_states``
+    ``[S, d]`` in ``dtype`` (fp8 caches are dequantised), and ``row`` (int, the source
+    row). ``verify_samples=False`` skips the per-read checksum.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        verify_samples: bool = True,
+    ) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.dtype = dtype
+        self.verify_samples = verify_samples
+        self.manifest = read_manifest(self.path)
+        self._check_manifest_fields()
+        self.layout = SampleLayout(len(self.layer_ids), self.hidden_size, self.storage)
+        self.index = self._load_index()
+        self._check_shards_and_index()
+        self._maps: dict[int, np.memmap] = {}
+
+    # -- validation at open --------------------------------------------------------------
+    def _fail(self, message: str) -> DataError:
+        return DataError(f"target cache {self.path}: {message}")
+
+    def _check_manifest_fields(self) -> None:
+        m = self.manifest
+        try:
+            self.layer_ids = [int(i) for i in m["layer_ids"]]
+            self.hidden_size = int(m["target"]["hidden_size"])
+            self.storage = str(m["storage"]["hidden_dtype"])
+            self.max_length = int(m["tokenization"]["max_length"])
+            self.shards = [dict(s) for s in m["shards"]]
+            int(m["index"]["records"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._fail(f"{MANIFEST} lacks or mangles field {exc}") from None
+        if self.storage not in STORAGE_DTYPES:
+            raise self._fail(f"unknown hidden dtype {self.storage!r} (expected one of {STORAGE_DTYPES})")
+
+    def _load_index(self) -> np.ndarray:
+        info = self.manifest["index"]
+        path = os.path.join(self.path, info["file"])
+        try:
+            with open(path, "rb") as fh:
+                raw = fh.read()
+        except OSError:
+            raise self._fail(f"index {info['file']} is missing") from None
+        expected = int(info["records"]) * INDEX_DTYPE.itemsize
+        if len(raw) != expected:
+            raise self._fail(f"index {info['file']} has {len(raw)} bytes, expected {expected} (truncated?)")
+        if "xxh3-128:" + xxhash.xxh3_128_hexdigest(raw) != info.get("checksum"):
+            raise self._fail(f"index {info['file']} failed its checksum (corrupted)")
+        return np.frombuffer(raw, dtype=INDEX_DTYPE)
+
+    def _check_shards_and_index(self) -> None:
+        num = len(self.shards)
+        for shard in self.shards:
+            file = os.path.join(self.path, shard["file"])
+            if not os.path.isfile(file):
+                raise self._fail(f"shard {shard['file']} is missing")
+            size = os.path.getsize(file)
+            if size != shard["bytes"]:
+                what = "truncated" if size < shard["bytes"] else "has extra bytes"
+                raise self._fail(f"shard {shard['file']} is {what}: {size} bytes, expected {shard['bytes']}")
+        idx = self.index
+        if len(idx) != int(self.manifest["counts"]["samples"]):
+            raise self._fail(
+                f"index has {len(idx)} records but the manifest counts {self.manifest['counts']['samples']}"
+            )
+        if len(idx) == 0:
+            return
+        if (idx["shard"] >= num).any():
+            raise self._fail("index refers to a shard that the manifest does not list")
+        if (idx["seq_len"] < 1).any() or (idx["seq_len"] > self.max_length).any():
+            raise self._fail(f"index holds a sequence length outside 1..max_length={self.max_length}")
+        if (idx["offset"] % SAMPLE_ALIGN).any():
+            raise self._fail("index holds an unaligned sample offset")
+        sizes = self.layout.block_bytes_array(idx["seq_len"])
+        order = np.lexsort((idx["offset"], idx["shard"]))
+        shard_of, start, size = idx["shard"][order], idx["offset"][order].astype(np.int64), sizes[order]
+        expected_start = np.zeros_like(start)
+        same = shard_of[1:] == shard_of[:-1]
+        expected_start[1:] = np.where(same, start[:-1] + size[:-1], 0)
+        if (start != expected_start).any():
+            raise self._fail("index offsets do not tile the shards (corrupted index)")
+        ends = np.zeros(num, dtype=np.int64)
+        counts = np.bincount(shard_of, minlength=num)
+        np.maximum.at(ends, shard_of, start + size)
+        for s, shard in enumerate(self.shards):
+            if ends[s] != shard["bytes"] or counts[s] != shard["samples"]:
+                raise self._fail(f"index does not match shard {shard['file']} (corrupted index)")
+        if (np.diff(idx["row"].astype(np.int64)) <= 0).any():
+            raise self._fail("index rows are not strictly increasing (corrupted index)")
+
+    # -- access ----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Sequence length of every sample (int64 ``[N]``), e.g. for length-grouped batching."""
+        return self.index["seq_len"].astype(np.int64)
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Source row of every sample (int64 ``[N]``)."""
+        return self.index["row"].astype(np.int64)
+
+    def _map(self, shard: int) -> np.memmap:
+        mm = self._maps.get(shard)
+        if mm is None:
+            file = os.path.join(self.path, self.shards[shard]["file"])
+            mm = np.memmap(file, dtype=np.uint8, mode="r")
+            self._maps[shard] = mm
+        return mm
+
+    def raw_block(self, i: int) -> np.ndarray:
+        """The stored bytes of sample ``i`` (a read-only view into the mapped shard)."""
+        rec = self.index[i]
+        start = int(rec["offset"])
+        return self._map(int(rec["shard"]))[start : start + self.layout.block_bytes(int(rec["seq_len"]))]
+
+    def check_sample(self, i: int) -> np.ndarray:
+        """Sample ``i``'s stored bytes after checking them against the index checksum."""
+        rec = self.index[i]
+        block = self.raw_block(i)
+        if xxhash.xxh3_64_intdigest(block) != int(rec["checksum"]):
+            raise self._fail(
+                f"sample {i} (row {int(rec['row'])}) in {self.shards[int(rec['shard'])]['file']} "
+                f"failed its checksum (corrupted shard)"
+            )
+        return block
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} out of range for a cache of {len(self)} samples")
+        i = int(i) % len(self)
+        rec = self.index[i]
+        block = self.check_sample(i) if self.verify_samples else self.raw_block(i)
+        sample = decode_sample(self.layout, block, int(rec["seq_len"]), self.dtype)
+        sample["row"] = int(rec["row"])
+        return sample
+
+    def verify_shards(self, progress: bool = False) -> None:
+        """Re-hash every shard and compare with the manifest (reads the whole cache)."""
+        from tqdm import tqdm
+
+        total = sum(int(s["bytes"]) for s in self.shards)
+        with tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc="verify") as bar:
+            for shard in self.shards:
+                hasher = xxhash.xxh3_128()
+                with open(os.path.join(self.path, shard["file"]), "rb") as fh:
+                    while chunk := fh.read(16 << 20):
+                        hasher.update(chunk)
+                        bar.update(len(chunk))
+                if "xxh3-128:" + hasher.hexdigest() != shard["checksum"]:
+                    raise self._fail(f"shard {shard['file']} failed its checksum (corrupted)")
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers map shards themselves
+        state = dict(self.__dict__)
+        state["_maps"] = {}
+        return state
+
+    def summary(self) -> str:
+        m = self.manifest
+        c = m["counts"]
+        size = sum(int(s["bytes"]) for s in self.shards)
+        return (
+            f"{len(self)} samples, {c['tokens']} tokens ({c['loss_tokens']} supervised), "
+            f"{len(self.shards)} shards, {size / 2**20:.1f} MiB, {self.storage}, "
+            f"layers {self.layer_ids}, hidden {self.hidden_size}, target {m['target']['name']}"
+        )
+
+
+def validate_cache_for_config(
+    cache_or_path: CacheDataset | str | os.PathLike[str], cfg: Any, target_dir: str | os.PathLike[str]
+) -> CacheDataset:
+    """Check that a cache fits a training config and its resolved target directory.
+
+    Compares layer ids, hidden size, the target's fingerprint, the tokenizer + chat
+    template fingerprint, ``max_length`` and ``min_loss_tokens``; raises one
+    :class:`DataError` line naming every mismatch. Returns the opened dataset.
+    """
+    from transformers import AutoTokenizer
+
+    from deepspec.data.chat import load_chat_template
+    from deepspec.data.fingerprint import chat_fingerprint, target_fingerprint
+    from deepspec.targets.family import load_family_spec
+
+    cache = cache_or_path if isinstance(cache_or_path, CacheDataset) else CacheDataset(cache_or_path)
+    m = cache.manifest
+    problems: list[str] = []
+    want_layers = [int(i) for i in cfg.model.target_layer_ids]
+    if cache.layer_ids != want_layers:
+        problems.append(f"layer ids {cache.layer_ids} in the cache, model.target_layer_ids={want_layers}")
+    spec = load_family_spec(target_dir)
+    if cache.hidden_size != spec.hidden_size:
+        problems.append(f"hidden size {cache.hidden_size} in the cache, {spec.hidden_size} in the target")
+    target_fp = target_fingerprint(target_dir)
+    if m["target"].get("fingerprint") != target_fp:
+        problems.append(
+            f"built from target {m['target'].get('name')!r} ({m['target'].get('fingerprint')}), "
+            f"but {cfg.model.target_model_name_or_path!r} is {target_fp}"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(os.fspath(target_dir))
+    chat_fp = chat_fingerprint(
+        tokenizer,
+        chat_template=load_chat_template(cfg.data.chat_template),
+        system_prompt=cfg.data.system_prompt,
+        enable_thinking=cfg.data.enable_thinking,
+    )
+    tok = m["tokenization"]
+    if tok.get("chat_fingerprint") != chat_fp:
+        problems.append(
+            "tokenizer / chat template / data.system_prompt / data.enable_thinking differ from the cache's"
+        )
+    for key in ("max_length", "min_loss_tokens"):
+        if tok.get(key) != cfg.data[key]:
+            problems.append(f"data.{key}={cfg.data[key]} but the cache was built with {tok.get(key)}")
+    if problems:
+        raise DataError(
+            f"target cache {cache.path} does not match the config: "
+            + "; ".join(problems)
+            + " (rebuild the cache)"
+        )
+    return cache
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m deepspec.data.cache_reader", description="Check a target cache and print a summary."
+    )
+    parser.add_argument("path")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="also re-hash every shard and every sample (reads the whole cache)",
+    )
+    args = parser.parse_args()
+    cache = CacheDataset(args.path)
+    if args.full:
+        cache.verify_shards(progress=True)
+        for i in range(len(cache)):
+            cache.check_sample(i)
+    print(f"ok: {cache.summary()}")
+    return 0
+
+
+if __name__ == "__main__":
+    from deepspec.cli import run_main
+
+    run_main(main)

@@ -1,0 +1,305 @@
+"""torch.distributed in one place: init from a torchrun-style environment, local spawning.
+
+A worker learns its place from the environment that ``torchrun`` sets (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``).
+Without those variables the process is a world of one and no process group is created.
+
+* GPU: one process per GPU (``torchrun --nproc_per_node 8 ...``), backend NCCL, each
+  process pinned to ``cuda:LOCAL_RANK``.
+* CPU: backend gloo. :func:`spawn` starts N local workers with the same environment
+  (``--nproc N`` in the scripts), so a CPU run needs no launcher.
+
+Typical use::
+
+    def main_worker(args):
+        info = init_distributed()
+        try:
+            ...
+            barrier()
+        finally:
+            cleanup()
+
+    if args.nproc > 1:
+        spawn(main_worker, args.nproc, args)
+    else:
+        main_worker(args)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from deepspec.errors import DeepSpecError
+
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class WorkerFailed(DeepSpecError):
+    """A spawned worker exited with an error (its own message was printed above)."""
+
+
+class PeerError(DeepSpecError):
+    """Raised on the other ranks when one rank found a user error (printed once, by it)."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    backend: str | None  # "nccl" | "gloo" | None when no process group exists
+    device: str  # "cuda:<local_rank>" or "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise DeepSpecError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` from the environment (1 when unset)."""
+    return _env_int("WORLD_SIZE", 1)
+
+
+def is_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_info() -> DistInfo:
+    """Rank information of this process (works before and after :func:`init_distributed`)."""
+    import torch
+
+    rank = _env_int("RANK", 0)
+    world = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world)
+    backend = None
+    if is_initialized():
+        import torch.distributed as dist
+
+        backend = dist.get_backend()
+        rank, world = dist.get_rank(), dist.get_world_size()
+    use_cuda = torch.cuda.is_available() and backend in ("nccl", None)
+    device = f"cuda:{local_rank}" if use_cuda else "cpu"
+    return DistInfo(rank, world, local_rank, local_world, backend, device)
+
+
+def init_distributed(
+    backend: str | None = None, *, timeout: datetime.timedelta = datetime.timedelta(minutes=30)
+) -> DistInfo:
+    """Create the default process group from the environment; no-op for a world of one.
+
+    ``backend`` defaults to NCCL when CUDA is available, else gloo. On NCCL the process is
+    pinned to ``cuda:LOCAL_RANK``. Raises :class:`DeepSpecError` when the environment is
+    incomplete (e.g. ``WORLD_SIZE`` without ``MASTER_ADDR``).
+    """
+    import torch
+    import torch.distributed as dist
+
+    world = env_world_size()
+    if world <= 1 or is_initialized():
+        return get_info()
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise DeepSpecError(
+            f"WORLD_SIZE={world} but {', '.join(missing)} is not set; launch with torchrun or --nproc"
+        )
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    kwargs: dict[str, Any] = {}
+    if backend == "nccl":
+        local_rank = _env_int("LOCAL_RANK", 0)
+        torch.cuda.set_device(local_rank)
+        kwargs["device_id"] = torch.device("cuda", local_rank)
+    dist.init_process_group(
+        backend=backend,
+        rank=_env_int("RANK", 0),
+        world_size=world,
+        timeout=timeout,
+        **kwargs,
+    )
+    return get_info()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if is_initialized():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Destroy the process group if this process created one."""
+    if is_initialized():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def _collective_device() -> Any:
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: list[float] | list[int]) -> list[float]:
+    """Sum a short list of numbers over all ranks (float64; identity without a group)."""
+    if not is_initialized():
+        return [float(v) for v in values]
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.cpu().tolist()
+
+
+def all_reduce_max(value: float) -> float:
+    """Maximum of one number over all ranks."""
+    if not is_initialized():
+        return float(value)
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Send a picklable object from rank ``src`` to every rank; returns it everywhere."""
+    if not is_initialized():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=_collective_device())
+    return box[0]
+
+
+def run_on_main(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` on rank 0 only and hand its result to every rank.
+
+    A :class:`DeepSpecError` on rank 0 is re-raised there and raised as :class:`PeerError`
+    (same message) on the other ranks, so no rank is left waiting in a collective.
+    """
+    info = get_info()
+    result, error = None, None
+    if info.rank == 0:
+        try:
+            result = fn(*args)
+        except DeepSpecError as exc:
+            if not info.distributed:
+                raise
+            error = exc
+    if info.distributed:
+        result, message = broadcast_object((result, None if error is None else str(error)))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise PeerError(message)
+    return result
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (for MASTER_PORT or a local server)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the parent dies, so a killed launcher leaves no workers."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def _spawned_worker(
+    local_rank: int, fn: Callable[..., Any], nproc: int, port: int, args: tuple[Any, ...]
+) -> None:
+    _die_with_parent()
+    os.environ.update(
+        RANK=str(local_rank),
+        WORLD_SIZE=str(nproc),
+        LOCAL_RANK=str(local_rank),
+        LOCAL_WORLD_SIZE=str(nproc),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    try:
+        fn(*args)
+    except PeerError as exc:
+        sys.exit(exc.exit_code)
+    except DeepSpecError as exc:
+        print(f"error: [rank {local_rank}] {exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
+
+
+def spawn(fn: Callable[..., Any], nproc: int, *args: Any) -> None:
+    """Run ``fn(*args)`` in ``nproc`` local processes with a torchrun-style environment.
+
+    ``fn`` must be importable (defined at module level). A worker's :class:`DeepSpecError`
+    is printed as one ``error: [rank r] ...`` line and the others are stopped; then this
+    raises :class:`WorkerFailed`. Refuses to nest inside an existing multi-process job.
+    """
+    import torch.multiprocessing as mp
+
+    if nproc < 1:
+        raise DeepSpecError(f"--nproc must be >= 1, got {nproc}")
+    if env_world_size() > 1:
+        raise DeepSpecError(
+            "--nproc cannot be combined with torchrun (WORLD_SIZE is already set); use one or the other"
+        )
+    port = find_free_port()
+    try:
+        mp.start_processes(
+            _spawned_worker,
+            args=(fn, nproc, port, args),
+            nprocs=nproc,
+            join=True,
+            start_method="spawn",
+        )
+    except mp.ProcessExitedException as exc:
+        raise WorkerFailed(
+            f"worker {exc.error_index} of {nproc} exited with code {exc.exit_code}; see its error above"
+        ) from None
+    except mp.ProcessRaisedException as exc:
+        print(str(exc), file=sys.stderr, flush=True)
+        first = str(exc).strip().splitlines()
+        raise WorkerFailed(
+            f"a worker of {nproc} raised: {first[-1] if first else 'unknown error'} (traceback above)"
+        ) from None
