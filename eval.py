@@ -39,6 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default=None)
     parser.add_argument("--no-baseline", action="store_true", help="skip plain target decoding")
     parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="worker processes (default: one per visible GPU, else 1); prompts are split across them",
+    )
+    parser.add_argument(
         "--dtype",
         choices=("auto", "bf16", "fp32"),
         default="auto",
@@ -62,15 +68,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from deepspec.data import load_eval_prompts
     from deepspec.drafts import load_draft
-    from deepspec.eval.runner import EvalSettings, Evaluator, format_table
-    from deepspec.targets import resolve_target
+    from deepspec.eval.runner import EvalSettings, check_draft_matches_target, evaluate, format_table
+    from deepspec.targets import load_family_spec, resolve_target
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for task in tasks:  # fail on a bad task before loading any model
         load_eval_prompts(task, args.eval_datasets_dir, max_samples=1, seed=args.seed)
     target_dir = resolve_target(args.target_name_or_path)
     torch.manual_seed(args.seed)
-    draft = load_draft(args.draft_name_or_path)
+    draft = load_draft(args.draft_name_or_path)  # fail here, once, on a bad checkpoint
     settings = EvalSettings(
         tasks=tasks,
         max_samples=args.max_samples,
@@ -83,7 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         baseline=not args.no_baseline,
         dtype=args.dtype,
     )
-    results = Evaluator(target_dir, draft, settings, target_name=args.target_name_or_path).evaluate()
+    check_draft_matches_target(draft, load_family_spec(target_dir), args.target_name_or_path)
+    results = evaluate(
+        target_dir,
+        args.draft_name_or_path,
+        settings,
+        target_name=args.target_name_or_path,
+        num_workers=args.num_workers,
+    )
     name = os.path.basename(os.path.realpath(os.path.expanduser(args.draft_name_or_path)).rstrip("/"))
     print(format_table(results, f"{draft.algorithm}:{name}"))
     if args.output_dir:

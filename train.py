@@ -15,10 +15,10 @@ Any config key can be overridden: --opts train.lr=3e-4 --opts model.block_size=8
 from __future__ import annotations
 
 import argparse
+import os
 
 from deepspec.cli import run_main
 from deepspec.config import load_config, validate_against_target
-from deepspec.errors import NotBuiltYetError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,17 +39,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = load_config(args.config, [o for group in args.opts for o in group])
+    opts = [o for group in args.opts for o in group]
+    cfg = load_config(args.config, opts)  # fails on a bad key before any worker starts
+    from deepspec.train.launch import launch, local_worker_count
+
+    if local_worker_count(cfg) > 1 and "LOCAL_RANK" not in os.environ:
+        preflight(cfg)  # one clear error line instead of one per worker
+    launch(args.config, opts, cfg)
+    return 0
+
+
+def preflight(cfg) -> None:
+    """Check target, config and cache once, before workers start."""
     from deepspec.targets import load_family_spec, resolve_target
 
     target_dir = resolve_target(cfg.model.target_model_name_or_path)
-    spec = load_family_spec(target_dir)
-    validate_against_target(cfg, spec)
-    print(
-        f"config ok: {cfg.algorithm} on {cfg.model.target_model_name_or_path} "
-        f"({spec.family}, {spec.num_hidden_layers} layers); checkpoints -> {cfg.logging.checkpoint_dir}"
-    )
-    raise NotBuiltYetError("the trainer is not available in this version of deepspec yet")
+    validate_against_target(cfg, load_family_spec(target_dir))
+    if cfg.data.mode == "offline":
+        from deepspec.data.cache_reader import validate_cache_for_config
+        from deepspec.errors import DataError
+
+        if not cfg.data.target_cache_path:
+            raise DataError("data.mode=offline needs data.target_cache_path")
+        validate_cache_for_config(os.path.expanduser(cfg.data.target_cache_path), cfg, target_dir)
 
 
 if __name__ == "__main__":

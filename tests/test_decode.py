@@ -106,7 +106,7 @@ class OracleDraft:
     def __init__(self, continuation: list[int], prompt_len: int, vocab: int, k: int) -> None:
         self.continuation, self.prompt_len, self.vocab, self.k = continuation, prompt_len, vocab, k
 
-    def new_state(self, batch):
+    def new_state(self, batch, device="cpu"):
         return {"length": 0}
 
     def extend(self, state, features, counts, tokens=None):
@@ -326,3 +326,35 @@ def test_eval_cli_bad_inputs(tmp_path):
             timeout=120,
         )
         assert proc.returncode == 2 and fragment in proc.stderr and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_prompts_split_across_two_workers_give_the_same_samples(tmp_path, tiny_target):
+    """Two workers (CPU processes here, GPUs in production) decode disjoint prompt subsets;
+    the merged greedy samples equal a single worker's."""
+    from deepspec.eval.runner import EvalSettings, evaluate
+
+    target = tiny_target("qwen3")
+    draft_dir = str(tmp_path / "draft")
+    draft_for(target, "dspark", []).save_pretrained(draft_dir)
+    outs = {}
+    for workers in (1, 2):
+        settings = EvalSettings(
+            tasks=["mt-bench", "gsm8k"],
+            max_samples=3,
+            max_new_tokens=12,
+            temperature=0,
+            eval_datasets_dir=f"{ROOT}/eval_datasets",
+            output_dir=str(tmp_path / f"w{workers}"),
+            progress=False,
+        )
+        results = evaluate(target, draft_dir, settings, num_workers=workers)
+        assert results["config"]["workers"] == workers
+        outs[workers] = [
+            json.loads(x) for x in (tmp_path / f"w{workers}" / "samples.jsonl").read_text().splitlines()
+        ]
+
+    def strip(rows):
+        return [(r["dataset"], r["index"], r["output_token_ids"], r["accepted_per_round"]) for r in rows]
+
+    assert strip(outs[1]) == strip(outs[2]) and len(outs[1]) == 6

@@ -21,13 +21,15 @@ from deepspec.drafts.layers import attend
 def sample_anchors(
     loss_mask: torch.Tensor,
     num_anchors: int,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample anchors uniformly among valid positions ``a`` (``loss_mask[a] = loss_mask[a+1] = 1``).
 
     ``loss_mask`` [B, S]. Returns ``anchors`` [B, N] (sorted ascending per row) and ``keep``
     [B, N] (False for dummy anchors padding rows with too few valid positions), with
     ``N = min(num_anchors, max valid count over the batch)`` (at least 1).
+    ``generator`` may be one generator per row: then a row's anchors depend only on its own
+    generator and loss mask, not on the batch it is padded into.
     """
     lm = loss_mask.bool()
     valid = torch.zeros_like(lm)
@@ -35,9 +37,16 @@ def sample_anchors(
     counts = valid.sum(1)
     n = max(1, min(num_anchors, int(counts.max()) if counts.numel() else 0))
     # random keys; invalid positions pushed to the end, then take the n smallest
-    keys = torch.rand(lm.shape, generator=generator, device="cpu").to(lm.device)
+    if isinstance(generator, list | tuple):
+        keys = torch.ones(lm.shape)
+        last = torch.where(lm.any(1), lm.shape[1] - lm.flip(1).long().argmax(1), torch.zeros_like(counts))
+        for b, g in enumerate(generator):
+            keys[b, : int(last[b])] = torch.rand(int(last[b]), generator=g)
+        keys = keys.to(lm.device)
+    else:
+        keys = torch.rand(lm.shape, generator=generator, device="cpu").to(lm.device)
     keys = torch.where(valid, keys, torch.full_like(keys, 2.0))
-    order = keys.argsort(dim=1)[:, :n]
+    order = keys.argsort(dim=1, stable=True)[:, :n]
     keep = torch.gather(valid, 1, order)
     anchors = torch.where(keep, order, torch.zeros_like(order))
     # sort real anchors ascending, dummies (anchor 0) last

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from deepspec.drafts.base import DraftConfig, DraftModel
 from deepspec.errors import DataError
-from deepspec.utils.io import fsync_dir
+from deepspec.utils.io import fsync_dir, make_dir_public
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -29,6 +29,7 @@ def save_draft(model: DraftModel, out_dir: str) -> None:
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
+    make_dir_public(tmp)
     try:
         state: dict[str, torch.Tensor] = {}
         seen: dict[int, str] = {}

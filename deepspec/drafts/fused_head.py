@@ -40,14 +40,14 @@ def _softcap(z: torch.Tensor, cap: float | None) -> tuple[torch.Tensor, torch.Te
 class _HeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, m, W2, th, y, a_ce, a_l1, a_soft, W, cap):
-        z = h @ W.T
+        z = h.to(W.dtype) @ W.T
         if m is not None:
-            z = z + m @ W2.T
+            z = z + m.to(W2.dtype) @ W2.T
         z, dcap = _softcap(z.float() if z.dtype != torch.float64 else z, cap)
         logp = torch.log_softmax(z, dim=-1)
         p = logp.exp()
         with torch.no_grad():
-            q = torch.softmax(_softcap((th @ W.T).to(z.dtype), cap)[0], dim=-1)
+            q = torch.softmax(_softcap((th.to(W.dtype) @ W.T).to(z.dtype), cap)[0], dim=-1)
         rows = torch.arange(y.shape[0], device=y.device)
         ce = -logp[rows, y]
         diff = p - q
@@ -65,11 +65,10 @@ class _HeadLoss(torch.autograd.Function):
         grad[rows, y] -= a_ce
         if dcap is not None:
             grad = grad * dcap
-        grad = grad.to(h.dtype)
         ctx.save_for_backward(
-            grad @ W,
-            None if m is None else grad @ W2,
-            None if m is None or not ctx.needs_input_grad[2] else grad.T @ m,
+            (grad.to(W.dtype) @ W).to(h.dtype),
+            None if m is None else (grad @ W2.to(grad.dtype)).to(m.dtype),
+            None if m is None or not ctx.needs_input_grad[2] else (grad.T @ m.to(grad.dtype)).to(W2.dtype),
         )
         overlap = 1 - 0.5 * l1
         hit = (z.argmax(-1) == y).to(z.dtype)

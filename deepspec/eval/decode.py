@@ -32,7 +32,9 @@ class DecodeResult:
     proposed: list[int] = field(default_factory=list)  # per round: draft tokens verified
     accepted: list[int] = field(default_factory=list)  # per round: draft tokens accepted
     confidences: list[list[float]] = field(default_factory=list)  # per round, untruncated (DSpark)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the whole generation
+    target_seconds: float = 0.0  # of which target forwards
+    draft_seconds: float = 0.0  # of which draft extend + propose
 
 
 def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
@@ -40,7 +42,7 @@ def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator
     probs = probs_from_logits(logits[None], temperature)
     if temperature == 0:
         return int(probs.argmax())
-    u = torch.rand(1, generator=generator, dtype=torch.float64)
+    u = torch.rand(1, generator=generator, dtype=torch.float64, device=probs.device)
     return int(sample_from_probs(probs, u))
 
 
@@ -66,16 +68,24 @@ def speculative_generate(
 ) -> DecodeResult:
     """Generate with ``draft`` proposing and ``target`` verifying; lossless by construction."""
     start = time.perf_counter()
+    params = list(draft.parameters()) if hasattr(draft, "parameters") else []
+    device = params[0].device if params else torch.device("cpu")
+    ids = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    clock = time.perf_counter
     target.reset()
-    prompt = torch.tensor(prompt_ids, dtype=torch.long)
+    prompt = ids(prompt_ids)
+    t0 = clock()
     logits, features = target.forward(prompt)
-    state = draft.new_state(1)
-    draft.extend(state, features[None], torch.tensor([len(prompt_ids)]), tokens=prompt[None])
+    t1 = clock()
+    state = draft.new_state(1, device)
+    draft.extend(state, features[None], ids([len(prompt_ids)]), tokens=prompt[None])
     output, done = _cut([_sample(logits[-1], temperature, generator)], eos_ids, max_new_tokens)
-    result = DecodeResult(output_ids=output)
+    result = DecodeResult(output_ids=output, target_seconds=t1 - t0, draft_seconds=clock() - t1)
     while not done:
         anchor = output[-1]
-        proposal = draft.propose(state, torch.tensor([anchor]), temperature=temperature, generator=generator)
+        t0 = clock()
+        proposal = draft.propose(state, ids([anchor]), temperature=temperature, generator=generator)
+        result.draft_seconds += clock() - t0
         k = proposal.tokens.shape[1]
         if proposal.confidence is not None:
             result.confidences.append(proposal.confidence[0].tolist())
@@ -84,7 +94,9 @@ def speculative_generate(
                 k = int(survive.long().cumprod(0).sum())
         k = min(k, max_new_tokens - len(output) - 1)  # a round emits at most k + 1 tokens
         drafted = proposal.tokens[:, :k]
-        logits, features = target.forward(torch.cat([torch.tensor([anchor]), drafted[0]]))
+        t0 = clock()
+        logits, features = target.forward(torch.cat([ids([anchor]), drafted[0]]))
+        result.target_seconds += clock() - t0
         if temperature == 0:
             verdict = verify_greedy(drafted, logits[None])
         else:
@@ -103,8 +115,10 @@ def speculative_generate(
             break
         # keep anchor + accepted drafts in the target cache; their features feed the draft
         target.crop(len(prompt_ids) + len(output) - 1)
-        kept = torch.tensor([anchor] + emitted[:-1])
-        draft.extend(state, features[None, : m + 1], torch.tensor([m + 1]), tokens=kept[None])
+        kept = ids([anchor] + emitted[:-1])
+        t0 = clock()
+        draft.extend(state, features[None, : m + 1], ids([m + 1]), tokens=kept[None])
+        result.draft_seconds += clock() - t0
     result.seconds = time.perf_counter() - start
     return result
 

@@ -57,68 +57,59 @@ def check_draft_matches_target(draft, spec, target_name: str) -> None:
 
 
 class Evaluator:
-    """Holds the target, tokenizer and draft; evaluates tasks one after another."""
+    """Holds the target, tokenizer and draft of one worker and decodes prompts."""
 
-    def __init__(self, target_dir: str, draft, settings: EvalSettings, target_name: str = "") -> None:
+    def __init__(self, target_dir: str, draft, settings: EvalSettings, device: str = "cpu") -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from deepspec.targets.family import load_family_spec
 
         self.settings = settings
-        self.target_name = target_name or target_dir
         spec = load_family_spec(target_dir)
-        check_draft_matches_target(draft, spec, self.target_name)
-        if settings.dtype == "auto":
-            settings.dtype = "fp32" if settings.temperature == 0 else "bf16"
+        check_draft_matches_target(draft, spec, target_dir)
         dtype = torch.bfloat16 if settings.dtype == "bf16" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).to(device).eval()
+        self.device = torch.device(device)
         self.target = HFTarget(model, draft.config.target_layer_ids)
-        self.draft = draft.to(dtype=dtype).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(target_dir)
-        self.chat = ChatTokenizer(self.tokenizer, enable_thinking=False)
+        self.draft = draft.to(device=device, dtype=dtype).eval()
+        self.chat = ChatTokenizer(AutoTokenizer.from_pretrained(target_dir), enable_thinking=False)
         eos = set(spec.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            eos.add(int(self.tokenizer.eos_token_id))
+        if self.chat.tokenizer.eos_token_id is not None:
+            eos.add(int(self.chat.tokenizer.eos_token_id))
         self.eos_ids = eos
 
-    def _generate(self, prompt_ids: list[int], seed: int, max_new: int | None = None) -> tuple:
+    def _generate(
+        self, prompt_ids: list[int], seed: int, max_new: int
+    ) -> tuple[DecodeResult, DecodeResult | None]:
         s = self.settings
-        limit = max_new or s.max_new_tokens
-        g = torch.Generator().manual_seed(seed)
+        common = dict(max_new_tokens=max_new, temperature=s.temperature, eos_ids=self.eos_ids)
         spec = speculative_generate(
             self.target,
             self.draft,
             prompt_ids,
-            max_new_tokens=limit,
-            temperature=s.temperature,
-            eos_ids=self.eos_ids,
-            generator=g,
+            **common,
+            generator=torch.Generator(self.device).manual_seed(seed),
             confidence_threshold=s.confidence_threshold,
         )
         base = None
         if s.baseline:
-            g = torch.Generator().manual_seed(seed)
             base = plain_generate(
-                self.target,
-                prompt_ids,
-                max_new_tokens=limit,
-                temperature=s.temperature,
-                eos_ids=self.eos_ids,
-                generator=g,
+                self.target, prompt_ids, **common, generator=torch.Generator(self.device).manual_seed(seed)
             )
         return spec, base
 
-    def run_task(self, task: str, samples_fh) -> dict[str, Any]:
+    def records(self, task: str, prompts: list, desc: str) -> list[dict[str, Any]]:
+        """Decode ``prompts`` (speculative, then plain) → one record per prompt."""
         s = self.settings
-        cap = s.max_samples or DEFAULT_EVAL_TASKS.get(task)
-        prompts = load_eval_prompts(task, s.eval_datasets_dir, max_samples=cap, seed=s.seed)
+        out: list[dict[str, Any]] = []
+        if not prompts:
+            return out
         encoded = [self.chat.prompt_ids([{"role": "user", "content": p.text}]) for p in prompts]
-        self._generate(encoded[0], s.seed, max_new=min(8, s.max_new_tokens))  # warm-up, untimed
-        runs: list[tuple[DecodeResult, DecodeResult | None]] = []
-        bar = tqdm(list(zip(prompts, encoded)), desc=f"eval {task}", unit="prompt", disable=not s.progress)
+        self._generate(encoded[0], s.seed, min(8, s.max_new_tokens))  # warm-up, untimed
+        bar = tqdm(list(zip(prompts, encoded)), desc=desc, unit="prompt", disable=not s.progress)
+        rounds = accepted = 0
         for prompt, ids in bar:
-            spec, base = self._generate(ids, s.seed + prompt.index)
-            runs.append((spec, base))
+            spec, base = self._generate(ids, s.seed + prompt.index, s.max_new_tokens)
             record = {
                 "dataset": task,
                 "index": prompt.index,
@@ -126,70 +117,150 @@ class Evaluator:
                 "output_token_ids": spec.output_ids,
                 "accepted_per_round": spec.accepted,
                 "proposed_per_round": spec.proposed,
-                "seconds": round(spec.seconds, 4),
+                "confidence_per_round": spec.confidences,
+                "seconds": spec.seconds,
+                "target_seconds": spec.target_seconds,
+                "draft_seconds": spec.draft_seconds,
             }
             if base is not None:
-                record["baseline_output_tokens"] = len(base.output_ids)
-                record["baseline_seconds"] = round(base.seconds, 4)
-            samples_fh.write(json.dumps(record) + "\n")
-            samples_fh.flush()
-            rounds = sum(len(r.accepted) for r, _ in runs)
-            bar.set_postfix(tau=f"{(sum(sum(r.accepted) for r, _ in runs) + rounds) / max(1, rounds):.2f}")
-        return self._task_metrics(task, runs)
-
-    def _task_metrics(
-        self, task: str, runs: list[tuple[DecodeResult, DecodeResult | None]]
-    ) -> dict[str, Any]:
-        s = self.settings
-        proposed = [k for r, _ in runs for k in r.proposed]
-        accepted = [m for r, _ in runs for m in r.accepted]
-        out: dict[str, Any] = {"dataset": task, "num_prompts": len(runs)}
-        out.update(acceptance_stats(proposed, accepted).to_dict())
-        spec_tokens = sum(len(r.output_ids) for r, _ in runs)
-        spec_seconds = sum(r.seconds for r, _ in runs)
-        out["output_tokens"] = spec_tokens
-        out["tokens_per_second"] = spec_tokens / max(spec_seconds, 1e-9)
-        if s.baseline:
-            base_tokens = sum(len(b.output_ids) for _, b in runs)
-            base_seconds = sum(b.seconds for _, b in runs)
-            out["baseline_tokens_per_second"] = base_tokens / max(base_seconds, 1e-9)
-            out["speedup"] = out["tokens_per_second"] / out["baseline_tokens_per_second"]
-            if s.temperature == 0:
-                out["greedy_match_rate"] = sum(r.output_ids == b.output_ids for r, b in runs) / len(runs)
-        conf = [c for r, _ in runs for c in r.confidences]
-        if conf and len(conf) == len(proposed):
-            cut = [c[:k] for c, k in zip(conf, proposed)]  # positions that were verified
-            out["calibration"] = [c.to_dict() for c in calibration_stats(cut, proposed, accepted)]
-            if s.confidence_threshold == 0:  # the sweep needs untruncated proposals
-                out["threshold_sweep"] = threshold_sweep(cut, proposed, accepted).to_dict()
+                record["baseline_output_token_ids"] = base.output_ids
+                record["baseline_seconds"] = base.seconds
+            out.append(record)
+            rounds += len(spec.accepted)
+            accepted += sum(spec.accepted)
+            bar.set_postfix(tau=f"{(accepted + rounds) / max(1, rounds):.2f}")
         return out
 
-    def evaluate(self) -> dict[str, Any]:
-        s = self.settings
-        out_dir = s.output_dir
-        if out_dir:
-            os.makedirs(out_dir, exist_ok=True)
-        samples_path = os.path.join(out_dir, "samples.jsonl") if out_dir else os.devnull
-        start = time.perf_counter()
-        per_task = []
-        with atomic_open(samples_path, "w", encoding="utf-8") if out_dir else open(os.devnull, "w") as fh:
-            for task in s.tasks:
-                per_task.append(self.run_task(task, fh))
-        results = {
-            "config": {
-                **asdict(s),
-                "target": self.target_name,
-                "draft_algorithm": self.draft.algorithm,
-                "draft_config": self.draft.config_json(),
-            },
-            "datasets": per_task,
-            "macro_average": macro_average(per_task, MACRO_KEYS),
-            "seconds": time.perf_counter() - start,
-        }
-        if out_dir:
-            atomic_write_json(os.path.join(out_dir, "results.json"), results)
-            write_plots(results, out_dir)
-        return results
+
+def task_metrics(task: str, records: list[dict[str, Any]], settings: EvalSettings) -> dict[str, Any]:
+    """Per-dataset metrics from its prompt records (see the module docstring)."""
+    proposed = [k for r in records for k in r["proposed_per_round"]]
+    accepted = [m for r in records for m in r["accepted_per_round"]]
+    out: dict[str, Any] = {"dataset": task, "num_prompts": len(records)}
+    out.update(acceptance_stats(proposed, accepted).to_dict())
+    out["output_tokens"] = sum(len(r["output_token_ids"]) for r in records)
+    seconds = sum(r["seconds"] for r in records)
+    out["tokens_per_second"] = out["output_tokens"] / max(seconds, 1e-9)
+    # time in neither model: sampling, verification, cache bookkeeping (the loop's overhead)
+    out["draft_time_share"] = sum(r.get("draft_seconds", 0) for r in records) / max(seconds, 1e-9)
+    out["loop_overhead_share"] = (
+        1 - out["draft_time_share"] - sum(r.get("target_seconds", 0) for r in records) / max(seconds, 1e-9)
+    )
+    if settings.baseline:
+        base_tokens = sum(len(r["baseline_output_token_ids"]) for r in records)
+        out["baseline_tokens_per_second"] = base_tokens / max(
+            sum(r["baseline_seconds"] for r in records), 1e-9
+        )
+        out["speedup"] = out["tokens_per_second"] / out["baseline_tokens_per_second"]
+        if settings.temperature == 0:
+            same = sum(r["output_token_ids"] == r["baseline_output_token_ids"] for r in records)
+            out["greedy_match_rate"] = same / max(1, len(records))
+    conf = [c for r in records for c in r["confidence_per_round"]]
+    if conf and len(conf) == len(proposed):
+        cut = [c[:k] for c, k in zip(conf, proposed)]  # positions that were verified
+        out["calibration"] = [c.to_dict() for c in calibration_stats(cut, proposed, accepted)]
+        if settings.confidence_threshold == 0:  # the sweep needs untruncated proposals
+            out["threshold_sweep"] = threshold_sweep(cut, proposed, accepted).to_dict()
+    return out
+
+
+def _task_prompts(settings: EvalSettings) -> dict[str, list]:
+    return {
+        task: load_eval_prompts(
+            task,
+            settings.eval_datasets_dir,
+            max_samples=settings.max_samples or DEFAULT_EVAL_TASKS.get(task),
+            seed=settings.seed,
+        )
+        for task in settings.tasks
+    }
+
+
+def _worker_records(
+    target_dir: str, draft_path: str, settings: EvalSettings, worker: int, workers: int, device: str
+) -> dict[str, list[dict[str, Any]]]:
+    from deepspec.drafts import load_draft
+
+    evaluator = Evaluator(target_dir, load_draft(draft_path), settings, device=device)
+    out = {}
+    for task, prompts in _task_prompts(settings).items():
+        desc = f"eval {task}" if workers == 1 else f"eval {task} [{worker}]"
+        out[task] = evaluator.records(task, prompts[worker::workers], desc)
+    return out
+
+
+def _spawned_worker(worker: int, target_dir, draft_path, settings, workers: int, result_dir: str) -> None:
+    if torch.cuda.is_available():
+        device = f"cuda:{worker}"
+    else:  # CPU workers (tests): share the cores
+        device = "cpu"
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    records = _worker_records(target_dir, draft_path, settings, worker, workers, device)
+    atomic_write_json(os.path.join(result_dir, f"worker{worker}.json"), records)
+
+
+def evaluate(
+    target_dir: str,
+    draft_path: str,
+    settings: EvalSettings,
+    *,
+    target_name: str = "",
+    num_workers: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate a draft checkpoint on ``settings.tasks``; one worker per visible GPU (prompts
+    split round-robin), else one CPU worker. Writes outputs when ``output_dir`` is set."""
+    import tempfile
+
+    from deepspec.drafts import read_draft_config
+
+    s = settings
+    if s.dtype == "auto":
+        s.dtype = "fp32" if s.temperature == 0 else "bf16"
+    workers = num_workers or (torch.cuda.device_count() if torch.cuda.is_available() else 1) or 1
+    start = time.perf_counter()
+    if workers == 1:
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        per_worker = [_worker_records(target_dir, draft_path, s, 0, 1, device)]
+    else:
+        import torch.multiprocessing as mp
+
+        with tempfile.TemporaryDirectory() as result_dir:
+            mp.start_processes(
+                _spawned_worker,
+                args=(target_dir, draft_path, s, workers, result_dir),
+                nprocs=workers,
+                start_method="spawn",
+            )
+            per_worker = []
+            for w in range(workers):
+                with open(os.path.join(result_dir, f"worker{w}.json"), encoding="utf-8") as fh:
+                    per_worker.append(json.load(fh))
+    by_task = {
+        t: sorted((r for part in per_worker for r in part[t]), key=lambda r: r["index"]) for t in s.tasks
+    }
+    per_task = [task_metrics(t, by_task[t], s) for t in s.tasks]
+    arch, draft_config = read_draft_config(os.path.expanduser(draft_path))
+    results = {
+        "config": {
+            **asdict(s),
+            "target": target_name or target_dir,
+            "draft": draft_path,
+            "draft_algorithm": draft_config.algorithm,
+            "workers": workers,
+        },
+        "datasets": per_task,
+        "macro_average": macro_average(per_task, MACRO_KEYS),
+        "seconds": time.perf_counter() - start,
+    }
+    if s.output_dir:
+        os.makedirs(s.output_dir, exist_ok=True)
+        with atomic_open(os.path.join(s.output_dir, "samples.jsonl"), "w", encoding="utf-8") as fh:
+            for t in s.tasks:
+                for r in by_task[t]:
+                    fh.write(json.dumps(r) + "\n")
+        atomic_write_json(os.path.join(s.output_dir, "results.json"), results)
+        write_plots(results, s.output_dir)
+    return results
 
 
 def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:

@@ -20,6 +20,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) ->
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
     try:
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
@@ -31,6 +32,17 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) ->
             os.unlink(tmp)
         raise
     fsync_dir(directory)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_dir_public(path: str | os.PathLike[str]) -> None:
+    """``mkdtemp`` makes 0700 directories; give them normal permissions."""
+    os.chmod(path, 0o777 & ~_umask())
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:

@@ -1,0 +1,1 @@
+"""Training: data order and batches, LR schedule, checkpoints, the loop, worker launch."""

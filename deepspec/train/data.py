@@ -1,0 +1,157 @@
+"""Training samples, their order, and batches.
+
+Two sources with the same sample order (conversation files read in order, dropped rows
+skipped): the offline target cache (:class:`CacheDataset`, features on disk) and online
+samples (tokenized conversations; the target runs inside the worker, see
+:class:`FeatureSource`). Given the same data they produce identical batches.
+
+Order: each epoch is a permutation seeded by ``(seed, epoch)``, trimmed to a whole number of
+global batches; rank ``r`` takes every ``world``-th sample. The position in that order is the
+:class:`DataCursor` saved in checkpoints, so a resumed run continues with the same batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from deepspec.errors import DataError
+
+
+@dataclass
+class DataCursor:
+    epoch: int = 0
+    micro_batch: int = 0  # micro-batches of this rank already consumed in the epoch
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class OnlineSamples(torch.utils.data.Dataset):
+    """Tokenized conversations from ``data.train_data_paths`` (no features)."""
+
+    def __init__(self, cfg: Any, target_dir: str) -> None:
+        from transformers import AutoTokenizer
+
+        from deepspec.data.chat import ChatTokenizer
+        from deepspec.data.conversations import read_conversations
+
+        if not cfg.data.train_data_paths:
+            raise DataError(
+                "data.mode=online needs data.train_data_paths (regenerated conversation JSONL files)"
+            )
+        chat = ChatTokenizer(
+            AutoTokenizer.from_pretrained(target_dir),
+            chat_template=cfg.data.chat_template,
+            max_length=cfg.data.max_length,
+            min_loss_tokens=cfg.data.min_loss_tokens,
+            system_prompt=cfg.data.system_prompt,
+            enable_thinking=cfg.data.enable_thinking,
+        )
+        self.samples = []
+        for path in cfg.data.train_data_paths:
+            for conv in read_conversations(path):
+                sample = chat(conv.messages)
+                if sample is not None:
+                    self.samples.append((sample.input_ids, sample.loss_mask))
+        self.stats = chat.stats
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids, mask = self.samples[i]
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "loss_mask": torch.tensor(mask, dtype=torch.uint8),
+        }
+
+
+class EpochOrder:
+    """Deterministic, rank-sharded sample order with a resumable cursor."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        global_batch: int,
+        local_batch: int,
+        rank: int,
+        world: int,
+        seed: int,
+        shuffle: bool,
+    ) -> None:
+        if num_samples < global_batch:
+            raise DataError(
+                f"the dataset has {num_samples} samples, fewer than one global batch of {global_batch}; "
+                f"lower train.global_batch_size or add data"
+            )
+        self.num_samples, self.global_batch, self.local_batch = num_samples, global_batch, local_batch
+        self.rank, self.world, self.seed, self.shuffle = rank, world, seed, shuffle
+        self.steps_per_epoch = num_samples // global_batch
+        self.micro_per_epoch = self.steps_per_epoch * global_batch // (world * local_batch)
+
+    def rank_indices(self, epoch: int) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(self.num_samples, generator=g).tolist()
+        else:
+            perm = list(range(self.num_samples))
+        used = perm[: self.steps_per_epoch * self.global_batch]
+        return used[self.rank :: self.world]
+
+    def micro_batches(self, cursor: DataCursor):
+        """Yield ``(indices, cursor_after)`` forever, starting at ``cursor``."""
+        epoch, micro = cursor.epoch, cursor.micro_batch
+        while True:
+            order = self.rank_indices(epoch)
+            for m in range(micro, self.micro_per_epoch):
+                idx = order[m * self.local_batch : (m + 1) * self.local_batch]
+                nxt = DataCursor(epoch, m + 1) if m + 1 < self.micro_per_epoch else DataCursor(epoch + 1, 0)
+                yield idx, nxt
+            epoch, micro = epoch + 1, 0
+
+
+def collate(samples: list[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad a list of samples into a batch; padding has ``loss_mask`` 0."""
+    S = max(len(s["input_ids"]) for s in samples)
+    B = len(samples)
+    batch = {
+        "input_ids": torch.full((B, S), pad_id, dtype=torch.long),
+        "loss_mask": torch.zeros(B, S, dtype=torch.long),
+        "attention_mask": torch.zeros(B, S, dtype=torch.long),
+    }
+    for key in ("hidden_states", "last_hidden_states"):
+        if key in samples[0]:
+            t = samples[0][key]
+            batch[key] = torch.zeros(B, S, t.shape[-1], dtype=t.dtype)
+    for b, s in enumerate(samples):
+        n = len(s["input_ids"])
+        batch["input_ids"][b, :n] = torch.as_tensor(s["input_ids"])
+        batch["loss_mask"][b, :n] = torch.as_tensor(s["loss_mask"]).long()
+        batch["attention_mask"][b, :n] = 1
+        for key in ("hidden_states", "last_hidden_states"):
+            if key in batch:
+                batch[key][b, :n] = s[key]
+    return batch
+
+
+class FeatureSource:
+    """Adds target features to a batch: from the cache (offline) or by running the frozen
+    target (online) with :class:`TargetFeatureExtractor`."""
+
+    def __init__(self, mode: str, target_dir: str, layer_ids: list[int], device: str) -> None:
+        self.extractor = None
+        if mode == "online":
+            from deepspec.data.target_features import TargetFeatureExtractor
+
+            self.extractor = TargetFeatureExtractor.from_pretrained(target_dir, layer_ids, device=device)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.extractor is not None:
+            feats = self.extractor(batch["input_ids"], batch["attention_mask"])
+            batch["hidden_states"] = feats.hidden_states
+            batch["last_hidden_states"] = feats.last_hidden_states
+        return batch

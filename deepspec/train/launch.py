@@ -1,0 +1,107 @@
+"""Start training workers: one per visible GPU, or ``train.num_cpu_workers`` gloo workers.
+
+Environment, as ``scripts/train/train.sh`` documents:
+
+* under ``torchrun`` (``LOCAL_RANK`` set) the process is already a worker;
+* otherwise ``RANK`` / ``WORLD_SIZE`` name this *node* and the node count (default 0 / 1),
+  ``MASTER_ADDR`` / ``MASTER_PORT`` the rendezvous; the launcher spawns the node's local
+  workers with global ranks ``node_rank * nproc + i``.
+
+SIGTERM to the launcher is forwarded to the workers, which save a checkpoint and exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+from deepspec.errors import DeepSpecError
+from deepspec.utils import distributed as dist_utils
+
+
+def local_worker_count(cfg: Any) -> int:
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return gpus if gpus > 0 else cfg.train.num_cpu_workers
+
+
+def run_worker(config_path: str | None, opts: list[str]) -> Any:
+    """Body of one worker: process group from the environment, then the trainer."""
+    import torch
+
+    from deepspec.config import load_config
+    from deepspec.train.trainer import Trainer
+
+    cfg = load_config(config_path, opts)
+    info = dist_utils.init_distributed()
+    if info.device == "cpu" and info.local_world_size > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
+    try:
+        return Trainer(cfg).run()
+    finally:
+        dist_utils.cleanup()
+
+
+def _spawned(
+    local_rank: int, config_path, opts, nproc: int, node_rank: int, nodes: int, addr: str, port: int
+):
+    dist_utils._die_with_parent()
+    os.environ.update(
+        RANK=str(node_rank * nproc + local_rank),
+        WORLD_SIZE=str(nodes * nproc),
+        LOCAL_RANK=str(local_rank),
+        LOCAL_WORLD_SIZE=str(nproc),
+        MASTER_ADDR=addr,
+        MASTER_PORT=str(port),
+    )
+    try:
+        run_worker(config_path, opts)
+    except dist_utils.PeerError as exc:
+        sys.exit(exc.exit_code)
+    except DeepSpecError as exc:
+        print(f"error: [rank {os.environ['RANK']}] {exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
+
+
+def launch(config_path: str | None, opts: list[str], cfg: Any) -> Any:
+    """Run training here (one worker) or spawn this node's workers and wait for them."""
+    if os.environ.get("LOCAL_RANK") is not None:
+        return run_worker(config_path, opts)
+    nproc = local_worker_count(cfg)
+    nodes = int(os.environ.get("WORLD_SIZE", "1"))
+    node_rank = int(os.environ.get("RANK", "0"))
+    if nproc * nodes == 1:
+        for key in dist_utils.ENV_KEYS:
+            os.environ.pop(key, None)
+        return run_worker(config_path, opts)
+    import torch.multiprocessing as mp
+
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = int(os.environ.get("MASTER_PORT") or (dist_utils.find_free_port() if nodes == 1 else 29500))
+    ctx = mp.start_processes(
+        _spawned,
+        args=(config_path, opts, nproc, node_rank, nodes, addr, port),
+        nprocs=nproc,
+        join=False,
+        start_method="spawn",
+    )
+
+    def forward_sigterm(signum, frame):
+        for proc in ctx.processes:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, forward_sigterm)
+    try:
+        while not ctx.join():
+            pass
+    except mp.ProcessExitedException as exc:
+        raise dist_utils.WorkerFailed(
+            f"worker {exc.error_index} of {nproc} exited with code {exc.exit_code}; see its error above"
+        ) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return None

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Evaluate a draft checkpoint with lossless speculative decoding against its target.
+#
+#   bash scripts/eval/eval.sh
+#   target_name_or_path=Qwen/Qwen3-4B \
+#   draft_name_or_path=~/checkpoints/deepspec/dspark_block7_qwen3_4b/step_latest \
+#   bash scripts/eval/eval.sh --tasks gsm8k,mt-bench --max-samples 50
+#
+# Variables: target_name_or_path, draft_name_or_path, output_dir, temperature.
+# Extra arguments go to eval.py (--tasks, --max-samples, --max-new-tokens,
+# --confidence-threshold, --seed, --no-baseline, --dtype). Default tasks and caps:
+# gsm8k 500, math500 500, aime25 30, humaneval 164, mbpp 256, livecodebench 500,
+# mt-bench 80, alpaca 500, arena-hard-v2 500; max_new_tokens 2048, temperature 1.0.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+
+target_name_or_path=${target_name_or_path:-embedded:smollm2-135m-instruct}
+draft_name_or_path=${draft_name_or_path:-${HOME}/checkpoints/deepspec/dspark_smollm2_135m/step_latest}
+temperature=${temperature:-1.0}
+output_dir=${output_dir:-out/eval/$(basename "$(dirname "${draft_name_or_path}")")_t${temperature}}
+
+python eval.py \
+    --target_name_or_path "${target_name_or_path}" \
+    --draft_name_or_path "${draft_name_or_path}" \
+    --temperature "${temperature}" \
+    --output-dir "${output_dir}" \
+    "$@"

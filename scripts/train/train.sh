@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Train a draft model: python train.py --config <file> --opts <key.path=value> ...
+#
+# train.py spawns one worker per visible GPU (CUDA_VISIBLE_DEVICES), or
+# train.num_cpu_workers gloo workers on a machine without GPUs. For several nodes, run
+# this script on every node with RANK = node rank and WORLD_SIZE = number of nodes
+# (MASTER_ADDR / MASTER_PORT: node 0's address and a free port). Under torchrun
+# (LOCAL_RANK set) each process is one worker instead.
+#
+# Shipped configs:
+## dspark
+#   config/dspark/dspark_qwen3_4b.py   config/dspark/dspark_qwen3_8b.py
+#   config/dspark/dspark_qwen3_14b.py  config/dspark/dspark_gemma4_12b.py
+#   config/dspark/dspark_smollm2_135m.py   (CPU, embedded target)
+## dflash
+#   config/dflash/dflash_qwen3_4b.py   config/dflash/dflash_qwen3_8b.py
+#   config/dflash/dflash_qwen3_14b.py  config/dflash/dflash_gemma4_12b.py
+#   config/dflash/dflash_smollm2_135m.py   (CPU, embedded target)
+## eagle3
+#   config/eagle3/eagle3_qwen3_4b.py   config/eagle3/eagle3_qwen3_8b.py
+#   config/eagle3/eagle3_qwen3_14b.py  config/eagle3/eagle3_gemma4_12b.py
+#   config/eagle3/eagle3_smollm2_135m.py   (CPU, embedded target)
+#
+# Usage:
+#   bash scripts/train/train.sh [config] [more --opts ...]
+#   target_cache_dir=/data/qwen3_4b_cache bash scripts/train/train.sh config/dspark/dspark_qwen3_4b.py
+#
+# --opts overrides any config key (values are YAML scalars or lists); repeat it:
+#   --opts train.lr=3e-4 --opts train.local_batch_size=2
+#   --opts train.max_train_steps=1000 --opts logging.checkpointing_steps=200
+#   --opts data.mode=online --opts data.train_data_paths=[data/regen/train.jsonl]
+#   --opts train.sharding_strategy=full_shard        # FSDP instead of DDP
+#   --opts train.resume=false                         # ignore step_latest, start fresh
+# Checkpoints: ~/checkpoints/<project_name>/<exp_name>/step_<N> and step_latest.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+
+export MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+export RANK=${RANK:-0}
+export WORLD_SIZE=${WORLD_SIZE:-1}
+
+config_path=${1:-config/dspark/dspark_smollm2_135m.py}
+shift || true
+target_cache_dir=${target_cache_dir:-${HOME}/.cache/deepspec/smollm2_target_cache}
+
+python train.py \
+    --config "${config_path}" \
+    --opts "data.target_cache_path=${target_cache_dir}" \
+    "$@"

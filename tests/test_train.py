@@ -1,0 +1,341 @@
+"""Trainer: world-size invariance, exact resume after SIGKILL, kills during saves, online =
+offline, failures (NaN, disk full, SIGTERM, changed world size), the latest pointer."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deepspec.config import load_config
+from deepspec.data.cache_builder import CacheBuildOptions, build_target_cache
+from deepspec.errors import DeepSpecError
+from deepspec.train import checkpoint as ckpt
+from deepspec.train.data import DataCursor, EpochOrder
+from tests.conftest import ROOT
+
+MINI = os.path.join(ROOT, "data", "train_prompts", "mini.jsonl")
+LAYERS = [0, 2]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_target):
+    """A tiny target, 24 conversations with answers, and their bf16 target cache."""
+    root = tmp_path_factory.mktemp("train")
+    target = tiny_target("llama")
+    with open(MINI, encoding="utf-8") as fh:
+        rows = [line for line in fh if '"assistant"' in line][:24]
+    data = root / "data.jsonl"
+    data.write_text("".join(rows), encoding="utf-8")
+    cache = root / "cache"
+    build_target_cache(
+        CacheBuildOptions(
+            output_dir=str(cache),
+            train_data_paths=[str(data)],
+            target=target,
+            layer_ids=LAYERS,
+            max_length=256,
+            min_loss_tokens=4,
+            rows_per_shard=8,
+            local_batch_size=4,
+            progress=False,
+        )
+    )
+    return {"target": target, "data": str(data), "cache": str(cache)}
+
+
+def opts_for(setup, root, algo="dspark", **extra):
+    opts = {
+        "algorithm": algo,
+        "model.target_model_name_or_path": setup["target"],
+        "model.target_layer_ids": "[0,2]",
+        "model.block_size": 4,
+        "model.num_draft_layers": 1,
+        "model.markov_rank": 8,
+        "model.num_anchors": 16,
+        "model.ttt_length": 3,
+        "data.target_cache_path": setup["cache"],
+        "data.max_length": 256,
+        "data.min_loss_tokens": 4,
+        "data.num_workers": 0,
+        "train.precision": "fp32",
+        "train.global_batch_size": 4,
+        "train.local_batch_size": 2,
+        "train.max_train_steps": 4,
+        "train.lr": 1e-3,
+        "logging.logging_steps": 1,
+        "logging.checkpointing_steps": 2,
+        "logging.keep_last_checkpoints": 0,
+        "logging.checkpoint_root": str(root / "ck"),
+        "logging.tensorboard_root": str(root / "tb"),
+        "exp_name": "run",
+    }
+    opts.update(extra)
+    return [f"{k}={v}" for k, v in opts.items()]
+
+
+def train_cmd(opts):
+    return [sys.executable, "train.py", "--config", "config/dspark/dspark_smollm2_135m.py", "--opts", *opts]
+
+
+def run_train(opts, timeout=600, check=True):
+    proc = subprocess.run(train_cmd(opts), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def losses(root) -> dict[int, float]:
+    out = {}
+    with open(root / "ck" / "deepspec" / "run" / "metrics.jsonl") as fh:
+        for line in fh:
+            row = json.loads(line)
+            out[row["step"]] = row["loss"]
+    return out
+
+
+def weights(root, step="step_latest"):
+    return load_file(str(root / "ck" / "deepspec" / "run" / step / "model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["dspark", "eagle3"])
+def test_two_gloo_ranks_equal_one_rank(setup, tmp_path, algo):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_train(opts_for(setup, one, algo, **{"train.max_train_steps": 3}))
+    run_train(opts_for(setup, two, algo, **{"train.max_train_steps": 3, "train.num_cpu_workers": 2}))
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-5, rel=1e-5)
+    wa, wb = weights(one), weights(two)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        # gradients are summed in another order across ranks; Adam's m/sqrt(v) can turn a
+        # 1e-7 difference of a near-zero gradient into a fraction of one lr-sized update
+        torch.testing.assert_close(wa[k], wb[k], atol=3e-4, rtol=1e-3)
+        assert (wa[k] - wb[k]).abs().mean() < 1e-6, k
+
+
+def wait_for(path, timeout=300):
+    start = time.monotonic()
+    while not os.path.exists(path):
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(path)
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_straight_run(setup, tmp_path):
+    """8 steps straight = 4 steps, SIGKILL, resume to 8 (mid-epoch cut; crosses an epoch)."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_train(opts_for(setup, straight, **{"train.max_train_steps": 8}))
+    proc = subprocess.Popen(
+        train_cmd(opts_for(setup, killed, **{"train.max_train_steps": 8})),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(killed / "ck" / "deepspec" / "run" / "step_4" / ckpt.COMPLETE)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_train(opts_for(setup, killed, **{"train.max_train_steps": 8}))
+    assert re.search(r"resumed from .*step_(4|6) at step (4|6)", resumed.stdout)
+    a, b = losses(straight), losses(killed)
+    for step in range(1, 9):
+        assert a[step] == pytest.approx(b[step], abs=1e-6, rel=1e-6), step
+    wa, wb = weights(straight), weights(killed)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-6)
+    optim_a = ckpt.load_shared(str(straight / "ck" / "deepspec" / "run" / "step_8"))["optimizer"]
+    optim_b = ckpt.load_shared(str(killed / "ck" / "deepspec" / "run" / "step_8"))["optimizer"]
+    for sa, sb in zip(optim_a["state"].values(), optim_b["state"].values()):
+        torch.testing.assert_close(sa["exp_avg"], sb["exp_avg"], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_never_leaves_a_partial_checkpoint(setup, tmp_path):
+    opts = opts_for(
+        setup,
+        tmp_path,
+        **{"train.max_train_steps": 12, "logging.checkpointing_steps": 1, "logging.keep_last_checkpoints": 2},
+    )
+    root = tmp_path / "ck" / "deepspec" / "run"
+    rng = random.Random(0)
+    partial_loads = 0
+    for _ in range(4):
+        proc = subprocess.Popen(
+            train_cmd(opts), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        time.sleep(rng.uniform(4.0, 9.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        latest = ckpt.latest_checkpoint(str(root))
+        if latest is None:
+            continue
+        from deepspec.drafts import load_draft
+
+        try:
+            load_draft(latest)
+            ckpt.load_shared(latest)
+            ckpt.load_rank_state(latest, 0)
+        except Exception:
+            partial_loads += 1
+    assert partial_loads == 0
+    done = run_train(opts)
+    assert "resumed from" in done.stdout or os.path.isdir(root / "step_12")
+    assert os.path.realpath(root / ckpt.LATEST) == str(root / "step_12")
+    assert [d for d in os.listdir(root) if ".tmp" in d] == []
+
+
+@pytest.mark.slow
+def test_online_mode_first_step_loss_equals_offline(setup, tmp_path):
+    offline, online = tmp_path / "off", tmp_path / "on"
+    run_train(opts_for(setup, offline, **{"train.max_train_steps": 1}))
+    run_train(
+        opts_for(
+            setup,
+            online,
+            **{
+                "train.max_train_steps": 1,
+                "data.mode": "online",
+                "data.train_data_paths": f"[{setup['data']}]",
+            },
+        )
+    )
+    assert losses(offline)[1] == pytest.approx(losses(online)[1], rel=2e-3)
+
+
+@pytest.mark.slow
+def test_failures_have_clear_errors_and_keep_the_last_checkpoint(setup, tmp_path):
+    # a run to build on
+    run_train(opts_for(setup, tmp_path, **{"train.max_train_steps": 2}))
+    root = tmp_path / "ck" / "deepspec" / "run"
+    # changed batch size or world size: refused, one line
+    proc = run_train(
+        opts_for(setup, tmp_path, **{"train.max_train_steps": 4, "train.local_batch_size": 1}), check=False
+    )
+    assert (
+        proc.returncode != 0
+        and "cannot resume" in proc.stderr
+        and "train.local_batch_size 2 -> 1" in proc.stderr
+    )
+    proc = run_train(
+        opts_for(setup, tmp_path, **{"train.max_train_steps": 4, "train.num_cpu_workers": 2}), check=False
+    )
+    assert proc.returncode != 0 and "world size 1 -> 2" in proc.stderr
+    # NaN: stop with the step number, the last good checkpoint intact
+    proc = run_train(
+        opts_for(setup, tmp_path, **{"train.max_train_steps": 6, "train.lr": 1e30, "train.max_grad_norm": 0}),
+        check=False,
+    )
+    assert proc.returncode != 0 and re.search(r"non-finite loss .* at step \d+", proc.stderr), proc.stderr[
+        -2000:
+    ]
+    assert ckpt.latest_checkpoint(str(root)) is not None
+    # mismatched or missing cache: one line before any compute
+    proc = run_train(opts_for(setup, tmp_path / "x", **{"model.target_layer_ids": "[0,1]"}), check=False)
+    assert proc.returncode != 0 and "does not match the config" in proc.stderr.strip().splitlines()[-1]
+    proc = run_train(
+        opts_for(setup, tmp_path / "x", **{"data.target_cache_path": str(tmp_path / "none")}), check=False
+    )
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(setup, tmp_path):
+    opts = opts_for(setup, tmp_path, **{"train.max_train_steps": 200, "logging.checkpointing_steps": 1000})
+    proc = subprocess.Popen(
+        train_cmd(opts), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_for(tmp_path / "ck" / "deepspec" / "run" / "metrics.jsonl")
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by SIGTERM" in out
+    latest = ckpt.latest_checkpoint(str(tmp_path / "ck" / "deepspec" / "run"))
+    assert latest is not None and ckpt.load_meta(latest)["step"] < 200
+
+
+def test_disk_full_during_save_keeps_previous_checkpoint(setup, tmp_path, monkeypatch):
+    from deepspec.train.trainer import Trainer
+
+    cfg = load_config(
+        os.path.join(ROOT, "config/dspark/dspark_smollm2_135m.py"),
+        opts_for(setup, tmp_path, **{"train.max_train_steps": 4}),
+    )
+    real = ckpt.finish_save
+    calls = {"n": 0}
+
+    def full_disk(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "finish_save", full_disk)
+    with pytest.raises(ckpt.CheckpointError, match=r"saving step 4 failed .*No space left.*step_2 is intact"):
+        Trainer(cfg, progress=False).run()
+    root = tmp_path / "ck" / "deepspec" / "run"
+    assert ckpt.latest_checkpoint(str(root)) == str(root / "step_2")
+    assert [d for d in os.listdir(root) if ".tmp" in d] == []
+
+
+def test_latest_pointer_fallbacks(tmp_path):
+    root = str(tmp_path)
+    assert ckpt.latest_checkpoint(root) is None
+    for step in (2, 4, 6):
+        os.makedirs(tmp_path / f"step_{step}")
+        if step != 6:  # step_6 never completed
+            (tmp_path / f"step_{step}" / ckpt.COMPLETE).write_text(str(step))
+    assert ckpt.latest_checkpoint(root) == str(tmp_path / "step_4")  # missing link
+    os.symlink("step_2", tmp_path / ckpt.LATEST)
+    assert ckpt.latest_checkpoint(root) == str(tmp_path / "step_4")  # a stale link loses no progress
+    os.unlink(tmp_path / ckpt.LATEST)
+    os.symlink("step_9", tmp_path / ckpt.LATEST)  # dangling
+    assert ckpt.latest_checkpoint(root) == str(tmp_path / "step_4")
+    os.unlink(tmp_path / ckpt.LATEST)
+    os.symlink("step_6", tmp_path / ckpt.LATEST)  # names an incomplete step
+    assert ckpt.latest_checkpoint(root) == str(tmp_path / "step_4")
+    os.unlink(tmp_path / ckpt.LATEST)
+    (tmp_path / ckpt.LATEST).write_text("not a link")
+    assert ckpt.latest_checkpoint(root) == str(tmp_path / "step_4")
+
+
+def test_data_cursor_resume_yields_the_same_batches():
+    order = EpochOrder(23, global_batch=4, local_batch=2, rank=1, world=2, seed=7, shuffle=True)
+    stream = order.micro_batches(DataCursor())
+    straight = [next(stream) for _ in range(20)]
+    cursor = straight[6][1]
+    resumed = order.micro_batches(cursor)
+    assert [next(resumed)[0] for _ in range(13)] == [b for b, _ in straight[7:]]
+    seen = [i for b, _ in straight[: order.micro_per_epoch] for i in b]
+    assert len(seen) == len(set(seen)) == 10  # 5 steps of 2 per rank; the 3 leftover samples wait
+
+
+def test_too_small_dataset_is_refused():
+    with pytest.raises(DeepSpecError, match="fewer than one global batch of 8"):
+        EpochOrder(5, global_batch=8, local_batch=1, rank=0, world=1, seed=0, shuffle=False)
+
+
+def test_train_sh_documented_commands_parse():
+    with open(os.path.join(ROOT, "scripts", "train", "train.sh")) as fh:
+        text = fh.read()
+    configs = re.findall(r"config/\w+/\w+\.py", text)
+    assert len(set(configs)) == 15
+    for path in set(configs):
+        assert os.path.isfile(os.path.join(ROOT, path)), path
+    documented = re.findall(r"--opts ([a-z_]+(?:\.[a-z_]+)+=[^\s\"]+)", text)
+    assert len(documented) >= 8
+    for path in set(configs):
+        load_config(os.path.join(ROOT, path), documented)
