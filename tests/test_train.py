@@ -108,11 +108,21 @@ def weights(root, step="step_latest"):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["dspark", "eagle3"])
-def test_two_gloo_ranks_equal_one_rank(setup, tmp_path, algo):
+@pytest.mark.parametrize(
+    "algo, sharding", [("dspark", "no_shard"), ("eagle3", "no_shard"), ("dflash", "full_shard")]
+)
+def test_two_gloo_ranks_equal_one_rank(setup, tmp_path, algo, sharding):
+    """DDP and FSDP on 2 gloo ranks give the losses and weights of a single process."""
     one, two = tmp_path / "one", tmp_path / "two"
     run_train(opts_for(setup, one, algo, **{"train.max_train_steps": 3}))
-    run_train(opts_for(setup, two, algo, **{"train.max_train_steps": 3, "train.num_cpu_workers": 2}))
+    run_train(
+        opts_for(
+            setup,
+            two,
+            algo,
+            **{"train.max_train_steps": 3, "train.num_cpu_workers": 2, "train.sharding_strategy": sharding},
+        )
+    )
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:

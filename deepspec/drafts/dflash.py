@@ -60,7 +60,7 @@ class DFlashDraft(DraftModel):
         spec = self.spec
         d = spec.hidden_size
         self.context_norm = norm_for(spec, d)
-        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(config.num_draft_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, layer_idx=i) for i in range(config.num_draft_layers))
         self.norm = norm_for(spec, d)
         self.rotary = RotaryEmbedding(spec)
         self.mask_embedding = nn.Parameter(torch.zeros(d)) if config.mask_token_id is None else None
@@ -95,15 +95,10 @@ class DFlashDraft(DraftModel):
 
     def _layers(self, h: torch.Tensor, positions: torch.Tensor, attn: Callable) -> torch.Tensor:
         """Run the decoder stack on block states ``h`` [..., G, d] at RoPE ``positions``
-        [..., G]; ``attn(i, layer, q, kb, vb)`` returns the attention output for layer ``i``."""
+        [..., G]; ``attn(layer, q, kb, vb)`` returns the attention output of ``layer``."""
         cos, sin = self.rotary(positions)
-        for i, layer in enumerate(self.layers):
-            x = layer.input_layernorm(h)
-            q = layer.self_attn.project_q(x, cos, sin)
-            kb, vb = layer.self_attn.project_kv(x, cos, sin)
-            o = attn(i, layer, q, kb, vb)
-            h = layer.add_attention(h, layer.self_attn.output(o))
-            h = layer.forward_mlp(h)
+        for layer in self.layers:
+            h = layer(h, cos, sin, attn)
         return self.norm(h)
 
     def block_logits(self, hidden: torch.Tensor, markov: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,7 +134,7 @@ class DFlashDraft(DraftModel):
         ctx_cos, ctx_sin = self.rotary(torch.arange(S, device=ctx.device))
         positions = anchors[..., None] + torch.arange(G, device=anchors.device)
 
-        def attn(i, layer, q, kb, vb):
+        def attn(layer, q, kb, vb):
             kc, vc = layer.self_attn.project_kv(ctx, ctx_cos, ctx_sin)
             return block_attention(
                 q,
@@ -208,8 +203,8 @@ class DFlashDraft(DraftModel):
         visible = state.mask(upto)[:, None, :].expand(-1, G, -1)  # [B, G, upto]
         mask = torch.cat([visible, visible.new_ones(visible.shape[0], G, G)], -1)[:, None]
 
-        def attn(i, layer, q, kb, vb):
-            kc, vc = state.view(i, upto)
+        def attn(layer, q, kb, vb):
+            kc, vc = state.view(layer.layer_idx, upto)
             return attend(q, torch.cat([kc, kb], -2), torch.cat([vc, vb], -2), mask, layer.self_attn.scale)
 
         return self._layers(self.block_inputs(anchor_tokens), positions, attn)

@@ -84,7 +84,9 @@ class Eagle3Draft(DraftModel):
         spec = self.spec
         d = spec.hidden_size
         n = config.draft_num_hidden_layers
-        self.layers = nn.ModuleList([DecoderLayer(spec, 2 * d)] + [DecoderLayer(spec) for _ in range(n - 1)])
+        self.layers = nn.ModuleList(
+            [DecoderLayer(spec, 2 * d)] + [DecoderLayer(spec, layer_idx=i) for i in range(1, n)]
+        )
         self.embed_norm = norm_for(spec, d)
         self.norm = norm_for(spec, d)
         self.rotary = RotaryEmbedding(spec)
@@ -104,14 +106,8 @@ class Eagle3Draft(DraftModel):
         """One draft step on residual states ``h`` [B, T, d]; returns new residual states."""
         e = self.embed_norm(self.embed(tokens))
         cos, sin = self.rotary(positions)
-        for i, layer in enumerate(self.layers):
-            x = layer.input_layernorm(h)
-            if i == 0:
-                x = torch.cat([e.to(x.dtype), x], dim=-1)
-            q = layer.self_attn.project_q(x, cos, sin)
-            k, v = layer.self_attn.project_kv(x, cos, sin)
-            h = layer.add_attention(h, layer.self_attn.output(attn(i, layer, q, k, v)))
-            h = layer.forward_mlp(h)
+        for layer in self.layers:
+            h = layer(h, cos, sin, attn, prefix=e if layer.layer_idx == 0 else None)
         return h
 
     # -- training ----------------------------------------------------------------------
@@ -137,7 +133,8 @@ class Eagle3Draft(DraftModel):
             pos = t + 1 + s
             tokens = input_ids[:, pos.clamp(max=S - 1)]
 
-            def attn(i, layer, q, k, v, s=s):
+            def attn(layer, q, k, v, s=s):
+                i = layer.layer_idx
                 if s == 0:
                     k0[i], v0[i] = k, v
                     groups = q.shape[1] // k.shape[1]
@@ -184,7 +181,8 @@ class Eagle3Draft(DraftModel):
     def _cached_attn(self, cache: KVCache, starts: torch.Tensor, counts: torch.Tensor):
         """Attention that writes the new keys at ``starts`` and attends causally to the cache."""
 
-        def attn(i, layer, q, k, v):
+        def attn(layer, q, k, v):
+            i = layer.layer_idx
             T = q.shape[2]
             cache.write(i, k.transpose(1, 2), v.transpose(1, 2), starts, counts)
             upto = int((starts + T).max())

@@ -169,13 +169,15 @@ def attend(
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: attention then MLP (Gemma: with sandwich norms).
 
-    The attention call is supplied by the caller (``attn_fn(layer, normed_x) -> [.., T, d]``)
-    because each draft algorithm decides which keys a position sees.
+    Attention itself is supplied by the caller, ``attn(layer, q, k, v) -> [..., H, T, hd]``,
+    because each draft algorithm decides which keys a position sees. Everything runs inside
+    this module's ``forward`` (FSDP unshards a layer's parameters around its forward).
     """
 
-    def __init__(self, spec: FamilySpec, attn_input_size: int | None = None) -> None:
+    def __init__(self, spec: FamilySpec, attn_input_size: int | None = None, layer_idx: int = 0) -> None:
         super().__init__()
         d = spec.hidden_size
+        self.layer_idx = layer_idx
         self.input_layernorm = norm_for(spec, d)
         self.self_attn = Attention(spec, attn_input_size)
         self.post_attention_layernorm = norm_for(spec, d)
@@ -184,6 +186,19 @@ class DecoderLayer(nn.Module):
         if self.sandwich:
             self.post_attn_out_norm = norm_for(spec, d)
             self.post_mlp_norm = norm_for(spec, d)
+
+    def forward(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn, prefix: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``h`` [..., T, d] residual states; ``prefix`` [..., T, p] is concatenated before the
+        normed states as the attention input (Eagle3's embedding half)."""
+        x = self.input_layernorm(h)
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype), x], dim=-1)
+        q = self.self_attn.project_q(x, cos, sin)
+        k, v = self.self_attn.project_kv(x, cos, sin)
+        h = self.add_attention(h, self.self_attn.output(attn(self, q, k, v)))
+        return self.forward_mlp(h)
 
     def forward_mlp(self, h: torch.Tensor) -> torch.Tensor:
         out = self.mlp(self.post_attention_layernorm(h))
