@@ -28,8 +28,8 @@ for arg in "$@"; do
 done
 
 case "$PROFILE" in
-  fast)    NUM_PROMPTS=64;  MAX_TOKENS=256; STEPS=24;  EVAL_SAMPLES=2;  MAX_NEW=96 ;;
-  default) NUM_PROMPTS=400; MAX_TOKENS=384; STEPS=150; EVAL_SAMPLES=10; MAX_NEW=192 ;;
+  fast)    NUM_PROMPTS=64;  MAX_TOKENS=256; STEPS=12;  EVAL_SAMPLES=2;  MAX_NEW=96 ;;
+  default) NUM_PROMPTS=400; MAX_TOKENS=384; STEPS=60;  EVAL_SAMPLES=10; MAX_NEW=192 ;;
   gpu)
     echo "quickstart --gpu: on a GPU node run the documented recipe (README: 'GPU recipe'):"
     echo "  PROFILE=qwen3-4b bash scripts/data/prepare_data.sh"
