@@ -401,3 +401,22 @@ def test_fused_head_gradients_equal_autograd(softcap, with_markov):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(rows.overlap, torch.minimum(logp.exp(), q).sum(-1))
+
+
+def test_eagle3_sampled_positions_equal_the_full_unroll_at_those_positions():
+    _, model = make_draft("eagle3")
+    ids, loss_mask, feats, last = random_batch(2, 30)
+    anchors = torch.tensor([[0, 4, 11, 25], [3, 7, 8, 28]])
+    keep = torch.tensor([[True, True, True, True], [True, True, False, True]])
+    with torch.no_grad():
+        full = model(ids, loss_mask, feats, last)
+        part = model(ids, loss_mask, feats, last, anchors=anchors, keep=keep)
+    for b in range(2):
+        for n in range(4):
+            t = int(anchors[b, n]) - 1
+            if t < 0:
+                assert not part.mask[b, :, n].any()  # anchor 0 has no draft index
+                continue
+            torch.testing.assert_close(part.hidden[b, :, n], full.hidden[b, :, t])
+            assert torch.equal(part.targets[b, :, n], full.targets[b, :, t])
+            assert torch.equal(part.mask[b, :, n], full.mask[b, :, t] & keep[b, n])

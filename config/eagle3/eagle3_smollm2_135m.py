@@ -10,6 +10,7 @@ Why these sizes (2-core CPU, bf16):
 - Sequences are cut to 1024 tokens and 64 anchors per sequence keep the
   [anchors x block x vocab] logits at ~29M entries per sequence.
 - Five target layers spread evenly over the 30, never the last (index 29).
+- Eagle3 supervises 64 sampled positions per sequence (matched to the 64 anchors).
 - A global batch of 16 sequences and a higher lr (1e-3) suit the small data of a
   CPU run; epochs are set by the quickstart profile through --opts.
 """
@@ -25,6 +26,10 @@ model = dict(
     draft_num_hidden_layers=1,
     ttt_length=7,
     step_loss_decay=0.8,
+    # Supervise 64 sampled positions per sequence at every TTT step: the same
+    # (position, depth) pairs as the block drafters' 64 anchors x 7, so the three
+    # algorithms train at a matched LM-head budget (every position costs ~7x more).
+    eagle3_num_positions=64,
 )
 
 train = dict(

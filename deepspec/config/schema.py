@@ -115,6 +115,15 @@ FIELDS: tuple[Field, ...] = (
     _f("model.l1_loss_alpha", 0.9, "float", "Weight of the total-variation (L1) loss.", minimum=0.0),
     _f("model.ttt_length", 7, "int", "Eagle3 training-time-test unroll length.", minimum=1),
     _f(
+        "model.eagle3_num_positions",
+        None,
+        "int",
+        "Eagle3: supervise this many sampled positions per sequence (the block drafters' anchors: "
+        "the same (position, depth) pairs); null = every position.",
+        optional=True,
+        minimum=1,
+    ),
+    _f(
         "model.step_loss_decay",
         0.8,
         "float",

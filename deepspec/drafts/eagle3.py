@@ -70,6 +70,26 @@ def ttt_attention(q, k0, v0, extra_k, extra_v, scale, chunk: int = 1024) -> torc
     return torch.cat(outs, dim=2)
 
 
+def select_positions(
+    out: Eagle3TrainOutput, anchors: torch.Tensor, keep: torch.Tensor | None
+) -> Eagle3TrainOutput:
+    """Restrict a TTT output to draft indices ``anchors - 1`` (anchor 0 has no index)."""
+    index = (anchors - 1).clamp(min=0)  # [B, N]
+    valid = anchors >= 1 if keep is None else keep & (anchors >= 1)
+    K = out.hidden.shape[1]
+
+    def pick(t: torch.Tensor) -> torch.Tensor:  # [B, K, T, ...] -> [B, K, N, ...]
+        idx = index.reshape(index.shape[0], 1, index.shape[1], *([1] * (t.dim() - 3)))
+        return torch.gather(t, 2, idx.expand(-1, K, -1, *t.shape[3:]))
+
+    return Eagle3TrainOutput(
+        hidden=pick(out.hidden),
+        targets=pick(out.targets),
+        target_hidden=pick(out.target_hidden),
+        mask=pick(out.mask) & valid[:, None, :],
+    )
+
+
 @dataclass
 class Eagle3State:
     cache: KVCache
@@ -117,9 +137,17 @@ class Eagle3Draft(DraftModel):
         loss_mask: torch.Tensor,
         hidden_states: torch.Tensor,
         last_hidden_states: torch.Tensor,
+        *,
+        anchors: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
         **_: object,
     ) -> Eagle3TrainOutput:
-        """TTT unroll; shapes as in :class:`Eagle3TrainOutput` (inputs as for DFlash)."""
+        """TTT unroll; shapes as in :class:`Eagle3TrainOutput` (inputs as for DFlash).
+
+        With ``anchors`` [B, N] (and ``keep``), the output covers only draft indices
+        ``anchors - 1`` (T becomes N): the same (position, depth) pairs a block drafter with
+        those anchors supervises, at a fraction of the LM-head cost.
+        """
         B, S = input_ids.shape
         T = S - 1
         t = torch.arange(T, device=input_ids.device)
@@ -156,12 +184,15 @@ class Eagle3Draft(DraftModel):
             masks.append(loss_mask[:, (pos + 1).clamp(max=S - 1)].bool() & in_range)
             target_pos.append(pos.clamp(max=S - 1))
         target_pos_t = torch.stack(target_pos)  # [K, T]
-        return Eagle3TrainOutput(
+        out = Eagle3TrainOutput(
             hidden=torch.stack(hidden, 1),
             targets=torch.stack(targets, 1),
             target_hidden=last_hidden_states[:, target_pos_t],
             mask=torch.stack(masks, 1),
         )
+        if anchors is not None:  # supervise only the sampled positions (draft index a - 1)
+            out = select_positions(out, anchors, keep)
+        return out
 
     # -- inference (proposer protocol) -------------------------------------------------
     def new_state(self, batch_size: int, device: torch.device | str = "cpu") -> Eagle3State:

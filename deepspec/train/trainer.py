@@ -63,6 +63,15 @@ def sample_generators(seed: int, epoch: int, indices: list[int]) -> list[torch.G
 
 def prepare_micro_batch(cfg: Any, batch: dict[str, torch.Tensor], generator):
     """Sample what the forward needs (anchors) and the batch's local loss normalizer."""
+    if cfg.algorithm == "eagle3" and cfg.model.eagle3_num_positions:
+        anchors, keep = sample_anchors(batch["loss_mask"], cfg.model.eagle3_num_positions, generator)
+        S = batch["input_ids"].shape[1]
+        counts = []
+        for s in range(cfg.model.ttt_length):  # step s at anchor a predicts token a + 1 + s
+            pos = anchors + 1 + s
+            supervised = torch.gather(batch["loss_mask"], 1, pos.clamp(max=S - 1)).bool()
+            counts.append((keep & (anchors >= 1) & (pos < S) & supervised).sum())
+        return {"anchors": anchors, "keep": keep}, torch.stack(counts).double()
     if cfg.algorithm == "eagle3":
         ids, lm = batch["input_ids"], batch["loss_mask"]
         S = ids.shape[1]
