@@ -166,7 +166,13 @@ FIELDS: tuple[Field, ...] = (
         "no_shard = DDP; full_shard = FSDP.",
         choices=("no_shard", "full_shard", "shard_grad_op"),
     ),
-    _f("train.torch_compile", False, "bool", "torch.compile the draft (GPU)."),
+    _f(
+        "train.torch_compile",
+        False,
+        "bool",
+        "Accepted for the reference configs; not applied yet (the CUDA block attention is compiled "
+        "on its own).",
+    ),
     _f("train.num_cpu_workers", 1, "int", "gloo worker processes when no GPU is visible.", minimum=1),
     _f("train.resume", True, "bool", "Resume from <checkpoint_dir>/step_latest when it exists."),
     # ---- data ------------------------------------------------------------------------

@@ -17,8 +17,9 @@ normed state. Used by the offline cache writer and the trainer's online mode.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,32 @@ def find_decoder(model: torch.nn.Module) -> torch.nn.Module:
 
 def _first_tensor(value: Any) -> torch.Tensor:
     return value[0] if isinstance(value, tuple | list) else value
+
+
+@contextlib.contextmanager
+def capture_layers(base: torch.nn.Module, layer_ids: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Forward hooks that store, while the context is open, the output of decoder layer
+    ``i`` (``-1``: the input of layer 0, i.e. the scaled embedding) in the yielded dict."""
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer_id in layer_ids:
+        if layer_id < 0:
+
+            def embed_hook(module: Any, args: tuple, kwargs: dict) -> None:
+                captured[-1] = args[0] if args else kwargs["hidden_states"]
+
+            handles.append(base.layers[0].register_forward_pre_hook(embed_hook, with_kwargs=True))
+        else:
+
+            def layer_hook(module: Any, args: tuple, output: Any, layer_id: int = layer_id) -> None:
+                captured[layer_id] = _first_tensor(output)
+
+            handles.append(base.layers[layer_id].register_forward_hook(layer_hook))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class TargetFeatureExtractor:
@@ -116,31 +143,12 @@ class TargetFeatureExtractor:
 
         Returns features for every position; rows of padded positions are meaningless.
         """
-        captured: dict[int, torch.Tensor] = {}
-        handles = []
-        if -1 in self.layer_ids:
-
-            def embed_hook(module: Any, args: tuple, kwargs: dict) -> None:
-                captured[-1] = args[0] if args else kwargs["hidden_states"]
-
-            handles.append(self.base.layers[0].register_forward_pre_hook(embed_hook, with_kwargs=True))
-        for layer_id in self.layer_ids:
-            if layer_id < 0:
-                continue
-
-            def layer_hook(module: Any, args: tuple, output: Any, layer_id: int = layer_id) -> None:
-                captured[layer_id] = _first_tensor(output)
-
-            handles.append(self.base.layers[layer_id].register_forward_hook(layer_hook))
-        try:
+        with capture_layers(self.base, self.layer_ids) as captured:
             out = self.base(
                 input_ids=input_ids.to(self.device),
                 attention_mask=None if attention_mask is None else attention_mask.to(self.device),
                 use_cache=False,
             )
-        finally:
-            for handle in handles:
-                handle.remove()
         missing = [i for i in self.layer_ids if i not in captured]
         if missing:
             raise TargetError(f"the target's forward did not run layers {missing}")

@@ -23,6 +23,24 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+def write_draft_files(
+    model: DraftModel, directory: str, state: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Write ``config.json`` + ``model.safetensors`` into an existing ``directory``.
+
+    ``state`` defaults to the model's own state dict (a trainer passes the gathered full
+    state of a sharded model). A tied LM head is stored once, as ``embed_tokens.weight``.
+    """
+    state = model.state_dict() if state is None else state
+    tied = model.spec.tie_word_embeddings
+    tensors = {
+        k: v.detach().contiguous().cpu() for k, v in state.items() if not (tied and k == "lm_head.weight")
+    }
+    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as fh:
+        json.dump(model.config_json(), fh, indent=2)
+
+
 def save_draft(model: DraftModel, out_dir: str) -> None:
     """Write the draft atomically: a temporary directory renamed over ``out_dir``."""
     out_dir = os.path.abspath(out_dir)
@@ -31,16 +49,7 @@ def save_draft(model: DraftModel, out_dir: str) -> None:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
     make_dir_public(tmp)
     try:
-        state: dict[str, torch.Tensor] = {}
-        seen: dict[int, str] = {}
-        for name, tensor in model.state_dict().items():
-            if id(tensor) in seen or (model.spec.tie_word_embeddings and name == "lm_head.weight"):
-                continue  # tied: stored once as embed_tokens.weight
-            seen[id(tensor)] = name
-            state[name] = tensor.detach().contiguous().cpu()
-        save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as fh:
-            json.dump(model.config_json(), fh, indent=2)
+        write_draft_files(model, tmp)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)

@@ -8,13 +8,12 @@ lookup-table targets.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
 
-from deepspec.data.target_features import find_decoder
+from deepspec.data.target_features import capture_layers, find_decoder
 
 
 class Target(Protocol):
@@ -29,32 +28,6 @@ class Target(Protocol):
 
     def crop(self, length: int) -> None:
         """Keep only the first ``length`` cached positions."""
-
-
-@contextlib.contextmanager
-def capture_layers(base: torch.nn.Module, layer_ids: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Forward hooks storing the output of decoder layer ``i`` (``-1``: the input of layer 0,
-    i.e. the scaled embedding) into the yielded dict while the context is open."""
-    captured: dict[int, torch.Tensor] = {}
-    handles = []
-    for layer_id in layer_ids:
-        if layer_id < 0:
-
-            def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
-                captured[-1] = args[0] if args else kwargs["hidden_states"]
-
-            handles.append(base.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
-        else:
-
-            def hook(module: Any, args: tuple, output: Any, layer_id: int = layer_id) -> None:
-                captured[layer_id] = output[0] if isinstance(output, tuple | list) else output
-
-            handles.append(base.layers[layer_id].register_forward_hook(hook))
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class HFTarget:

@@ -23,6 +23,7 @@ from torch import nn
 from deepspec.config import save_config, validate_against_target
 from deepspec.drafts import build_draft, get_algorithm
 from deepspec.drafts.blocks import block_targets, sample_anchors
+from deepspec.drafts.checkpoint import write_draft_files
 from deepspec.drafts.losses import block_weights
 from deepspec.errors import DataError, DeepSpecError
 from deepspec.train import checkpoint as ckpt
@@ -332,7 +333,7 @@ class Trainer:
         final = None
         if info.is_main and not failed:
             try:
-                _save_draft_into(draft, full_state, tmp)
+                write_draft_files(draft, tmp, full_state)
                 save_config(cfg, os.path.join(tmp, ckpt.STATE_DIR, "config.yaml"))
                 meta = {
                     "step": step,
@@ -395,23 +396,6 @@ def _load_optimizer_state(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
-def _save_draft_into(draft, state: dict[str, torch.Tensor], directory: str) -> None:
-    """Write ``config.json`` + ``model.safetensors`` of the draft into an existing directory."""
-    from safetensors.torch import save_file
-
-    from deepspec.drafts.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-
-    if draft.spec.tie_word_embeddings:
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    save_file(
-        {k: v.contiguous() for k, v in state.items()},
-        os.path.join(directory, WEIGHTS_NAME),
-        metadata={"format": "pt"},
-    )
-    with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as fh:
-        json.dump(draft.config_json(), fh, indent=2)
 
 
 class _Logger:
