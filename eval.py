@@ -39,6 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default=None)
     parser.add_argument("--no-baseline", action="store_true", help="skip plain target decoding")
     parser.add_argument(
+        "--baseline-from",
+        default=None,
+        metavar="DIR",
+        help="reuse the plain-decoding runs of an earlier --output-dir made with the same target, "
+        "tasks, prompts and decoding settings (when comparing several drafts, decode the baseline once)",
+    )
+    parser.add_argument(
         "--num-workers",
         type=int,
         default=None,
@@ -88,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         output_dir=args.output_dir,
         baseline=not args.no_baseline,
         dtype=args.dtype,
+        baseline_from=args.baseline_from,
     )
     check_draft_matches_target(draft, load_family_spec(target_dir), args.target_name_or_path)
     results = evaluate(

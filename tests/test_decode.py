@@ -358,3 +358,67 @@ def test_prompts_split_across_two_workers_give_the_same_samples(tmp_path, tiny_t
         return [(r["dataset"], r["index"], r["output_token_ids"], r["accepted_per_round"]) for r in rows]
 
     assert strip(outs[1]) == strip(outs[2]) and len(outs[1]) == 6
+
+
+def test_baseline_from_reuses_plain_runs_and_refuses_other_settings(tmp_path, tiny_target, monkeypatch):
+    """A second draft evaluated with ``baseline_from`` takes the first run's plain decoding
+    (same outputs and times, no plain decode run) and refuses a run decoded differently."""
+    import deepspec.eval.runner as runner
+    from deepspec.errors import DataError
+    from deepspec.eval.runner import EvalSettings, evaluate
+
+    target = tiny_target("llama")
+    drafts = {}
+    for algo in ("dspark", "dflash"):
+        drafts[algo] = str(tmp_path / algo)
+        draft_for(target, algo, []).save_pretrained(drafts[algo])
+
+    def settings(out, **kw):
+        kw = {"max_samples": 2, **kw}
+        return EvalSettings(
+            tasks=["gsm8k"],
+            max_new_tokens=10,
+            temperature=0,
+            eval_datasets_dir=f"{ROOT}/eval_datasets",
+            output_dir=str(tmp_path / out),
+            progress=False,
+            **kw,
+        )
+
+    first = evaluate(target, drafts["dspark"], settings("a"))
+    plain_calls = []
+    real_plain = runner.plain_generate
+    monkeypatch.setattr(
+        runner, "plain_generate", lambda *a, **k: plain_calls.append(1) or real_plain(*a, **k)
+    )
+    second = evaluate(target, drafts["dflash"], settings("b", baseline_from=str(tmp_path / "a")))
+    assert plain_calls == []  # neither the warm-up nor any prompt decodes the baseline again
+    rows = {
+        name: [json.loads(x) for x in (tmp_path / name / "samples.jsonl").read_text().splitlines()]
+        for name in ("a", "b")
+    }
+    for ra, rb in zip(rows["a"], rows["b"]):
+        assert rb["baseline_output_token_ids"] == ra["baseline_output_token_ids"]
+        assert rb["baseline_seconds"] == ra["baseline_seconds"]
+        assert rb["output_token_ids"] == ra["baseline_output_token_ids"]  # greedy fp32: lossless
+    assert (
+        second["datasets"][0]["baseline_tokens_per_second"]
+        == first["datasets"][0]["baseline_tokens_per_second"]
+    )
+    assert second["config"]["baseline_from"] == str(tmp_path / "a")
+    with pytest.raises(DataError, match="max_new_tokens 10 there, 12 here"):
+        evaluate(
+            target,
+            drafts["dflash"],
+            EvalSettings(
+                tasks=["gsm8k"],
+                max_samples=2,
+                max_new_tokens=12,
+                temperature=0,
+                eval_datasets_dir=f"{ROOT}/eval_datasets",
+                progress=False,
+                baseline_from=str(tmp_path / "a"),
+            ),
+        )
+    with pytest.raises(DataError, match="no record of gsm8k prompt"):
+        evaluate(target, drafts["dflash"], settings("c", max_samples=3, baseline_from=str(tmp_path / "a")))

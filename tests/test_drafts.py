@@ -325,6 +325,62 @@ def test_checkpoint_records_conventions_and_loads_embedded_target_embeddings(tmp
     assert frozen == 49152 * 576 and trainable > 0
 
 
+def test_fresh_draft_logits_start_near_uniform(smollm2_dir):
+    """The calibrated final norm gives a fresh draft logits of std ~1 through the target's
+    head (CE near ln V); without it the head's own scale (~3.2 on SmolLM2) applies."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(512, 576, generator=gen)
+    for algo in ("dflash", "eagle3"):
+        stds = {}
+        for calibrate in (True, False):
+            cfg = load_config(
+                f"config/{algo}/{algo}_smollm2_135m.py", [f"model.calibrate_output_norm={calibrate}"]
+            )
+            model = build_draft(cfg, smollm2_dir)
+            with torch.no_grad():
+                stds[calibrate] = model.lm_logits(model.norm(h)).std().item()
+        assert 0.9 < stds[True] < 1.1, stds
+        assert stds[False] > 3.0, stds
+
+
+@pytest.mark.parametrize("algo", ["dflash", "eagle3"])
+def test_init_from_target_layers_copies_matching_tensors(tiny_target, algo):
+    from safetensors.torch import load_file
+
+    from deepspec.errors import ConfigError
+
+    target = tiny_target("qwen3")
+    weights = load_file(f"{target}/model.safetensors")
+    cfg = load_config(
+        opts=[
+            f"algorithm={algo}",
+            "model.target_layer_ids=[0, 1]",
+            "model.num_draft_layers=2",
+            "model.draft_num_hidden_layers=2",
+            "model.init_from_target_layers=[1, 0]",
+        ]
+    )
+    model = build_draft(cfg, target)
+    for i, src in enumerate((1, 0)):
+        for name, param in model.layers[i].named_parameters():
+            theirs = weights[f"model.layers.{src}.{name}"]
+            if theirs.shape == param.shape:
+                assert torch.equal(param.detach(), theirs), (i, name)
+            else:  # Eagle3's first layer attends over [embedding; state]
+                assert algo == "eagle3" and i == 0 and name.split(".")[-2] in ("q_proj", "k_proj", "v_proj")
+    with pytest.raises(ConfigError, match="out of range"):
+        build_draft(
+            load_config(
+                opts=[
+                    f"algorithm={algo}",
+                    "model.target_layer_ids=[0, 1]",
+                    "model.init_from_target_layers=[99]",
+                ]
+            ),
+            target,
+        )
+
+
 @pytest.mark.parametrize("algo", ["dflash", "dspark", "eagle3"])
 def test_overfit_one_batch(algo):
     """200 steps on one batch: CE near 0 and per-position acceptance above 0.95."""
@@ -420,3 +476,23 @@ def test_eagle3_sampled_positions_equal_the_full_unroll_at_those_positions():
             torch.testing.assert_close(part.hidden[b, :, n], full.hidden[b, :, t])
             assert torch.equal(part.targets[b, :, n], full.targets[b, :, t])
             assert torch.equal(part.mask[b, :, n], full.mask[b, :, t] & keep[b, n])
+
+
+@pytest.mark.slow
+def test_compiled_vocab_kernel_equals_eager():
+    """``train.torch_compile`` routes the LM-head loss's vocabulary work through
+    torch.compile: same losses, statistics and logit gradients as eager, for ragged chunks."""
+    from deepspec.drafts import fused_head
+
+    gen = torch.Generator().manual_seed(0)
+    compiled = torch.compile(fused_head.vocab_rows, dynamic=True)
+    for R, cap, use_soft in ((37, 0.0, False), (64, 30.0, True), (5, 0.0, True)):
+        V = 1000
+        z = torch.randn(R, V, generator=gen) * 3
+        zt = torch.randn(R, V, generator=gen) * 3
+        y = torch.randint(0, V, (R,), generator=gen)
+        a = [torch.rand(R, generator=gen) for _ in range(3)]
+        eager = fused_head.vocab_rows(z, zt, y, *a, cap, use_soft)
+        fast = compiled(z, zt, y, *a, cap, use_soft)
+        for e, f in zip(eager, fast):
+            torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-6)

@@ -37,43 +37,74 @@ def _softcap(z: torch.Tensor, cap: float | None) -> tuple[torch.Tensor, torch.Te
     return t * cap, 1 - t * t  # capped logits and d(capped)/dz
 
 
+def vocab_rows(
+    z: torch.Tensor,
+    zt: torch.Tensor,
+    y: torch.Tensor,
+    a_ce: torch.Tensor,
+    a_l1: torch.Tensor,
+    a_soft: torch.Tensor,
+    cap: float,
+    use_soft: bool,
+) -> tuple[torch.Tensor, ...]:
+    """The vocabulary-sized part of one chunk: raw draft logits ``z`` and target logits
+    ``zt`` [R, V] → per-row ``(loss, ce, l1, soft_ce, hit)`` [R] and ``d loss / d z`` [R, V].
+
+    Element-wise over the vocabulary, so ``torch.compile`` fuses it into a few passes
+    (``train.torch_compile``); fp32 math, fp64 when ``z`` is fp64.
+    """
+    work = torch.float64 if z.dtype == torch.float64 else torch.float32
+    z, dcap = _softcap(z.to(work), cap)
+    logp = torch.log_softmax(z, dim=-1)
+    p = logp.exp()
+    q = torch.softmax(_softcap(zt.to(work), cap)[0], dim=-1)
+    ce = -logp.gather(-1, y[:, None])[:, 0]
+    diff = p - q
+    l1 = diff.abs().sum(-1)
+    soft_ce = -(q * logp).sum(-1) if use_soft else torch.zeros_like(ce)
+    loss = a_ce * ce + a_l1 * l1 + a_soft * soft_ce
+    s = diff.sign()
+    s = s - (s * p).sum(-1, keepdim=True)
+    grad = p * (s * a_l1[:, None] + (a_ce + a_soft)[:, None])  # a_l1 p ⊙ (s − Σ s p) + ...
+    if use_soft:
+        grad = grad - a_soft[:, None] * q
+    grad = grad.scatter_add(-1, y[:, None], -a_ce[:, None].to(grad.dtype))
+    if dcap is not None:
+        grad = grad * dcap
+    hit = (z.argmax(-1) == y).to(z.dtype)
+    return loss, ce, l1, soft_ce, hit, grad
+
+
+_compiled_vocab_rows = None
+
+
+def use_compiled_vocab_rows(enabled: bool = True) -> None:
+    """Route the vocabulary work through ``torch.compile`` (one compile per process, ~20 s
+    on a CPU; about 3x faster afterwards) or back to eager."""
+    global _compiled_vocab_rows
+    _compiled_vocab_rows = torch.compile(vocab_rows, dynamic=True) if enabled else None
+
+
 class _HeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, m, W2, th, y, a_ce, a_l1, a_soft, W, cap):
         z = h.to(W.dtype) @ W.T
         if m is not None:
             z = z + m.to(W2.dtype) @ W2.T
-        z, dcap = _softcap(z.float() if z.dtype != torch.float64 else z, cap)
-        logp = torch.log_softmax(z, dim=-1)
-        p = logp.exp()
         with torch.no_grad():
-            q = torch.softmax(_softcap((th.to(W.dtype) @ W.T).to(z.dtype), cap)[0], dim=-1)
-        rows = torch.arange(y.shape[0], device=y.device)
-        ce = -logp[rows, y]
-        diff = p - q
-        l1 = diff.abs().sum(-1)
-        use_soft = bool(a_soft.any())
-        soft_ce = -(q * logp).sum(-1) if use_soft else torch.zeros_like(ce)
-        loss = (a_ce * ce + a_l1 * l1 + a_soft * soft_ce).sum()
-        # d loss / d z, row by row (in place on the [R, V] buffers)
-        s = diff.sign_()
-        s -= (s * p).sum(-1, keepdim=True)
-        grad = s.mul_(p).mul_(a_l1[:, None])  # a_l1 p ⊙ (s − Σ s p)
-        grad += p * (a_ce + a_soft)[:, None]
-        if use_soft:
-            grad -= a_soft[:, None] * q
-        grad[rows, y] -= a_ce
-        if dcap is not None:
-            grad = grad * dcap
+            zt = th.to(W.dtype) @ W.T
+        fn = _compiled_vocab_rows or vocab_rows
+        loss, ce, l1, soft_ce, hit, grad = fn(
+            z, zt, y, a_ce, a_l1, a_soft, float(cap or 0.0), bool(a_soft.any())
+        )
         ctx.save_for_backward(
             (grad.to(W.dtype) @ W).to(h.dtype),
             None if m is None else (grad @ W2.to(grad.dtype)).to(m.dtype),
             None if m is None or not ctx.needs_input_grad[2] else (grad.T @ m.to(grad.dtype)).to(W2.dtype),
         )
         overlap = 1 - 0.5 * l1
-        hit = (z.argmax(-1) == y).to(z.dtype)
         ctx.mark_non_differentiable(ce, l1, soft_ce, overlap, hit)
-        return loss, ce, l1, soft_ce, overlap, hit
+        return loss.sum(), ce, l1, soft_ce, overlap, hit
 
     @staticmethod
     def backward(ctx, g_loss, *_):

@@ -42,6 +42,38 @@ class EvalSettings:
     baseline: bool = True
     dtype: str = "auto"  # auto: fp32 at temperature 0 (bit-exact greedy), else bf16
     progress: bool = True
+    baseline_from: str | None = None  # reuse the plain-decoding records of this output dir
+
+
+BASELINE_KEYS = ("target", "temperature", "max_new_tokens", "seed", "dtype", "eval_datasets_dir")
+
+
+def load_baseline(directory: str, settings: EvalSettings, target_name: str) -> dict[tuple[str, int], dict]:
+    """Plain-decoding records of an earlier ``eval.py --output-dir`` run, keyed by
+    (dataset, prompt index); refuses a run made with other decoding settings."""
+    path = os.path.join(directory, "results.json")
+    samples = os.path.join(directory, "samples.jsonl")
+    if not (os.path.isfile(path) and os.path.isfile(samples)):
+        raise DataError(
+            f"--baseline-from {directory}: no results.json + samples.jsonl there (an eval.py --output-dir)"
+        )
+    with open(path, encoding="utf-8") as fh:
+        config = json.load(fh)["config"]
+    mine = {**asdict(settings), "target": target_name}
+    diff = [
+        f"{k} {config.get(k)!r} there, {mine[k]!r} here" for k in BASELINE_KEYS if config.get(k) != mine[k]
+    ]
+    if not config.get("baseline"):
+        diff.append("it ran without the baseline")
+    if diff:
+        raise DataError(f"--baseline-from {directory} was decoded differently: " + "; ".join(diff))
+    out = {}
+    with open(samples, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                r = json.loads(line)
+                out[(r["dataset"], r["index"])] = r
+    return out
 
 
 def check_draft_matches_target(draft, spec, target_name: str) -> None:
@@ -77,9 +109,10 @@ class Evaluator:
         if self.chat.tokenizer.eos_token_id is not None:
             eos.add(int(self.chat.tokenizer.eos_token_id))
         self.eos_ids = eos
+        self.reused: dict[tuple[str, int], dict] = {}
 
     def _generate(
-        self, prompt_ids: list[int], seed: int, max_new: int
+        self, prompt_ids: list[int], seed: int, max_new: int, plain: bool = True
     ) -> tuple[DecodeResult, DecodeResult | None]:
         s = self.settings
         common = dict(max_new_tokens=max_new, temperature=s.temperature, eos_ids=self.eos_ids)
@@ -92,7 +125,7 @@ class Evaluator:
             confidence_threshold=s.confidence_threshold,
         )
         base = None
-        if s.baseline:
+        if s.baseline and plain:
             base = plain_generate(
                 self.target, prompt_ids, **common, generator=torch.Generator(self.device).manual_seed(seed)
             )
@@ -105,11 +138,17 @@ class Evaluator:
         if not prompts:
             return out
         encoded = [self.chat.prompt_ids([{"role": "user", "content": p.text}]) for p in prompts]
-        self._generate(encoded[0], s.seed, min(8, s.max_new_tokens))  # warm-up, untimed
+        self._generate(encoded[0], s.seed, min(8, s.max_new_tokens), plain=not self.reused)  # warm-up
         bar = tqdm(list(zip(prompts, encoded)), desc=desc, unit="prompt", disable=not s.progress)
         rounds = accepted = 0
         for prompt, ids in bar:
-            spec, base = self._generate(ids, s.seed + prompt.index, s.max_new_tokens)
+            old = self.reused.get((task, prompt.index))
+            if self.reused and (old is None or old["prompt_token_ids"] != ids):
+                raise DataError(
+                    f"--baseline-from {s.baseline_from} has no record of {task} prompt {prompt.index} "
+                    "with these token ids; evaluate the same tasks and --max-samples there"
+                )
+            spec, base = self._generate(ids, s.seed + prompt.index, s.max_new_tokens, plain=old is None)
             record = {
                 "dataset": task,
                 "index": prompt.index,
@@ -125,6 +164,9 @@ class Evaluator:
             if base is not None:
                 record["baseline_output_token_ids"] = base.output_ids
                 record["baseline_seconds"] = base.seconds
+            elif old is not None:
+                record["baseline_output_token_ids"] = old["baseline_output_token_ids"]
+                record["baseline_seconds"] = old["baseline_seconds"]
             out.append(record)
             rounds += len(spec.accepted)
             accepted += sum(spec.accepted)
@@ -177,11 +219,18 @@ def _task_prompts(settings: EvalSettings) -> dict[str, list]:
 
 
 def _worker_records(
-    target_dir: str, draft_path: str, settings: EvalSettings, worker: int, workers: int, device: str
+    target_dir: str,
+    draft_path: str,
+    settings: EvalSettings,
+    worker: int,
+    workers: int,
+    device: str,
+    reused: dict | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     from deepspec.drafts import load_draft
 
     evaluator = Evaluator(target_dir, load_draft(draft_path), settings, device=device)
+    evaluator.reused = reused or {}
     out = {}
     for task, prompts in _task_prompts(settings).items():
         desc = f"eval {task}" if workers == 1 else f"eval {task} [{worker}]"
@@ -189,13 +238,15 @@ def _worker_records(
     return out
 
 
-def _spawned_worker(worker: int, target_dir, draft_path, settings, workers: int, result_dir: str) -> None:
+def _spawned_worker(
+    worker: int, target_dir, draft_path, settings, workers: int, result_dir: str, reused: dict | None
+) -> None:
     if torch.cuda.is_available():
         device = f"cuda:{worker}"
     else:  # CPU workers (tests): share the cores
         device = "cpu"
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    records = _worker_records(target_dir, draft_path, settings, worker, workers, device)
+    records = _worker_records(target_dir, draft_path, settings, worker, workers, device, reused)
     atomic_write_json(os.path.join(result_dir, f"worker{worker}.json"), records)
 
 
@@ -217,17 +268,20 @@ def evaluate(
     if s.dtype == "auto":
         s.dtype = "fp32" if s.temperature == 0 else "bf16"
     workers = num_workers or (torch.cuda.device_count() if torch.cuda.is_available() else 1) or 1
+    reused = None
+    if s.baseline and s.baseline_from:
+        reused = load_baseline(s.baseline_from, s, target_name or target_dir)
     start = time.perf_counter()
     if workers == 1:
         device = "cuda:0" if torch.cuda.is_available() else "cpu"
-        per_worker = [_worker_records(target_dir, draft_path, s, 0, 1, device)]
+        per_worker = [_worker_records(target_dir, draft_path, s, 0, 1, device, reused)]
     else:
         import torch.multiprocessing as mp
 
         with tempfile.TemporaryDirectory() as result_dir:
             mp.start_processes(
                 _spawned_worker,
-                args=(target_dir, draft_path, s, workers, result_dir),
+                args=(target_dir, draft_path, s, workers, result_dir, reused),
                 nprocs=workers,
                 start_method="spawn",
             )

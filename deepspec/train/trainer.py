@@ -231,6 +231,10 @@ class Trainer:
         logger = _Logger(cfg, total, start_step, enabled=info.is_main, progress=self.progress)
         previous_handler = self._install_sigterm()
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+        if cfg.train.torch_compile:
+            from deepspec.drafts.fused_head import use_compiled_vocab_rows
+
+            use_compiled_vocab_rows(True)
         batches = order.micro_batches(cursor)
         metrics: dict[str, float] = {}
         last_ckpt = resume_from

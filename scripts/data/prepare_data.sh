@@ -80,6 +80,20 @@ done_stage
 # 2. regenerate the answers with the target itself
 stage "2/3 regenerate answers with $MODEL ($ENGINE) -> $WORK_DIR/regenerated.jsonl"
 LOGS="$WORK_DIR/logs"
+# every prompt id already answered or in the error file: nothing to regenerate (a re-run)
+pending=$("$PY" - "$WORK_DIR/prompts/train.jsonl" "$WORK_DIR/regenerated.jsonl" "$WORK_DIR/regenerated_error.jsonl" <<'PYEOF'
+import json, os, sys
+def ids(path):
+    if not os.path.exists(path):
+        return set()
+    with open(path, encoding="utf-8") as fh:
+        return {str(json.loads(line).get("id")) for line in fh if line.strip()}
+print(len(ids(sys.argv[1]) - ids(sys.argv[2]) - ids(sys.argv[3])))
+PYEOF
+) || pending=unknown
+if [ "$pending" = 0 ]; then
+  echo "every prompt already answered in $WORK_DIR/regenerated.jsonl; not starting $ENGINE"
+else
 stop_servers() {
   bash scripts/data/launch_server.sh --engine "$ENGINE" --model "$MODEL" --log-dir "$LOGS" --stop >/dev/null || true
 }
@@ -95,6 +109,7 @@ for ((i = 0; i < NUM_SERVERS; i++)); do addresses+=("127.0.0.1:$((PORT + i))"); 
   --max-tokens "$MAX_TOKENS" --temperature "$TEMPERATURE" --concurrency "$CONCURRENCY" --resume
 stop_servers
 trap - EXIT
+fi
 done_stage
 
 # 3. run the frozen target over the conversations and store its hidden states
