@@ -420,5 +420,13 @@ def test_baseline_from_reuses_plain_runs_and_refuses_other_settings(tmp_path, ti
                 baseline_from=str(tmp_path / "a"),
             ),
         )
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "a", broken)
+    text = (broken / "samples.jsonl").read_text()
+    (broken / "samples.jsonl").write_text(text[: len(text) // 2])  # a torn line
+    with pytest.raises(DataError, match="unreadable results"):
+        evaluate(target, drafts["dflash"], settings("d", baseline_from=str(broken)))
     with pytest.raises(DataError, match="no record of gsm8k prompt"):
         evaluate(target, drafts["dflash"], settings("c", max_samples=3, baseline_from=str(tmp_path / "a")))

@@ -57,8 +57,20 @@ def load_baseline(directory: str, settings: EvalSettings, target_name: str) -> d
         raise DataError(
             f"--baseline-from {directory}: no results.json + samples.jsonl there (an eval.py --output-dir)"
         )
-    with open(path, encoding="utf-8") as fh:
-        config = json.load(fh)["config"]
+    try:
+        with open(path, encoding="utf-8") as fh:
+            config = json.load(fh)["config"]
+        with open(samples, encoding="utf-8") as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+        out = {(r["dataset"], r["index"]): r for r in rows}
+        need = ("baseline_output_token_ids", "baseline_seconds", "prompt_token_ids")
+        missing = {k for r in rows for k in need if k not in r}
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(
+            f"--baseline-from {directory}: unreadable results ({type(exc).__name__}: {exc})"
+        ) from None
     mine = {**asdict(settings), "target": target_name}
     diff = [
         f"{k} {config.get(k)!r} there, {mine[k]!r} here" for k in BASELINE_KEYS if config.get(k) != mine[k]
@@ -67,12 +79,6 @@ def load_baseline(directory: str, settings: EvalSettings, target_name: str) -> d
         diff.append("it ran without the baseline")
     if diff:
         raise DataError(f"--baseline-from {directory} was decoded differently: " + "; ".join(diff))
-    out = {}
-    with open(samples, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                r = json.loads(line)
-                out[(r["dataset"], r["index"])] = r
     return out
 
 
