@@ -425,7 +425,7 @@ def test_baseline_from_reuses_plain_runs_and_refuses_other_settings(tmp_path, ti
     broken = tmp_path / "broken"
     shutil.copytree(tmp_path / "a", broken)
     text = (broken / "samples.jsonl").read_text()
-    (broken / "samples.jsonl").write_text(text[: len(text) // 2])  # a torn line
+    (broken / "samples.jsonl").write_text(text[: text.index("\n") // 2])  # a torn first line
     with pytest.raises(DataError, match="unreadable results"):
         evaluate(target, drafts["dflash"], settings("d", baseline_from=str(broken)))
     with pytest.raises(DataError, match="no record of gsm8k prompt"):

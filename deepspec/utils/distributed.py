@@ -249,7 +249,7 @@ def _die_with_parent() -> None:
 
 
 def _spawned_worker(
-    local_rank: int, fn: Callable[..., Any], nproc: int, port: int, args: tuple[Any, ...]
+    local_rank: int, fn: Callable[..., Any], nproc: int, port: int, args: tuple[Any, ...], errdir: str
 ) -> None:
     _die_with_parent()
     os.environ.update(
@@ -266,7 +266,21 @@ def _spawned_worker(
         sys.exit(exc.exit_code)
     except DeepSpecError as exc:
         print(f"error: [rank {local_rank}] {exc}", file=sys.stderr, flush=True)
+        # recorded before exiting: a peer blocked in a collective only fails once this
+        # process is gone, so the launcher always finds the root cause here
+        with open(os.path.join(errdir, f"rank{local_rank}"), "w", encoding="utf-8") as fh:
+            fh.write(str(exc.exit_code))
         sys.exit(exc.exit_code)
+
+
+def _first_recorded_failure(errdir: str) -> tuple[int, int] | None:
+    """(rank, exit code) of the lowest rank that stopped on a DeepSpecError, if any."""
+    found = []
+    for name in os.listdir(errdir):
+        if name.startswith("rank"):
+            with open(os.path.join(errdir, name), encoding="utf-8") as fh:
+                found.append((int(name[4:]), int(fh.read() or 1)))
+    return min(found) if found else None
 
 
 def spawn(fn: Callable[..., Any], nproc: int, *args: Any) -> None:
@@ -276,6 +290,8 @@ def spawn(fn: Callable[..., Any], nproc: int, *args: Any) -> None:
     is printed as one ``error: [rank r] ...`` line and the others are stopped; then this
     raises :class:`WorkerFailed`. Refuses to nest inside an existing multi-process job.
     """
+    import tempfile
+
     import torch.multiprocessing as mp
 
     if nproc < 1:
@@ -285,21 +301,28 @@ def spawn(fn: Callable[..., Any], nproc: int, *args: Any) -> None:
             "--nproc cannot be combined with torchrun (WORLD_SIZE is already set); use one or the other"
         )
     port = find_free_port()
-    try:
-        mp.start_processes(
-            _spawned_worker,
-            args=(fn, nproc, port, args),
-            nprocs=nproc,
-            join=True,
-            start_method="spawn",
+    with tempfile.TemporaryDirectory(prefix="deepspec-workers-") as errdir:
+        try:
+            mp.start_processes(
+                _spawned_worker,
+                args=(fn, nproc, port, args, errdir),
+                nprocs=nproc,
+                join=True,
+                start_method="spawn",
+            )
+            return
+        except (mp.ProcessExitedException, mp.ProcessRaisedException) as exc:
+            failure, error = _first_recorded_failure(errdir), exc
+    if failure is not None:  # a worker's own error, not a peer's reaction to it
+        raise WorkerFailed(
+            f"worker {failure[0]} of {nproc} exited with code {failure[1]}; see its error above"
         )
-    except mp.ProcessExitedException as exc:
+    if isinstance(error, mp.ProcessExitedException):
         raise WorkerFailed(
-            f"worker {exc.error_index} of {nproc} exited with code {exc.exit_code}; see its error above"
-        ) from None
-    except mp.ProcessRaisedException as exc:
-        print(str(exc), file=sys.stderr, flush=True)
-        first = str(exc).strip().splitlines()
-        raise WorkerFailed(
-            f"a worker of {nproc} raised: {first[-1] if first else 'unknown error'} (traceback above)"
-        ) from None
+            f"worker {error.error_index} of {nproc} exited with code {error.exit_code}; see its error above"
+        )
+    print(str(error), file=sys.stderr, flush=True)
+    first = str(error).strip().splitlines()
+    raise WorkerFailed(
+        f"a worker of {nproc} raised: {first[-1] if first else 'unknown error'} (traceback above)"
+    )
