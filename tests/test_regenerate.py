@@ -23,7 +23,7 @@ import pytest
 
 from deepspec.data import ChatTokenizer, read_conversations
 from deepspec.data.generation_backends import OpenAIBackend, SamplingParams
-from deepspec.data.regenerate import RegenOptions, read_done_ids, run_regeneration
+from deepspec.data.regenerate import RegenOptions, count_pending, read_done_ids, run_regeneration
 from deepspec.errors import DataError
 from deepspec.utils.distributed import find_free_port
 from tests.conftest import ROOT
@@ -293,6 +293,10 @@ def test_resume_repairs_a_cut_line_and_retry_errors(tmp_path):
     out.write_text(json.dumps({"id": "p0", "conversations": []}) + "\n" + '{"id": "p1", "conv')
     err.write_text(json.dumps({"id": "p2", "error": "x"}) + "\n")
     assert read_done_ids(str(out), repair=False) == {"p0"}
+    before = out.read_bytes()
+    assert count_pending(_opts(tmp_path / "in.jsonl", out)) == 4  # p1 (cut), p3, p4, p5
+    assert count_pending(_opts(tmp_path / "in.jsonl", out, num_samples=2)) == 12  # ids p<i>#<k>
+    assert out.read_bytes() == before  # counting repairs nothing
     with FaultServer(lambda p, a: "ok") as server:
         summary = run_regeneration(
             OpenAIBackend([server.address], None, timeout=5),
@@ -308,6 +312,7 @@ def test_resume_repairs_a_cut_line_and_retry_errors(tmp_path):
         )
     assert (summary.ok, summary.skipped) == (1, 5)
     assert Counter(r["id"] for r in rows(out)) == Counter(ids) and not rows(err)
+    assert count_pending(_opts(tmp_path / "in.jsonl", out)) == 0
 
 
 def test_refuses_to_clobber_and_duplicate_ids(tmp_path):

@@ -132,15 +132,6 @@ FIELDS: tuple[Field, ...] = (
         maximum=1.0,
     ),
     _f(
-        "model.init_from_target_layers",
-        None,
-        "list[int]",
-        "Start draft layer i from the target's decoder layer ids[i] (tensors of matching shape); "
-        "null = random init.",
-        optional=True,
-        minimum=0,
-    ),
-    _f(
         "model.calibrate_output_norm",
         True,
         "bool",

@@ -125,6 +125,15 @@ def _tasks(conversations: list[Conversation], num_samples: int) -> Iterator[tupl
             yield (conv.id if num_samples == 1 else f"{conv.id}#{k}"), k, conv
 
 
+def count_pending(options: RegenOptions) -> int:
+    """Rows of the input a ``--resume`` run would still request (ids in neither the output
+    nor the error file); lets a pipeline skip starting servers when nothing is left."""
+    done = read_done_ids(options.output_path, repair=False)
+    done |= read_done_ids(options.resolved_error_path(), repair=False)
+    tasks = _tasks(list(read_conversations(options.input_path)), options.num_samples)
+    return sum(1 for row_id, _, _ in tasks if row_id not in done)
+
+
 class _Writer:
     """Append JSON rows to a file, one flushed line per row."""
 

@@ -24,9 +24,6 @@ def build_draft(cfg: Any, target_dir: str | None = None, spec: Any = None) -> Dr
     model.attention_backend = getattr(cfg.model, "attention_backend", "auto")
     if target_dir is not None:
         model.load_target_embeddings(target_dir)
-        init_layers = getattr(cfg.model, "init_from_target_layers", None)
-        if init_layers:
-            model.init_layers_from_target(target_dir, list(init_layers))
         if getattr(cfg.model, "calibrate_output_norm", True):
             model.calibrate_output_norm()
     return model

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch import nn
 
 from deepspec import __version__
-from deepspec.errors import ConfigError, TargetError
+from deepspec.errors import TargetError
 from deepspec.targets.family import FamilySpec
 
 LAYER_ID_CONVENTION = "output"
@@ -221,51 +221,6 @@ class DraftModel(nn.Module):
                 if head is None:
                     raise TargetError(f"no lm_head.weight in the safetensors of {target_dir}")
                 self.lm_head.weight.copy_(head)
-
-    def init_layers_from_target(self, target_dir: str, layer_ids: list[int]) -> int:
-        """Start draft layer ``i`` from the target's decoder layer ``layer_ids[i]``.
-
-        Copies every tensor whose name and shape match (attention projections, per-head
-        norms, MLP, layer norms); Eagle3's first layer reads [embedding; state] so its
-        q/k/v keep their random init. The copied attention already knows the target's
-        position-dependent patterns, which a fresh draft otherwise spends its first
-        thousands of steps learning. Returns the number of tensors copied.
-        """
-        layers = getattr(self, "layers", None)
-        if layers is None or len(layer_ids) > len(layers):
-            raise ConfigError(
-                f"model.init_from_target_layers lists {len(layer_ids)} layers, the draft has "
-                f"{0 if layers is None else len(layers)}"
-            )
-        bad = [i for i in layer_ids if not 0 <= i < self.spec.num_hidden_layers]
-        if bad:
-            raise ConfigError(
-                f"model.init_from_target_layers {bad} out of range for a target with "
-                f"{self.spec.num_hidden_layers} layers"
-            )
-        wanted = {}
-        for i, src in enumerate(layer_ids):
-            for name, param in layers[i].named_parameters():
-                wanted[f"layers.{src}.{name}"] = param
-        copied = 0
-        for fname in sorted(f for f in os.listdir(target_dir) if f.endswith(".safetensors")):
-            with safe_open(os.path.join(target_dir, fname), framework="pt") as fh:
-                for key in fh.keys():
-                    cut = key.find("layers.")
-                    prefix = key[:cut]
-                    if cut < 0 or not prefix.endswith("model.") or "vision" in prefix or "audio" in prefix:
-                        continue  # only the text decoder's layers
-                    param = wanted.get(key[cut:])
-                    if param is None:
-                        continue
-                    tensor = fh.get_tensor(key)
-                    if tuple(tensor.shape) == tuple(param.shape):
-                        with torch.no_grad():
-                            param.copy_(tensor)
-                        copied += 1
-        if not copied:
-            raise TargetError(f"no decoder-layer tensor of layers {layer_ids} found in {target_dir}")
-        return copied
 
     def calibrate_output_norm(self) -> float:
         """Scale the final norm so a random unit-RMS draft state gives logits of std ~1.

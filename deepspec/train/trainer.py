@@ -24,6 +24,7 @@ from deepspec.config import save_config, validate_against_target
 from deepspec.drafts import build_draft, get_algorithm
 from deepspec.drafts.blocks import block_targets, sample_anchors
 from deepspec.drafts.checkpoint import write_draft_files
+from deepspec.drafts.fused_head import use_compiled_vocab_rows
 from deepspec.drafts.losses import block_weights
 from deepspec.errors import DataError, DeepSpecError
 from deepspec.train import checkpoint as ckpt
@@ -231,10 +232,7 @@ class Trainer:
         logger = _Logger(cfg, total, start_step, enabled=info.is_main, progress=self.progress)
         previous_handler = self._install_sigterm()
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
-        if cfg.train.torch_compile:
-            from deepspec.drafts.fused_head import use_compiled_vocab_rows
-
-            use_compiled_vocab_rows(True)
+        compiled_before = use_compiled_vocab_rows(cfg.train.torch_compile)
         batches = order.micro_batches(cursor)
         metrics: dict[str, float] = {}
         last_ckpt = resume_from
@@ -299,6 +297,7 @@ class Trainer:
                     return RunResult(step, metrics, last_ckpt, stopped_early=True)
         finally:
             logger.close()
+            use_compiled_vocab_rows(compiled_before)
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
         return RunResult(step, metrics, last_ckpt)

@@ -78,12 +78,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="--engine hf: model dtype")
     parser.add_argument("--seed", type=int, default=0, help="--engine hf: sampling seed")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--count-pending",
+        action="store_true",
+        help="print how many rows a --resume run would still request, and exit (no server needed)",
+    )
     return parser.parse_args(argv)
 
 
 def main() -> int:
     from deepspec.data.generation_backends import HFBackend, OpenAIBackend, SamplingParams
-    from deepspec.data.regenerate import RegenOptions, run_regeneration
+    from deepspec.data.regenerate import RegenOptions, count_pending, run_regeneration
     from deepspec.errors import DataError
 
     args = parse_args()
@@ -113,6 +118,9 @@ def main() -> int:
         max_consecutive_failures=args.max_consecutive_failures,
         progress=not args.no_progress,
     )
+    if args.count_pending:
+        print(count_pending(options))
+        return 0
     if args.engine == "hf":
         if not args.model:
             raise DataError("--engine hf needs --model (a target name or directory)")

@@ -80,35 +80,28 @@ done_stage
 # 2. regenerate the answers with the target itself
 stage "2/3 regenerate answers with $MODEL ($ENGINE) -> $WORK_DIR/regenerated.jsonl"
 LOGS="$WORK_DIR/logs"
-# every prompt id already answered or in the error file: nothing to regenerate (a re-run)
-pending=$("$PY" - "$WORK_DIR/prompts/train.jsonl" "$WORK_DIR/regenerated.jsonl" "$WORK_DIR/regenerated_error.jsonl" <<'PYEOF'
-import json, os, sys
-def ids(path):
-    if not os.path.exists(path):
-        return set()
-    with open(path, encoding="utf-8") as fh:
-        return {str(json.loads(line).get("id")) for line in fh if line.strip()}
-print(len(ids(sys.argv[1]) - ids(sys.argv[2]) - ids(sys.argv[3])))
-PYEOF
-) || pending=unknown
+# every prompt already answered (or in the error file): do not start servers (a re-run)
+pending=$("$PY" scripts/data/generate_train_data.py --count-pending \
+  --input-file-path "$WORK_DIR/prompts/train.jsonl" --output-file-path "$WORK_DIR/regenerated.jsonl") \
+  || pending=unknown
 if [ "$pending" = 0 ]; then
   echo "every prompt already answered in $WORK_DIR/regenerated.jsonl; not starting $ENGINE"
 else
-stop_servers() {
-  bash scripts/data/launch_server.sh --engine "$ENGINE" --model "$MODEL" --log-dir "$LOGS" --stop >/dev/null || true
-}
-trap stop_servers EXIT
-launch_extra=()
-[ "$ENGINE" = llamacpp ] && launch_extra=(--threads "$THREADS")
-bash scripts/data/launch_server.sh --engine "$ENGINE" --model "$MODEL" --num-workers "$NUM_SERVERS" \
-  --base-port "$PORT" --log-dir "$LOGS" "${launch_extra[@]}"
-addresses=()
-for ((i = 0; i < NUM_SERVERS; i++)); do addresses+=("127.0.0.1:$((PORT + i))"); done
-"$PY" scripts/data/generate_train_data.py --server-address "${addresses[@]}" "${GEN_EXTRA[@]}" \
-  --input-file-path "$WORK_DIR/prompts/train.jsonl" --output-file-path "$WORK_DIR/regenerated.jsonl" \
-  --max-tokens "$MAX_TOKENS" --temperature "$TEMPERATURE" --concurrency "$CONCURRENCY" --resume
-stop_servers
-trap - EXIT
+  stop_servers() {
+    bash scripts/data/launch_server.sh --engine "$ENGINE" --model "$MODEL" --log-dir "$LOGS" --stop >/dev/null || true
+  }
+  trap stop_servers EXIT
+  launch_extra=()
+  [ "$ENGINE" = llamacpp ] && launch_extra=(--threads "$THREADS")
+  bash scripts/data/launch_server.sh --engine "$ENGINE" --model "$MODEL" --num-workers "$NUM_SERVERS" \
+    --base-port "$PORT" --log-dir "$LOGS" "${launch_extra[@]}"
+  addresses=()
+  for ((i = 0; i < NUM_SERVERS; i++)); do addresses+=("127.0.0.1:$((PORT + i))"); done
+  "$PY" scripts/data/generate_train_data.py --server-address "${addresses[@]}" "${GEN_EXTRA[@]}" \
+    --input-file-path "$WORK_DIR/prompts/train.jsonl" --output-file-path "$WORK_DIR/regenerated.jsonl" \
+    --max-tokens "$MAX_TOKENS" --temperature "$TEMPERATURE" --concurrency "$CONCURRENCY" --resume
+  stop_servers
+  trap - EXIT
 fi
 done_stage
 
