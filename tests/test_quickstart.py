@@ -131,6 +131,7 @@ def test_quickstart_tiny_profile_end_to_end_and_rerun(tmp_path, smollm2_dir):
     before = stamps()
     second = run_quickstart(work).stdout
     assert stamps() == before
+    assert "every prompt already answered" in second  # no llama.cpp server started
     for algo in ALGOS:
         assert f"{algo}: trained already" in second
         for temp in TEMPS:
