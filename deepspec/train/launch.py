@@ -17,7 +17,7 @@ import signal
 import sys
 from typing import Any
 
-from deepspec.errors import DeepSpecError
+from deepspec.errors import DeepSpecError, as_user_error
 from deepspec.utils import distributed as dist_utils
 
 
@@ -61,9 +61,12 @@ def _spawned(
         run_worker(config_path, opts)
     except dist_utils.PeerError as exc:
         sys.exit(exc.exit_code)
-    except DeepSpecError as exc:
-        print(f"error: [rank {os.environ['RANK']}] {exc}", file=sys.stderr, flush=True)
-        sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - user errors become one line, bugs keep their trace
+        user = as_user_error(exc)
+        if user is None:
+            raise
+        print(f"error: [rank {os.environ['RANK']}] {' '.join(str(user).split())}", file=sys.stderr, flush=True)
+        sys.exit(user.exit_code)
 
 
 def launch(config_path: str | None, opts: list[str], cfg: Any) -> Any:

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from deepspec.errors import DeepSpecError
+from deepspec.errors import DeepSpecError, as_user_error
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -264,8 +264,12 @@ def _spawned_worker(
         fn(*args)
     except PeerError as exc:
         sys.exit(exc.exit_code)
-    except DeepSpecError as exc:
-        print(f"error: [rank {local_rank}] {exc}", file=sys.stderr, flush=True)
+    except Exception as exc:  # noqa: BLE001 - user errors become one line, bugs keep their trace
+        user = as_user_error(exc)
+        if user is None:
+            raise
+        exc = user
+        print(f"error: [rank {local_rank}] {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         # recorded before exiting: a peer blocked in a collective only fails once this
         # process is gone, so the launcher always finds the root cause here
         with open(os.path.join(errdir, f"rank{local_rank}"), "w", encoding="utf-8") as fh:
