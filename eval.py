@@ -14,15 +14,15 @@ from __future__ import annotations
 import argparse
 import os
 
-from deepspec.cli import run_main
+from deepspec.cli import ArgumentParser, run_main
 from deepspec.config.schema import DEFAULT_EVAL_TASKS
-from deepspec.errors import ConfigError
+from deepspec.errors import ConfigError, check_number
+
+MAX_SEED = 2**32 - 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target_name_or_path", "--target-name-or-path", required=True)
     parser.add_argument("--draft_name_or_path", "--draft-name-or-path", required=True)
     parser.add_argument(
@@ -61,43 +61,86 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def parse_tasks(raw: str, datasets_dir: str) -> list[str]:
+    """The ``--tasks`` list; refuses an empty list, unknown names and repeats, naming the valid tasks."""
+    from deepspec.data.eval_prompts import available_tasks
+
+    if not os.path.isdir(datasets_dir):
+        raise ConfigError(
+            f"--eval-datasets-dir {datasets_dir} is not a directory; pass the folder with the "
+            "<task>.jsonl prompt files (eval_datasets/ in the repository)"
+        )
+    valid = available_tasks(datasets_dir)
+    choices = f"valid tasks in {datasets_dir}: {', '.join(valid) or 'none (no .jsonl files)'}"
+    tasks = [t.strip() for t in raw.split(",") if t.strip()]
+    if not tasks:
+        raise ConfigError(f"--tasks {raw!r} names no task; {choices}")
+    unknown = [t for t in tasks if t not in valid]
+    if unknown:
+        raise ConfigError(f"--tasks: unknown task(s) {', '.join(unknown)}; {choices}")
+    repeated = sorted({t for t in tasks if tasks.count(t) > 1})
+    if repeated:
+        raise ConfigError(f"--tasks lists {', '.join(repeated)} more than once; name each task once")
+    return tasks
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """Every numeric argument finite and in range, the tasks valid; returns the task list."""
+    check_number("--temperature", args.temperature, low=0)
+    check_number("--max-new-tokens", args.max_new_tokens, low=1)
+    if args.max_samples is not None:
+        check_number("--max-samples", args.max_samples, low=1)
+    check_number("--confidence-threshold", args.confidence_threshold, low=0, high=1)
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be an integer in 0..{MAX_SEED}, got {args.seed}")
+    if args.num_workers is not None:
+        check_number("--num-workers", args.num_workers, low=1)
+    if args.no_baseline and args.baseline_from:
+        raise ConfigError("--baseline-from reuses a baseline that --no-baseline skips; pass only one of them")
+    for flag in ("target_name_or_path", "draft_name_or_path"):
+        if not getattr(args, flag).strip():
+            raise ConfigError(f"--{flag} is empty; pass a path or name")
+    return parse_tasks(args.tasks, args.eval_datasets_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.temperature < 0:
-        raise ConfigError(f"--temperature {args.temperature} is invalid, must be >= 0")
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} is invalid, must be >= 1")
-    if args.max_samples is not None and args.max_samples < 1:
-        raise ConfigError(f"--max-samples {args.max_samples} is invalid, must be >= 1")
-    if not 0 <= args.confidence_threshold <= 1:
-        raise ConfigError(f"--confidence-threshold {args.confidence_threshold} is invalid, must be in [0, 1]")
-    import torch
-
+    tasks = check_args(args)
     from deepspec.data import load_eval_prompts
-    from deepspec.drafts import load_draft
-    from deepspec.eval.runner import EvalSettings, check_draft_matches_target, evaluate, format_table
+    from deepspec.eval.settings import EvalSettings, check_output_dir, load_baseline, resolve_settings
     from deepspec.targets import load_family_spec, resolve_target
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    for task in tasks:  # fail on a bad task before loading any model
+    for task in tasks:  # fail on a malformed prompt file before loading any model
         load_eval_prompts(task, args.eval_datasets_dir, max_samples=1, seed=args.seed)
+    settings = resolve_settings(
+        EvalSettings(
+            tasks=tasks,
+            max_samples=args.max_samples,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            confidence_threshold=args.confidence_threshold,
+            seed=args.seed,
+            eval_datasets_dir=args.eval_datasets_dir,
+            output_dir=args.output_dir,
+            baseline=not args.no_baseline,
+            dtype=args.dtype,
+            baseline_from=args.baseline_from,
+        )
+    )
+    if args.output_dir:
+        check_output_dir(args.output_dir)
+    if args.baseline_from:  # a torn or mismatched earlier run stops here, not after decoding
+        load_baseline(args.baseline_from, settings, args.target_name_or_path)
     target_dir = resolve_target(args.target_name_or_path)
+    spec = load_family_spec(target_dir)
+    import torch
+
+    from deepspec.drafts import load_draft
+    from deepspec.eval.runner import check_draft_matches_target, evaluate, format_table
+
     torch.manual_seed(args.seed)
     draft = load_draft(args.draft_name_or_path)  # fail here, once, on a bad checkpoint
-    settings = EvalSettings(
-        tasks=tasks,
-        max_samples=args.max_samples,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        confidence_threshold=args.confidence_threshold,
-        seed=args.seed,
-        eval_datasets_dir=args.eval_datasets_dir,
-        output_dir=args.output_dir,
-        baseline=not args.no_baseline,
-        dtype=args.dtype,
-        baseline_from=args.baseline_from,
-    )
-    check_draft_matches_target(draft, load_family_spec(target_dir), args.target_name_or_path)
+    check_draft_matches_target(draft, spec, args.target_name_or_path)
     results = evaluate(
         target_dir,
         args.draft_name_or_path,

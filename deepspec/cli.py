@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 
@@ -12,6 +13,14 @@ def error_line(exc: BaseException) -> str:
     """``error: ...`` for a user error: exactly one line, whatever the message holds."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return f"error: {text}"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` that reports a bad argument as one ``error:`` line (no usage block)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        text = " ".join(message.split())
+        self.exit(2, f"error: {self.prog}: {text} (see --help)\n")
 
 
 def run_main(main: Callable[[], int | None]) -> None:
@@ -30,6 +39,7 @@ def run_main(main: Callable[[], int | None]) -> None:
         user = as_user_error(exc)
         if user is None:
             raise
-        print(error_line(user), file=sys.stderr)
+        if not getattr(user, "reported", False):  # a worker printed its own line already
+            print(error_line(user), file=sys.stderr)
         sys.exit(user.exit_code if isinstance(user, DeepSpecError) else 2)
     sys.exit(code or 0)

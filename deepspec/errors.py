@@ -87,7 +87,9 @@ def as_user_error(exc: BaseException) -> DeepSpecError | None:
     if isinstance(exc, OSError):
         return EnvironmentProblem(describe_os_error(exc))
     if isinstance(exc, json.JSONDecodeError):
-        return DataError(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg} (fix or remove the file)")
+        return DataError(
+            f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg} (fix or remove the file)"
+        )
     kind = f"{type(exc).__module__}.{type(exc).__name__}"
     if kind.startswith("safetensors") or type(exc).__name__ == "SafetensorError":
         return DataError(
@@ -103,8 +105,15 @@ def as_user_error(exc: BaseException) -> DeepSpecError | None:
     return None
 
 
-def check_number(name: str, value: float, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False) -> float:
+def check_number(
+    name: str,
+    value: float,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
     """``value`` if finite and inside the range, else a :class:`ConfigError` naming ``name``.
 
     Used for every numeric command-line argument (``--temperature nan`` must not decode)."""

@@ -23,7 +23,7 @@ for arg in "$@"; do
     --fast) PROFILE=fast ;;
     --gpu) PROFILE=gpu ;;
     -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
-    *) echo "quickstart.sh: unknown option $arg (--fast, --gpu)" >&2; exit 2 ;;
+    *) echo "error: quickstart.sh: unknown option $arg (use --fast or --gpu)" >&2; exit 2 ;;
   esac
 done
 
@@ -51,6 +51,19 @@ TEMPERATURES=${TEMPERATURES:-1.0 0}
 EVAL_DTYPE=${EVAL_DTYPE:-bf16}    # bf16 is this CPU's fast path; fp32 for bit-exact greedy
 ALGOS=${ALGOS:-dspark dflash eagle3}
 WORK=${WORK:-out/quickstart/$PROFILE}
+for var in NUM_PROMPTS MAX_TOKENS STEPS BATCH EVAL_SAMPLES MAX_NEW; do
+  val=${!var}
+  if [ -n "$val" ] && ! [[ "$val" =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: quickstart: $var=$val is not a positive integer (unset it to use the profile's value)" >&2
+    exit 2
+  fi
+done
+for temp in $TEMPERATURES; do
+  if ! [[ "$temp" =~ ^[0-9]+(\.[0-9]+)?$ ]]; then
+    echo "error: quickstart: TEMPERATURES holds '$temp', not a number >= 0 (e.g. TEMPERATURES=\"1.0 0\")" >&2
+    exit 2
+  fi
+done
 start_all=$(date +%s)
 stage() { echo; echo "== $* =="; }
 

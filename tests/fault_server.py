@@ -6,12 +6,18 @@ client timeout, bodies that are not JSON, latency that reorders completions.
 
 ``FaultServer(plan)`` — ``plan(prompt, attempt)`` returns the action for the
 ``attempt``-th request (0-based) carrying that last user message: ``"ok"``, ``"500"``,
-``"400"``, ``"hang"``, ``"badjson"``, ``"empty"`` or ``("ok", delay_seconds)``.
+``"400"``, ``"hang"``, ``"badjson"``, ``"empty"``, ``"drop"`` (close the connection with no
+answer, as a server that died mid-run) or ``("ok", delay_seconds)``.
+
+``model`` is the name ``GET /v1/models`` lists; ``answer(prompt, attempt)`` the text of an
+``"ok"`` (default: names the attempt, to count retries); ``headers`` records the headers (names in lower case) of every
+request (to check what a client sends, e.g. no API key by default).
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections import Counter
@@ -23,10 +29,21 @@ Plan = Callable[[str, int], Any]
 
 
 class FaultServer:
-    def __init__(self, plan: Plan, *, hang_seconds: float = 3.0) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        hang_seconds: float = 3.0,
+        model: str = "fault-model",
+        answer: Callable[[str, int], str] | None = None,
+    ) -> None:
         self.plan = plan
+        self.answer = answer or (lambda prompt, attempt: f"answer to: {prompt[:40]} (attempt {attempt})")
         self.hang_seconds = hang_seconds
+        self.model = model
         self.attempts: Counter = Counter()
+        self.headers: list[dict[str, str]] = []
+        self.request_models: list[str] = []
         self.lock = threading.Lock()
         server = self
 
@@ -42,13 +59,18 @@ class FaultServer:
                 self.wfile.write(body)
 
             def do_GET(self) -> None:
-                self._send(200, json.dumps({"object": "list", "data": [{"id": "fault-model"}]}).encode())
+                with server.lock:
+                    server.headers.append({k.lower(): v for k, v in self.headers.items()})
+                body = {"object": "list", "data": [{"id": server.model, "object": "model", "owned_by": "me"}]}
+                self._send(200, json.dumps(body).encode())
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 request = json.loads(self.rfile.read(length))
                 prompt = request["messages"][-1]["content"]
                 with server.lock:
+                    server.headers.append({k.lower(): v for k, v in self.headers.items()})
+                    server.request_models.append(request.get("model"))
                     attempt = server.attempts[prompt]
                     server.attempts[prompt] += 1
                 action = server.plan(prompt, attempt)
@@ -63,6 +85,9 @@ class FaultServer:
                 elif action == "hang":
                     time.sleep(server.hang_seconds)
                     self._send(200, b"{}")
+                elif action == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
                 elif action == "badjson":
                     self._send(200, b'{"choices": [ this is not json')
                 elif action == "empty":
@@ -70,12 +95,12 @@ class FaultServer:
                         200, json.dumps({"id": "x", "object": "chat.completion", "choices": []}).encode()
                     )
                 else:
-                    answer = f"answer to: {prompt[:40]} (attempt {attempt})"
+                    answer = server.answer(prompt, attempt)
                     body = {
                         "id": "x",
                         "object": "chat.completion",
                         "created": 0,
-                        "model": "fault-model",
+                        "model": server.model,
                         "choices": [
                             {
                                 "index": 0,

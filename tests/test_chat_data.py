@@ -212,6 +212,35 @@ def test_truncation_and_min_loss_tokens(smollm2_tokenizer):
     assert sum(chat.stats.dropped.values()) == 2
 
 
+def test_too_long_prompt_has_its_own_drop_reason(smollm2_tokenizer):
+    conversation = [user("why " * 40), assistant("Because the sky scatters blue light.")]
+    first = ChatTokenizer(smollm2_tokenizer).encode(conversation).loss_mask.index(1)
+    # the window ends right before the first answer token: no answer token fits
+    chat = ChatTokenizer(smollm2_tokenizer, max_length=first, min_loss_tokens=4)
+    assert chat(conversation) is None
+    assert chat.stats.dropped == {"prompt longer than max_length": 1}
+    assert chat([user("q"), assistant("Yes.")]) is None  # a short answer keeps the min-loss reason
+    assert chat.stats.dropped == {"prompt longer than max_length": 1, "with < 4 loss tokens": 1}
+    # two answer tokens fit: too few loss tokens, not a too-long prompt
+    chat = ChatTokenizer(smollm2_tokenizer, max_length=first + 2, min_loss_tokens=4)
+    assert chat(conversation) is None
+    assert chat.stats.dropped == {"with < 4 loss tokens": 1}
+    kept = ChatTokenizer(smollm2_tokenizer, max_length=first + 4, min_loss_tokens=4)(conversation)
+    assert kept is not None and kept.truncated and kept.num_loss_tokens == 4
+
+
+def test_bad_row_hint_names_the_command_line_flag(tmp_path):
+    path = write_lines(tmp_path / "bad.jsonl", [b'{"conversations": [{"role": "user", "content": null}]}'])
+    with pytest.raises(DataError, match=r"bad.jsonl:1: .*skip bad rows with --skip-bad-rows") as info:
+        list(read_conversations(path))
+    assert "skip_bad)" not in str(info.value)
+
+
+def test_reader_refuses_a_directory_with_one_line(tmp_path):
+    with pytest.raises(DataError, match=r"is a directory; pass a JSONL file"):
+        list(read_conversations(tmp_path))
+
+
 def test_missing_template_file(smollm2_tokenizer):
     with pytest.raises(DataError, match="chat template file not found"):
         ChatTokenizer(smollm2_tokenizer, chat_template="/no/such.jinja")

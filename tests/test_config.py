@@ -136,6 +136,11 @@ def test_yacs_style_pairs_and_repeated_opts():
         (["train.warmup_ratio=2"], ["train.warmup_ratio", "<= 1"]),
         (["model.loss_decay_gamma=0"], ["model.loss_decay_gamma", "> 0"]),
         (["train.lr=nan"], ["train.lr", "finite"]),
+        (["train.lr=.inf"], ["train.lr", "finite"]),
+        (["train.lr=-1e-3"], ["train.lr", "> 0"]),
+        (["train.weight_decay=-0.1"], ["train.weight_decay", ">= 0"]),
+        (["train.adam_beta2=1"], ["train.adam_beta2", "< 1"]),
+        (["eval.seed=4294967296"], ["eval.seed", "<= 4294967295"]),
         (["train.global_batch_size=10", "train.local_batch_size=4"], ["not a multiple"]),
         (["model.ce_loss_alpha=0", "model.l1_loss_alpha=0"], ["ce_loss_alpha + l1_loss_alpha"]),
         (["data.chat_template=/no/such/template.jinja"], ["data.chat_template", "neither 'auto'"]),
@@ -168,9 +173,19 @@ def test_python_config_file_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"modle\.block_size.*model\.block_size"):
         load_config(bad_top)
     crashes = tmp_path / "crash.py"
-    crashes.write_text("raise RuntimeError('boom')\n")
-    with pytest.raises(ConfigError, match="failed to run.*boom"):
+    crashes.write_text("algorithm = 'dspark'\nraise RuntimeError('boom')\n")
+    with pytest.raises(ConfigError, match=r"crash\.py:2: the config file raised RuntimeError: boom"):
         load_config(crashes)
+    broken = tmp_path / "broken.py"
+    broken.write_text("model = dict(\n    block_size=3,\n    x=,\n)\n")
+    with pytest.raises(ConfigError, match=r"broken\.py:3:\d+: invalid Python"):
+        load_config(broken)
+    exits = tmp_path / "exits.py"
+    exits.write_text("import sys\nsys.exit(3)\n")
+    with pytest.raises(ConfigError, match=r"exits\.py:2: the config file raised SystemExit"):
+        load_config(exits)
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.py")
     other = tmp_path / "c.toml"
@@ -186,8 +201,26 @@ def test_yaml_config_file(tmp_path):
     )
     cfg = load_config(path, ["model.ttt_length=6"])
     assert cfg.algorithm == "eagle3" and cfg.model.ttt_length == 6 and cfg.train.lr == 1e-4
-    path.write_text("model: [1, 2\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    path.write_text("algorithm: dspark\nmodel: [1, 2\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"c\.yaml:3:1: invalid YAML \(while parsing a flow sequence started "
+        r"at line 2 column 8: .*fix the syntax",
+    ):
+        load_config(path)
+    path.write_text("model:\n  block_size: 3\n  target_layer_ids: [1]\n  block_size: 4\n")
+    with pytest.raises(
+        ConfigError, match=r"c\.yaml:4:3: duplicate key 'block_size' \(first given on line 2\)"
+    ):
+        load_config(path)
+    path.write_text("train:\n  lr: 1.0e-3\ntrain:\n  weight_decay: 0.1\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:3:1: duplicate key 'train'"):
+        load_config(path)
+    path.write_text("base: &b {block_size: 3}\nmodel:\n  <<: *b\n  block_size: 4\n")  # merges may repeat
+    with pytest.raises(ConfigError, match="base.block_size: unknown key"):
+        load_config(path)
+    path.write_text("model:\n")
+    with pytest.raises(ConfigError, match="model: is a section"):
         load_config(path)
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):

@@ -146,6 +146,97 @@ def test_self_draft_accepts_everything_and_stops_at_eos_and_length(tmp_path_fact
     assert plain.output_ids == ref[: eos_at + 1]
 
 
+def test_cache_argument_follows_the_installed_transformers(tmp_path_factory, single_thread):
+    """The KV cache goes in under the name ``forward`` declares (``cache`` in newer 5.x,
+    ``past_key_values`` before), so decoding raises no deprecation warning."""
+    import inspect
+    import warnings
+
+    from deepspec.eval.target import cache_argument
+
+    _, model = tiny_model(tmp_path_factory, "qwen3", vocab=96)
+    declared = inspect.signature(model.forward).parameters
+    assert cache_argument(model) == ("cache" if "cache" in declared else "past_key_values")
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return None
+
+    assert cache_argument(Old()) == "past_key_values"
+    target = HFTarget(model, [0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        plain = plain_generate(target, [5, 9, 3], max_new_tokens=12, temperature=0, eos_ids=set())
+    ref = model.generate(
+        torch.tensor([[5, 9, 3]]), max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0
+    )[0, 3:].tolist()
+    assert plain.output_ids == ref
+
+
+def test_non_finite_draft_is_a_numerical_error_never_a_token(tmp_path_factory, single_thread):
+    """A diverged draft (NaN weights) or one proposing ids outside the vocabulary stops the
+    decode with a one-line NumericalError; nothing out of range is ever emitted."""
+    from deepspec.errors import ConfigError, NumericalError
+
+    target_dir, model = tiny_model(tmp_path_factory, "llama", vocab=96)
+    target = HFTarget(model, [0, 1])
+    diverged = r"non-finite scores \(its training diverged\); use an earlier checkpoint"
+    for (algo, extra), corrupt in itertools.product(DRAFTS, ("nan", "overflow")):
+        draft = draft_for(target_dir, algo, extra)
+        with torch.no_grad():
+            if corrupt == "nan":
+                draft.fc.weight.fill_(float("nan"))
+            else:  # finite weights whose scores overflow to inf
+                draft.fc.weight.fill_(3e38)
+                draft.lm_head.weight.fill_(3e38)
+        for temperature in (0.0, 1.0):
+            with pytest.raises(NumericalError, match=diverged) as info:
+                speculative_generate(
+                    target,
+                    draft,
+                    [5, 9, 3],
+                    max_new_tokens=8,
+                    temperature=temperature,
+                    eos_ids=set(),
+                    generator=torch.Generator().manual_seed(0),
+                )
+            assert "\n" not in str(info.value)
+
+    class OutOfVocab(OracleDraft):
+        def propose(self, state, anchor, temperature=0.0, generator=None):
+            proposal = super().propose(state, anchor, temperature, generator)
+            return Proposal(proposal.tokens + 96, proposal.probs, proposal.logits)
+
+    with pytest.raises(NumericalError, match="outside the vocabulary of 96"):
+        speculative_generate(
+            target,
+            OutOfVocab([1] * 10, 3, 96, k=2),
+            [5, 9, 3],
+            max_new_tokens=8,
+            temperature=0,
+            eos_ids=set(),
+        )
+
+    class NanConfidence(OracleDraft):
+        def propose(self, state, anchor, temperature=0.0, generator=None):
+            p = super().propose(state, anchor, temperature, generator)
+            return Proposal(p.tokens, p.probs, p.logits, torch.full(p.tokens.shape, float("nan")))
+
+    with pytest.raises(NumericalError, match="confidences are NaN"):
+        speculative_generate(
+            target,
+            NanConfidence([1] * 10, 3, 96, k=2),
+            [5, 9, 3],
+            max_new_tokens=8,
+            temperature=0,
+            eos_ids=set(),
+        )
+    for bad in ({"temperature": float("nan")}, {"temperature": -1.0}, {"max_new_tokens": 0}):
+        kwargs = {"max_new_tokens": 4, "temperature": 0.0, **bad}
+        with pytest.raises(ConfigError, match="must be a finite number"):
+            plain_generate(target, [5, 9, 3], eos_ids=set(), **kwargs)
+
+
 # ---- losslessness at temperature 1 ----------------------------------------------------------
 
 V_SMALL = 6

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -46,6 +47,83 @@ def _raise_on_rank1() -> None:
         du.barrier()
     finally:
         du.cleanup()
+
+
+def _listening_sockets() -> list[str]:
+    """Local addresses (hex ``ip:port`` as in /proc/net) of this process's listening TCP sockets."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        with open(table) as fh:
+            for line in fh.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # 0A = LISTEN
+                    found.append(cols[1])
+    return found
+
+
+def _is_loopback(hex_addr: str) -> bool:
+    ip = hex_addr.split(":")[0]
+    if len(ip) == 8:  # IPv4, little-endian: 127.x.x.x ends with 7F
+        return ip.endswith("7F")
+    return ip == "00000000000000000000000001000000" or ip.endswith("0100007F")  # ::1 or ::ffff:127.0.0.1
+
+
+def _record_listeners(out_dir: str) -> None:
+    info = du.init_distributed()
+    try:
+        du.barrier()  # every socket of the job is open now
+        with open(os.path.join(out_dir, f"rank{info.rank}.json"), "w") as fh:
+            json.dump(_listening_sockets(), fh)
+        du.barrier()
+    finally:
+        du.cleanup()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/net")
+def test_single_node_rendezvous_listens_on_loopback_only(tmp_path):
+    du.spawn(_record_listeners, 2, str(tmp_path))
+    listeners = [a for r in range(2) for a in json.loads((tmp_path / f"rank{r}.json").read_text())]
+    assert listeners, "gloo opens listening sockets; none found means the probe is broken"
+    assert all(_is_loopback(a) for a in listeners), listeners
+
+
+def test_the_listener_probe_sees_a_public_socket():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        sock.listen()
+        public = [a for a in _listening_sockets() if not _is_loopback(a)]
+    assert public, "a socket bound to 0.0.0.0 must count as not loopback"
+
+
+def _oserror_on_rank1() -> None:
+    du.init_distributed()
+    try:
+        if du.get_info().rank == 1:
+            open("/nonexistent-dir/deepspec-out.bin", "wb")
+        du.barrier()
+    finally:
+        du.cleanup()
+
+
+@pytest.mark.slow
+def test_an_oserror_in_a_worker_is_one_error_line(capfd):
+    with pytest.raises(du.WorkerFailed, match="worker 1 of 2"):
+        du.spawn(_oserror_on_rank1, 2)
+    err = capfd.readouterr().err
+    assert "error: [rank 1] No such file or directory: /nonexistent-dir/deepspec-out.bin" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.slow

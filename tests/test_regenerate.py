@@ -7,6 +7,7 @@ used only to inject failures a real server does not produce on demand.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -119,6 +120,8 @@ def llama_server(tmp_path_factory):
 @needs_llamacpp
 @pytest.mark.slow
 def test_real_server_regenerates_mini_prompts(llama_server, tmp_path, smollm2_tokenizer):
+    from deepspec.targets import embedded_gguf_path
+
     data, ids = head(MINI, 8, tmp_path / "in.jsonl")
     out = tmp_path / "out.jsonl"
     proc = run_generate(
@@ -142,6 +145,8 @@ def test_real_server_regenerates_mini_prompts(llama_server, tmp_path, smollm2_to
         reference = originals[conv.id]["conversations"][1:]  # some rows ship no answer
         assert answer.strip() and (not reference or answer != reference[0]["content"])
         meta = conv.extra["regenerated"]
+        # llama.cpp lists the GGUF's absolute path; rows carry only its file name
+        assert meta["model"] == os.path.basename(embedded_gguf_path("smollm2-135m-instruct"))
         assert 0 < meta["completion_tokens"] <= 32 and meta["finish_reasons"][0] in ("stop", "length")
         assert conv.extra["source"] == originals[conv.id]["source"]  # extra keys survive
         assert chat(conv.messages).num_loss_tokens > 0
@@ -170,11 +175,16 @@ def test_real_server_sigkill_then_resume_writes_every_id_once(llama_server, tmp_
     assert f"{len(before)} skipped" in resumed.stdout
     written = [r["id"] for r in rows(out)] + [r["id"] for r in rows(tmp_path / "out_error.jsonl")]
     assert Counter(written) == Counter(ids)  # every input id exactly once
+    # greedy decoding: the killed + resumed run equals an uninterrupted one, row for row
+    clean = tmp_path / "clean.jsonl"
+    again = run_generate([a.replace(str(out), str(clean)) for a in args], timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert _sorted_digest(out) == _sorted_digest(clean)
 
 
-def test_unreachable_server_rows_go_to_error_file(tmp_path):
-    data, ids = head(MINI, 8, tmp_path / "in.jsonl")
-    out = tmp_path / "out.jsonl"
+def test_unreachable_server_at_start_is_one_error_and_writes_nothing(tmp_path):
+    data, _ = head(MINI, 8, tmp_path / "in.jsonl")
+    out = tmp_path / "sub" / "out.jsonl"
     port = find_free_port()  # nothing listens there
     proc = run_generate(
         [
@@ -183,13 +193,37 @@ def test_unreachable_server_rows_go_to_error_file(tmp_path):
         ],
         timeout=120,
     )  # fmt: skip
-    assert proc.returncode != 0
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot reach the server at 127.0.0.1:{port}"), (
+        proc.stderr
+    )
+    assert "Connection refused" in lines[0]
+    assert not (tmp_path / "sub").exists()  # no output, no error file, not even the directory
+
+
+def test_server_dying_mid_run_rows_go_to_error_file(tmp_path):
+    """Reachable at the start, then every answer is a dropped connection: per-row retries,
+    then the error file (the original rows kept for a later --retry-errors)."""
+    ids = _write_prompts(tmp_path / "in.jsonl", 8)
+    out = tmp_path / "out.jsonl"
+    with FaultServer(lambda prompt, attempt: "drop") as server:
+        proc = run_generate(
+            [
+                "--server-address", server.address, "--input-file-path", str(tmp_path / "in.jsonl"),
+                "--output-file-path", str(out), "--max-retries", "1", "--retry-backoff", "0.01",
+            ],
+            timeout=120,
+        )  # fmt: skip
+        attempts = dict(server.attempts)
+    assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: 8 of 8 rows failed"), proc.stderr
     errors = rows(tmp_path / "out_error.jsonl")
     assert sorted(e["id"] for e in errors) == sorted(ids)
     assert all("connection failed" in e["error"] and "after 2 attempts" in e["error"] for e in errors)
     assert all(e["conversations"] for e in errors)  # the original row is kept for a retry
+    assert attempts == {f"prompt {i}": 2 for i in range(8)}
     assert not rows(out)
 
 
@@ -246,6 +280,16 @@ def test_faults_are_retried_and_counts_reconcile(tmp_path):
     assert summary.completion_tokens == 7 * 22
 
 
+def _sorted_digest(path):
+    """SHA-256 of a row file's lines in id order (rows are written in completion order)."""
+    lines = sorted(open(path, encoding="utf-8").read().splitlines(), key=lambda line: json.loads(line)["id"])
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest(), len(lines)
+
+
+def _deterministic_answer(prompt, attempt):
+    return f"answer to: {prompt}"  # the same whichever attempt answers (kills retry rows)
+
+
 def test_sigkill_with_many_rows_in_flight_then_resume(tmp_path):
     ids = _write_prompts(tmp_path / "in.jsonl", 240)
     out = tmp_path / "out.jsonl"
@@ -263,8 +307,10 @@ def test_sigkill_with_many_rows_in_flight_then_resume(tmp_path):
         str(out),
         "--concurrency",
         "16",
+        "--temperature",
+        "0",
     ]
-    with FaultServer(plan) as server:
+    with FaultServer(plan, answer=_deterministic_answer) as server:
         args += ["--server-address", server.address, "--retry-backoff", "0.01"]
         proc = subprocess.Popen([sys.executable, GENERATE, "--no-progress", *args], cwd=ROOT)
         deadline = time.time() + 120
@@ -277,13 +323,69 @@ def test_sigkill_with_many_rows_in_flight_then_resume(tmp_path):
         assert 60 <= len(first) < 240
         assert first != sorted(first, key=lambda s: int(s[1:]))  # written in completion order
         resumed = run_generate([*args, "--resume"], timeout=120)
-    assert resumed.returncode == 1  # some rows were answered with HTTP 400
+        clean_args = [a.replace(str(out), str(tmp_path / "clean.jsonl")) for a in args]
+        clean = run_generate(clean_args, timeout=120)  # the same run, never interrupted
+    assert resumed.returncode == 1 and clean.returncode == 1  # some rows were answered with HTTP 400
     counts = re.search(r"(\d+) ok, (\d+) failed, (\d+) skipped \(already done\) of 240", resumed.stdout)
     ok, failed, skipped = map(int, counts.groups())
     assert ok + failed + skipped == 240 and skipped == len(first) + len(failed_first)  # counts reconcile
     written = [r["id"] for r in rows(out)] + [r["id"] for r in rows(tmp_path / "out_error.jsonl")]
     assert Counter(written) == Counter(ids)
     assert len(rows(tmp_path / "out_error.jsonl")) == sum(1 for i in range(240) if i % 37 == 5)
+    # killed + resumed == uninterrupted, byte for byte once put in id order
+    assert _sorted_digest(out) == _sorted_digest(tmp_path / "clean.jsonl")
+    assert _sorted_digest(tmp_path / "out_error.jsonl") == _sorted_digest(tmp_path / "clean_error.jsonl")
+
+
+def test_sigkill_during_overwrite_keeps_the_previous_output(tmp_path):
+    """--overwrite writes beside the output; a kill leaves the previous output intact and
+    --overwrite --resume finishes the new run, which then replaces it."""
+    ids = _write_prompts(tmp_path / "in.jsonl", 120)
+    out, err = tmp_path / "out.jsonl", tmp_path / "out_error.jsonl"
+    old_rows = "".join(json.dumps({"id": i, "conversations": [], "old": True}) + "\n" for i in ids)
+    out.write_text(old_rows)
+    err.write_text(json.dumps({"id": "p0", "error": "old"}) + "\n")
+    args = [
+        "--input-file-path", str(tmp_path / "in.jsonl"), "--output-file-path", str(out),
+        "--concurrency", "8", "--overwrite",
+    ]  # fmt: skip
+    partial = tmp_path / "out.jsonl.partial"
+    with FaultServer(lambda p, a: ("ok", 0.02), answer=_deterministic_answer) as server:
+        args += ["--server-address", server.address]
+        proc = subprocess.Popen([sys.executable, GENERATE, "--no-progress", *args], cwd=ROOT)
+        deadline = time.time() + 120
+        while len(rows(partial)) < 20 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert out.read_text() == old_rows and rows(err) == [{"id": "p0", "error": "old"}]
+        done = len(rows(partial))
+        assert 20 <= done < 120
+        resumed = run_generate([*args, "--resume"], timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{done} skipped" in resumed.stdout
+    new = rows(out)
+    assert Counter(r["id"] for r in new) == Counter(ids) and not any(r.get("old") for r in new)
+    assert not err.exists() and not partial.exists()  # the old error file went with the old output
+    assert not (tmp_path / "out_error.jsonl.partial").exists()
+
+
+def test_overwrite_stopped_early_keeps_the_previous_output(tmp_path):
+    _write_prompts(tmp_path / "in.jsonl", 6)
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"id": "p0", "conversations": []}) + "\n")
+    before = out.read_bytes()
+    args = [
+        "--input-file-path", str(tmp_path / "in.jsonl"), "--output-file-path", str(out), "--overwrite",
+        "--max-consecutive-failures", "2", "--concurrency", "1", "--max-retries", "0",
+    ]  # fmt: skip
+    with FaultServer(lambda p, a: "400") as server:
+        proc = run_generate([*args, "--server-address", server.address], timeout=60)
+    assert proc.returncode == 2 and out.read_bytes() == before
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "stopped after 2 rows failed in a row" in lines[0]
+    assert f"the previous {out} is unchanged" in lines[0] and "--overwrite --resume" in lines[0]
+    assert len(rows(tmp_path / "out_error.jsonl.partial")) == 2
 
 
 def test_resume_repairs_a_cut_line_and_retry_errors(tmp_path):
@@ -375,6 +477,100 @@ def test_sampling_params_reach_the_server_body():
     assert extra["repetition_penalty"] == extra["repeat_penalty"] == 1.1
     assert extra["chat_template_kwargs"] == {"enable_thinking": False}
     assert "extra_body" not in SamplingParams().openai_kwargs()
+
+
+def test_no_api_key_is_sent_unless_asked(tmp_path):
+    """OPENAI_* variables of the environment never reach a --server-address; --api-key-env
+    NAME sends that variable's value and nothing else."""
+    _write_prompts(tmp_path / "in.jsonl", 2)
+    secret_env = {
+        "OPENAI_API_KEY": "sk-secret-key",
+        "OPENAI_ORG_ID": "org-secret",
+        "OPENAI_PROJECT_ID": "proj-secret",
+        "OPENAI_CUSTOM_HEADERS": "X-Leak: secret-header",
+        "MY_SERVER_KEY": "local-key-123",
+    }
+    env = {**os.environ, **secret_env}
+    with FaultServer(lambda p, a: "ok") as server:
+        base = ["--server-address", server.address, "--input-file-path", str(tmp_path / "in.jsonl")]
+        plain = run_generate([*base, "--output-file-path", str(tmp_path / "a.jsonl")], env=env, timeout=60)
+        default_headers, server.headers = server.headers, []
+        keyed = run_generate(
+            [*base, "--output-file-path", str(tmp_path / "b.jsonl"), "--api-key-env", "MY_SERVER_KEY"],
+            env=env,
+            timeout=60,
+        )
+        keyed_headers = server.headers
+    assert plain.returncode == 0 and keyed.returncode == 0, plain.stderr + keyed.stderr
+    assert len(default_headers) == 3 and len(keyed_headers) == 3  # GET /v1/models + 2 rows each
+    for headers in default_headers:
+        assert headers.get("authorization") == "Bearer EMPTY"
+        assert "secret" not in json.dumps(headers)
+    for headers in keyed_headers:
+        assert headers.get("authorization") == "Bearer local-key-123"
+        assert "secret" not in json.dumps(headers)
+
+
+def test_recorded_model_name_is_never_a_local_path(tmp_path):
+    """llama.cpp lists the absolute path of its GGUF; rows record the file name only, and
+    requests still name the model as the server lists it."""
+    _write_prompts(tmp_path / "in.jsonl", 3)
+    listed = "/home/someone/private/models/Target-1B.Q8_0.gguf"
+    for model in (None, "Target-1B.Q8_0.gguf", "Target-1B.Q8_0"):
+        out = tmp_path / f"out_{model}.jsonl"
+        with FaultServer(lambda p, a: "ok", model=listed) as server:
+            summary = run_regeneration(
+                OpenAIBackend([server.address], model, timeout=5),
+                _opts(tmp_path / "in.jsonl", out),
+                SamplingParams(),
+            )
+            sent = set(server.request_models)
+        assert summary.ok == 3 and sent == {listed}
+        recorded = {r["regenerated"]["model"] for r in rows(out)}
+        assert recorded == {model or "Target-1B.Q8_0.gguf"}, model
+
+
+def test_model_mismatch_is_refused_before_anything_is_written(tmp_path):
+    _write_prompts(tmp_path / "in.jsonl", 2)
+    out = tmp_path / "o" / "out.jsonl"
+    with (
+        FaultServer(lambda p, a: "ok", model="Qwen/Qwen3-4B") as a,
+        FaultServer(lambda p, a: "ok", model="/srv/models/Llama-3.1-8B") as b,
+    ):
+        wrong = run_generate(
+            ["--server-address", a.address, "--model", "Qwen/Qwen3-8B", "--input-file-path",
+             str(tmp_path / "in.jsonl"), "--output-file-path", str(out)],
+            timeout=60,
+        )  # fmt: skip
+        mixed = run_generate(
+            ["--server-address", a.address, b.address, "--input-file-path", str(tmp_path / "in.jsonl"),
+             "--output-file-path", str(out)],
+            timeout=60,
+        )  # fmt: skip
+        posts = a.request_models + b.request_models
+    assert wrong.returncode == 2 and wrong.stderr.count("error:") == 1
+    assert f"the server at {a.address} serves 'Qwen/Qwen3-4B', not --model 'Qwen/Qwen3-8B'" in wrong.stderr
+    assert mixed.returncode == 2 and mixed.stderr.count("error:") == 1
+    assert "serve different models ('Qwen/Qwen3-4B'" in mixed.stderr and "'Llama-3.1-8B'" in mixed.stderr
+    assert "/srv/models" not in mixed.stderr
+    assert not posts and not (tmp_path / "o").exists()
+
+
+def test_skip_bad_rows_counts_what_it_skips(tmp_path):
+    ids = _write_prompts(tmp_path / "in.jsonl", 4)
+    with open(tmp_path / "in.jsonl", "a", encoding="utf-8") as fh:
+        fh.write('{"id": "broken", "conversations": [\n')
+        fh.write(json.dumps({"id": "norole", "conversations": [{"content": "x"}]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    with FaultServer(lambda p, a: "ok") as server:
+        base = ["--server-address", server.address, "--input-file-path", str(tmp_path / "in.jsonl"),
+                "--output-file-path", str(out)]  # fmt: skip
+        strict = run_generate(base, timeout=60)
+        assert strict.returncode == 2 and "in.jsonl:5:" in strict.stderr and not out.exists()
+        lenient = run_generate([*base, "--skip-bad-rows"], timeout=60)
+    assert lenient.returncode == 0, lenient.stderr
+    assert "2 malformed rows skipped" in lenient.stdout
+    assert sorted(r["id"] for r in rows(out)) == sorted(ids)
 
 
 def test_hf_engine_generates_with_a_tiny_target(tmp_path, tiny_target):

@@ -220,48 +220,77 @@ def test_layout_sizes_match_the_formula():
 # ---- crash safety --------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_sigkill_mid_run_leaves_no_manifest_and_resume_equals_uninterrupted(tmp_path, tiny):
-    data = head(40, tmp_path / "data.jsonl")
-    cfg = tmp_path / "cfg.yaml"
+@pytest.fixture(scope="module")
+def kill_setup(tmp_path_factory, tiny):
+    """40 rows, one row per shard, and their cache built without interruption."""
+    root = tmp_path_factory.mktemp("kill")
+    data = head(40, root / "data.jsonl")
+    cfg = root / "cfg.yaml"
     cfg.write_text(
         f"model:\n  target_model_name_or_path: {tiny}\n  target_layer_ids: {LAYERS}\n"
         f"data:\n  max_length: {MAX_LENGTH}\n  min_loss_tokens: {MIN_LOSS}\n"
     )
+    whole = root / "whole"
+    build_target_cache(options(whole, tiny, data, rows_per_shard=1, local_batch_size=1))
+    return data, cfg, whole
+
+
+def assert_same_cache(a_dir, b_dir):
+    """Two caches hold the same samples, byte for byte (the manifest up to its date)."""
+    a, b = CacheDataset(a_dir), CacheDataset(b_dir)
+    ma = {k: v for k, v in a.manifest.items() if k not in ("created_at", "manifest_checksum")}
+    mb = {k: v for k, v in b.manifest.items() if k not in ("created_at", "manifest_checksum")}
+    assert ma == mb
+    assert (a_dir / INDEX).read_bytes() == (b_dir / INDEX).read_bytes()
+    for shard in a.shards:
+        assert (a_dir / shard["file"]).read_bytes() == (b_dir / shard["file"]).read_bytes()
+    for i in range(len(a)):  # and every sample reads back verified
+        assert torch.equal(a[i]["hidden_states"], b[i]["hidden_states"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkill_mid_run_leaves_no_manifest_and_resume_equals_uninterrupted(
+    tmp_path, tiny, kill_setup, nproc
+):
+    data, cfg, whole = kill_setup
     out = tmp_path / "killed"
     args = [
         sys.executable, PREPARE, "--config", str(cfg), "--train-data-path", data, "--output-dir", str(out),
         "--rows-per-shard", "1", "--local-batch-size", "1", "--target-dtype", "fp32", "--no-progress",
+        "--nproc", str(nproc),
     ]  # fmt: skip
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = out / "shards" / "shard-00001.json"
-    deadline = time.time() + 180
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
+    # own session: SIGKILL reaches the launcher and its spawned workers at once
+    proc = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 240
+    while len(list(out.glob("shards/shard-*.json"))) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    time.sleep(0.5)  # let the killed workers go
     done = sorted(p.name for p in (out / "shards").glob("shard-*.json"))
     assert 2 <= len(done) < 40, "the kill must land mid-run"
     assert not (out / MANIFEST).exists()
     with pytest.raises(DataError, match="incomplete: no manifest.json") as exc:
         CacheDataset(out)
     one_line(exc)
+    reader = subprocess.run(
+        [sys.executable, "-m", "deepspec.data.cache_reader", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert reader.returncode == 2 and reader.stderr.count("error:") == 1 and "incomplete" in reader.stderr
     with pytest.raises(DataError, match="pass --resume"):
         build_target_cache(options(out, tiny, data, rows_per_shard=1, local_batch_size=1))
+    done = sorted(p.name for p in (out / "shards").glob("shard-*.json"))  # the workers are gone now
     resumed = subprocess.run([*args, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"({len(done)}/40 shards done)" in resumed.stdout  # finished shards were not redone
     assert not list((out / "shards").glob(".*.tmp"))
-
-    whole = tmp_path / "whole"
-    build_target_cache(options(whole, tiny, data, rows_per_shard=1, local_batch_size=1))
-    a, b = CacheDataset(out), CacheDataset(whole)
-    ma = {k: v for k, v in a.manifest.items() if k not in ("created_at", "manifest_checksum")}
-    mb = {k: v for k, v in b.manifest.items() if k not in ("created_at", "manifest_checksum")}
-    assert ma == mb
-    assert (out / INDEX).read_bytes() == (whole / INDEX).read_bytes()
-    for shard in a.shards:
-        assert (out / shard["file"]).read_bytes() == (whole / shard["file"]).read_bytes()
+    assert_same_cache(out, whole)
 
 
 # ---- corruption: each rejected with one line, also under python -O ------------------------
@@ -376,6 +405,210 @@ def test_validation_survives_python_O(cache_copy):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: target cache") and "failed its checksum" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+
+
+# ---- per-sample verification: token ids, caches without a recorded vocabulary -------------
+
+
+def reseal(path):
+    """Recompute every checksum of a cache from its current bytes (a cache written wrong, not
+    damaged afterwards: only the content checks can catch it)."""
+    import xxhash
+
+    from deepspec.data.cache_format import INDEX_DTYPE, manifest_checksum
+
+    manifest = json.loads((path / MANIFEST).read_text())
+    index = np.fromfile(path / INDEX, dtype=INDEX_DTYPE)
+    layout = SampleLayout(len(manifest["layer_ids"]), manifest["target"]["hidden_size"],
+                          manifest["storage"]["hidden_dtype"])  # fmt: skip
+    for k in range(len(index)):
+        data = (path / manifest["shards"][int(index[k]["shard"])]["file"]).read_bytes()
+        start = int(index[k]["offset"])
+        index[k]["checksum"] = xxhash.xxh3_64_intdigest(
+            data[start : start + layout.block_bytes(int(index[k]["seq_len"]))]
+        )
+    (path / INDEX).write_bytes(index.tobytes())
+    manifest["index"]["checksum"] = "xxh3-128:" + xxhash.xxh3_128_hexdigest(index.tobytes())
+    for shard in manifest["shards"]:
+        shard["checksum"] = "xxh3-128:" + xxhash.xxh3_128_hexdigest((path / shard["file"]).read_bytes())
+    manifest["manifest_checksum"] = manifest_checksum(manifest)
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+def set_token(path, sample, position, token):
+    cache = CacheDataset(path)
+    rec = cache.index[sample]
+    with open(path / cache.shards[int(rec["shard"])]["file"], "r+b") as fh:
+        fh.seek(int(rec["offset"]) + 4 * position)
+        fh.write(np.array([token], dtype="<i4").tobytes())
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_on_read(cache_copy):
+    cache = CacheDataset(cache_copy)
+    assert cache.vocab_size == cache.manifest["target"]["vocab_size"] == 49152
+    for token in (49152, -1):
+        set_token(cache_copy, 3, 5, token)
+        reseal(cache_copy)
+        cache = CacheDataset(cache_copy)
+        cache.verify_shards()  # every checksum agrees: only the id check sees it
+        with pytest.raises(
+            DataError,
+            match=rf"sample 3 \(row \d+\) in shards/shard-\d+.bin holds token id {token} outside the target's "
+            r"vocabulary \[0, 49152\); .*rebuild it",
+        ) as exc:
+            cache[3]
+        one_line(exc)
+        assert all(cache[i]["input_ids"].numel() for i in range(len(cache)) if i != 3)
+
+
+def test_cache_without_a_recorded_vocab_size_is_read_and_checked_against_the_target(cache_copy, tiny):
+    set_token(cache_copy, 2, 0, 60000)
+    manifest = json.loads((cache_copy / MANIFEST).read_text())
+    del manifest["target"]["vocab_size"]  # as written by deepspec before it was recorded
+    (cache_copy / MANIFEST).write_text(json.dumps(manifest))
+    reseal(cache_copy)
+    old = CacheDataset(cache_copy)
+    assert old.vocab_size is None and old[2]["input_ids"][0] == 60000  # nothing to check against
+    checked = validate_cache_for_config(cache_copy, config_for(tiny), tiny)
+    assert checked.vocab_size == 49152
+    with pytest.raises(DataError, match="holds token id 60000 outside the target's vocabulary"):
+        checked[2]
+    assert CacheDataset(cache_copy, vocab_size=49152).vocab_size == 49152
+
+
+def test_per_sample_verification_is_on_by_default_and_covers_every_byte(cache_copy):
+    cache = CacheDataset(cache_copy)
+    assert cache.verify_samples
+    rec = cache.index[1]
+    end = int(rec["offset"]) + cache.layout.block_bytes(int(rec["seq_len"])) - 1  # last padding byte
+    flip_byte(cache_copy / cache.shards[int(rec["shard"])]["file"], end)
+    with pytest.raises(DataError, match=r"sample 1 \(row \d+\) in shards/shard-\d+.bin failed its checksum"):
+        CacheDataset(cache_copy)[1]
+
+
+# ---- --resume verifies a finished cache and repairs what is damaged ------------------------
+
+
+def test_resume_rebuilds_corrupt_and_deleted_shards_of_a_complete_cache(built_cache, tmp_path, tiny, capsys):
+    src, data = built_cache
+    out = tmp_path / "cache"
+    shutil.copytree(src, out)
+    flip_byte(out / "shards" / "shard-00001.bin", 3000)
+    os.unlink(out / "shards" / "shard-00002.bin")
+    capsys.readouterr()
+    result = build_target_cache(options(out, tiny, data, resume=True))
+    printed = capsys.readouterr().out
+    assert "is damaged" in printed and "rebuilding" in printed and "already a complete" not in printed
+    original = CacheDataset(src)
+    assert result.samples_written == sum(original.shards[k]["samples"] for k in (1, 2))
+    assert_same_cache(out, src)
+    again = build_target_cache(options(out, tiny, data, resume=True))  # now sound: nothing to do
+    assert again.samples_written == 0 and "already a complete target cache" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["manifest", "index"])
+def test_resume_repairs_a_damaged_manifest_or_index(built_cache, tmp_path, tiny, damage):
+    src, data = built_cache
+    out = tmp_path / "cache"
+    shutil.copytree(src, out)
+    if damage == "manifest":
+        (out / MANIFEST).write_text("{truncated")
+    else:
+        flip_byte(out / INDEX, 20)
+    with pytest.raises(DataError):
+        CacheDataset(out)
+    result = build_target_cache(options(out, tiny, data, resume=True))
+    assert result.samples_written == 0  # the shards were sound: only index and manifest rewritten
+    assert_same_cache(out, src)
+
+
+def test_resume_leaves_a_cache_of_another_format_version_alone(built_cache, tmp_path, tiny):
+    from deepspec.data.cache_format import manifest_checksum
+
+    src, data = built_cache
+    out = tmp_path / "cache"
+    shutil.copytree(src, out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["version"] = 2
+    manifest["manifest_checksum"] = manifest_checksum(manifest)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(DataError, match=r"holds a version 2 target cache; .* pass --overwrite") as exc:
+        build_target_cache(options(out, tiny, data, resume=True))
+    one_line(exc)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_resume_of_an_unfinished_cache_rehashes_its_finished_shards(built_cache, tmp_path, tiny, capsys):
+    src, data = built_cache
+    out = tmp_path / "cache"
+    shutil.copytree(src, out)
+    os.unlink(out / MANIFEST)  # as if killed before finalising
+    flip_byte(out / "shards" / "shard-00000.bin", 100)
+    litter = [out / "shards" / ".shard-00002.bin.tmp", out / "shards" / ".shard-00003.json.k1ll3d.tmp",
+              out / ".manifest.json.x7.tmp"]  # fmt: skip
+    for path in litter:  # what a writer killed mid-write leaves
+        path.write_bytes(b"partial")
+    capsys.readouterr()
+    result = build_target_cache(options(out, tiny, data, resume=True))
+    assert "rebuilding damaged shard(s)" in capsys.readouterr().out
+    assert result.samples_written == CacheDataset(src).shards[0]["samples"]
+    assert_same_cache(out, src)
+    assert not any(path.exists() for path in litter)
+
+
+# ---- empty results, truncation and too-long prompts ----------------------------------------
+
+
+def test_empty_or_fully_dropped_input_is_refused_and_leaves_no_cache(tmp_path, tiny):
+    from deepspec.data.cache_writer import ShardWriter, finalize_cache
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match=r"empty.jsonl holds no conversations \(2 blank line\(s\)") as exc:
+        build_target_cache(options(tmp_path / "a", tiny, empty))
+    one_line(exc)
+    assert not (tmp_path / "a").exists()  # refused before the output directory is touched
+    no_answers = tmp_path / "questions.jsonl"
+    no_answers.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": f"q{i}"}]}) + "\n"
+                                  for i in range(5)))  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=rf"all 5 conversation\(s\) of .*questions.jsonl were dropped \(5 with < {MIN_LOSS} loss",
+    ) as exc:
+        build_target_cache(options(tmp_path / "b", tiny, no_answers))
+    one_line(exc)
+    assert not os.listdir(tmp_path / "b")  # no manifest, no plan: not even an unfinished cache
+    build_target_cache(options(tmp_path / "b", tiny, head(4, tmp_path / "ok.jsonl")))  # a fresh start works
+    assert len(CacheDataset(tmp_path / "b")) > 0
+    # every sample lost later (non-finite hidden states): finalising refuses, no manifest
+    out = tmp_path / "c"
+    writer = ShardWriter(str(out), 0, SampleLayout(3, 64, "bf16"))
+    writer.commit({"rows": [0, 4], "dropped": {}, "nonfinite_rows": [0, 1, 2, 3]})
+    with pytest.raises(DataError, match=r"no sample was written \(4 had non-finite hidden states"):
+        finalize_cache(str(out), {}, 1, {})
+    assert not (out / MANIFEST).exists()
+
+
+def test_truncated_samples_and_too_long_prompts_are_counted(tmp_path, tiny, capsys):
+    def row(question, answer):
+        return json.dumps({"conversations": [{"role": "user", "content": question},
+                                             {"role": "assistant", "content": answer}]}) + "\n"  # fmt: skip
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        row("What is two plus two?", "Two plus two equals four, since adding two and two gives four.")
+        + row("why " * 400, "Because of Rayleigh scattering.")  # the prompt alone exceeds max_length
+        + row("Tell me a long story.", "Once upon a time " * 100)  # kept, cut at max_length
+    )
+    build_target_cache(options(tmp_path / "cache", tiny, data))
+    counts = CacheDataset(tmp_path / "cache").manifest["counts"]
+    assert counts["dropped"] == {"prompt longer than max_length": 1}
+    assert counts["truncated"] == 1 and counts["samples"] == 2
+    assert list(CacheDataset(tmp_path / "cache").lengths).count(MAX_LENGTH) == 1
+    printed = capsys.readouterr().out
+    assert f"truncated at max_length={MAX_LENGTH}: 1;" in printed
+    assert "'prompt longer than max_length': 1" in printed
 
 
 # ---- NaN hidden states, directory guards, disk space --------------------------------------

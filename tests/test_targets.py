@@ -83,7 +83,7 @@ def test_unsupported_family_lists_supported():
 
 
 def test_resolve_errors(tmp_path):
-    with pytest.raises(TargetError, match="not found"):
+    with pytest.raises(TargetError, match="target directory .*nope does not exist"):
         resolve_target(str(tmp_path / "nope"))
     with pytest.raises(TargetError, match="has no config.json"):
         resolve_target(str(tmp_path))

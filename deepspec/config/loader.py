@@ -15,6 +15,7 @@ import difflib
 import math
 import os
 import runpy
+import traceback
 import types
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -127,6 +128,11 @@ def coerce_value(field: Field, value: Any) -> Any:
     raise AssertionError(f"unknown field kind {kind}")
 
 
+def _bound(x: float) -> str:
+    """A bound as written: ``4294967295`` rather than ``4.29497e+09``."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 2**63 else f"{x:g}"
+
+
 def _check_bounds(field: Field, value: Any) -> str | None:
     """Return why ``value`` is out of ``field``'s allowed range, or None."""
     if value is None:
@@ -138,11 +144,13 @@ def _check_bounds(field: Field, value: Any) -> str | None:
         if not isinstance(v, int | float) or isinstance(v, bool):
             continue
         if field.minimum is not None and v < field.minimum:
-            return f"{_describe(value)} is invalid, must be >= {field.minimum:g}"
+            return f"{_describe(value)} is invalid, must be >= {_bound(field.minimum)}"
         if field.exclusive_minimum is not None and v <= field.exclusive_minimum:
-            return f"{_describe(value)} is invalid, must be > {field.exclusive_minimum:g}"
+            return f"{_describe(value)} is invalid, must be > {_bound(field.exclusive_minimum)}"
         if field.maximum is not None and v > field.maximum:
-            return f"{_describe(value)} is invalid, must be <= {field.maximum:g}"
+            return f"{_describe(value)} is invalid, must be <= {_bound(field.maximum)}"
+        if field.exclusive_maximum is not None and v >= field.exclusive_maximum:
+            return f"{_describe(value)} is invalid, must be < {_bound(field.exclusive_maximum)}"
     return None
 
 
@@ -190,17 +198,77 @@ def _set(cfg: CfgNode, key: str, value: Any) -> None:
 # --------------------------------------------------------------------------------------
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *anchor` merges may repeat keys by design
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"duplicate key {key!r} (first given on line {first.line + 1}); keep one of them",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(path: str, exc: yaml.YAMLError) -> ConfigError:
+    """``file:line:column: reason`` for a YAML syntax or construction error."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+    problem = getattr(exc, "problem", None) or (str(exc).splitlines() or ["unreadable"])[0]
+    if problem.startswith("duplicate key"):
+        return ConfigError(f"{where}: {problem}")
+    context = getattr(exc, "context", None)
+    start = getattr(exc, "context_mark", None)
+    if context and start is not None and mark is not None and start.line != mark.line:
+        context = f"{context} started at line {start.line + 1} column {start.column + 1}"
+    reason = f"{context}: {problem}" if context else problem
+    return ConfigError(f"{where}: invalid YAML ({reason}); fix the syntax there")
+
+
+def _python_error(path: str, exc: BaseException) -> ConfigError:
+    """``file:line: reason`` for a Python config that does not compile or raises."""
+    if isinstance(exc, SyntaxError):
+        where = f"{path}:{exc.lineno}" + (f":{exc.offset}" if exc.offset else "")
+        return ConfigError(f"{where}: invalid Python: {exc.msg}; fix the syntax there")
+    real = os.path.realpath(path)
+    line = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename and os.path.realpath(frame.filename) == real:
+            line = frame.lineno
+    where = f"{path}:{line}" if line else path
+    text = " ".join(str(exc).split()) or "no message"
+    return ConfigError(f"{where}: the config file raised {type(exc).__name__}: {text}; fix the file")
+
+
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a Python or YAML config file into a flat ``{key.path: value}`` dict."""
+    """Read a Python or YAML config file into a flat ``{key.path: value}`` dict.
+
+    Problems are one :class:`ConfigError` naming ``file:line[:column]``: YAML syntax errors,
+    a key given twice in one YAML mapping, a Python config that does not compile or raises."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path} is a directory; give --config a .py or .yaml file")
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path} (give --config a .py or .yaml file)")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".py":
         try:
             namespace = runpy.run_path(path)
-        except Exception as exc:  # a config file that does not run
-            raise ConfigError(f"config file {path} failed to run: {type(exc).__name__}: {exc}") from exc
+        except (Exception, SystemExit) as exc:  # a config file that does not run
+            raise _python_error(path, exc) from None
         tree = {
             name: value
             for name, value in namespace.items()
@@ -210,9 +278,13 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     elif ext in (".yaml", ".yml"):
         try:
             with open(path, encoding="utf-8") as fh:
-                tree = yaml.safe_load(fh) or {}
+                tree = yaml.load(fh, Loader=_StrictLoader) or {}  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+            raise _yaml_error(path, exc) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+            ) from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(tree).__name__}")
     else:
@@ -278,6 +350,9 @@ def build_config(layers: Sequence[tuple[str, Mapping[str, Any]]], *, finalize: b
     for source, layer in layers:
         for key, value in layer.items():
             field = FIELDS_BY_KEY.get(key)
+            if field is None and key in SECTIONS:
+                problems.add(key, f"is a section: give it a mapping of keys, not {_describe(value)}", source)
+                continue
             if field is None:
                 problems.add(key, _unknown_key_message(key), source)
                 continue

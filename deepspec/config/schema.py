@@ -32,8 +32,9 @@ class Field:
     """One config key.
 
     ``kind`` is one of ``int``, ``float``, ``bool``, ``str``, ``list[int]``, ``list[str]``.
-    ``optional`` allows ``None``. ``minimum``/``exclusive_minimum``/``maximum`` bound numbers
-    (and list items for ``list[int]``).
+    ``optional`` allows ``None``. ``minimum``/``exclusive_minimum``/``maximum``/
+    ``exclusive_maximum`` bound numbers (and list items for ``list[int]``). Floats are always
+    finite (NaN and inf are refused).
     """
 
     key: str
@@ -45,6 +46,7 @@ class Field:
     minimum: float | None = None
     exclusive_minimum: float | None = None
     maximum: float | None = None
+    exclusive_maximum: float | None = None
 
 
 def _f(key: str, default: Any, kind: str, help: str, **kw: Any) -> Field:
@@ -151,8 +153,8 @@ FIELDS: tuple[Field, ...] = (
         "train.warmup_ratio", 0.04, "float", "Fraction of steps with linear warmup.", minimum=0.0, maximum=1.0
     ),
     _f("train.weight_decay", 0.0, "float", "AdamW weight decay.", minimum=0.0),
-    _f("train.adam_beta1", 0.9, "float", "AdamW beta1.", minimum=0.0, maximum=1.0),
-    _f("train.adam_beta2", 0.95, "float", "AdamW beta2.", minimum=0.0, maximum=1.0),
+    _f("train.adam_beta1", 0.9, "float", "AdamW beta1 (in [0, 1)).", minimum=0.0, exclusive_maximum=1.0),
+    _f("train.adam_beta2", 0.95, "float", "AdamW beta2 (in [0, 1)).", minimum=0.0, exclusive_maximum=1.0),
     _f("train.precision", "bf16", "str", "Training precision.", choices=("bf16", "fp32")),
     _f("train.local_batch_size", 1, "int", "Sequences per worker per micro-step.", minimum=1),
     _f("train.global_batch_size", 512, "int", "Sequences per optimizer step over all workers.", minimum=1),
@@ -245,7 +247,7 @@ FIELDS: tuple[Field, ...] = (
         minimum=0.0,
         maximum=1.0,
     ),
-    _f("eval.seed", 980406, "int", "Seed for prompt subsampling and sampling.", minimum=0),
+    _f("eval.seed", 980406, "int", "Seed for prompt subsampling and sampling.", minimum=0, maximum=2**32 - 1),
     _f("eval.eval_datasets_dir", "eval_datasets", "str", "Folder with <task>.jsonl prompt files."),
 )
 

@@ -17,17 +17,23 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from jinja2 import TemplateError
 
 from deepspec.data.cache_format import SampleLayout
 from deepspec.data.cache_plan import (
     CacheBuildOptions,
+    check_complete_cache,
+    check_not_empty,
     check_options,
+    drop_damaged_shards,
     estimate_and_check_disk,
+    forget_fresh_start,
     human_bytes,
     log_main,
     make_plan,
@@ -37,7 +43,7 @@ from deepspec.data.cache_plan import (
 from deepspec.data.cache_writer import ShardWriter, finalize_cache, load_commit_record
 from deepspec.data.conversations import ReadStats, read_conversations
 from deepspec.data.target_features import TargetFeatureExtractor
-from deepspec.errors import DataError
+from deepspec.errors import DataError, DeepSpecError, as_user_error
 from deepspec.utils import distributed as dist_utils
 
 TARGET_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -67,17 +73,19 @@ def _init_tokenizer(target_dir: str, kwargs: dict[str, Any]) -> None:
 
 
 def _tokenize_one(item: tuple[int, list[dict[str, str]]]) -> tuple[int, Any]:
-    """``(row, messages)`` → ``(row, (input_ids int32, loss_mask uint8))`` or ``(row, reason)``."""
+    """``(row, messages)`` → ``(row, (input_ids int32, loss_mask uint8, truncated))`` or
+    ``(row, reason)`` for a dropped row."""
     row, messages = item
     before = Counter(_TOKENIZER.stats.dropped)
     try:
         sample = _TOKENIZER(messages)
-    except DataError as exc:
-        return row, f"untokenizable: {exc}"
+    except (DataError, TemplateError, ValueError) as exc:  # a template may reject a conversation
+        return row, f"untokenizable: {' '.join(str(exc).split()) or type(exc).__name__}"
     if sample is None:
         reason = next(iter((_TOKENIZER.stats.dropped - before).keys()), "dropped")
         return row, reason
-    return row, (np.asarray(sample.input_ids, dtype=np.int32), np.asarray(sample.loss_mask, dtype=np.uint8))
+    ids = np.asarray(sample.input_ids, dtype=np.int32)
+    return row, (ids, np.asarray(sample.loss_mask, dtype=np.uint8), bool(sample.truncated))
 
 
 def _tokenize(
@@ -111,62 +119,48 @@ def _tokenize(
 def build_target_cache(opts: CacheBuildOptions) -> BuildResult:
     """Build (or resume) the cache described by ``opts``; call on every rank.
 
-    Returns a :class:`BuildResult`; its ``manifest`` is set on rank 0.
+    Returns a :class:`BuildResult`; its ``manifest`` is set on rank 0. Inputs are checked
+    before the output directory is touched; a user error found by several ranks is
+    reported once (by the lowest rank; the others raise :class:`PeerError`).
     """
     from deepspec.targets.resolve import resolve_target
 
-    check_options(opts)
     info = dist_utils.get_info()
+    _on_main(check_options, opts)
     out = os.path.abspath(os.path.expanduser(opts.output_dir))
-    state = dist_utils.run_on_main(prepare_output_dir, out, opts)
-    target_dir = resolve_target(opts.target)
-    plan = dist_utils.run_on_main(make_plan, opts, target_dir)
-    dist_utils.run_on_main(settle_plan, out, state, plan)
-    if state == "complete":
-        log_main(f"{out} is already a complete target cache; nothing to do")
-        return BuildResult(manifest=dist_utils.run_on_main(_read_manifest, out))
-    layout = SampleLayout(len(opts.layer_ids), plan["target"]["hidden_size"], opts.hidden_dtype)
 
-    # Rows of this rank's unfinished shards.
+    # Every row is read (and checked) before the target loads and the output directory is
+    # touched; this rank keeps the rows of its shards.
     read_stats = ReadStats()
-    committed: dict[int, bool] = {}
-    items: list[tuple[int, list]] = []
+    mine: list[tuple[int, list, str]] = []  # (row, messages, id: "file:line" for rows without one)
     num_rows = 0
-    for path in opts.train_data_paths:
-        for conv in read_conversations(path, skip_bad=opts.skip_bad_rows, stats=read_stats):
-            shard = num_rows // opts.rows_per_shard
-            if shard % info.world_size == info.rank:
-                if shard not in committed:
-                    committed[shard] = load_commit_record(out, shard) is not None
-                if not committed[shard]:
-                    items.append((num_rows, conv.messages))
-            num_rows += 1
-    if num_rows == 0:
-        raise DataError(f"no conversations in {', '.join(opts.train_data_paths)}")
-    num_shards = math.ceil(num_rows / opts.rows_per_shard)
 
-    tokenized = _tokenize(items, target_dir, opts)
-    by_shard: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
-    dropped: dict[int, Counter] = {}
-    for row, result in tokenized:
-        shard = row // opts.rows_per_shard
-        by_shard.setdefault(shard, [])
-        dropped.setdefault(shard, Counter())
-        if isinstance(result, str):
-            if result.startswith("untokenizable") and not opts.skip_bad_rows:
-                raise DataError(f"row {row}: {result} (or pass --skip-bad-rows)")
-            dropped[shard][result.split(":")[0]] += 1
-        else:
-            by_shard[shard].append((row, *result))
-    pending_tokens = sum(len(s[1]) for samples in by_shard.values() for s in samples)
-    pending_bytes = sum(
-        int(layout.block_bytes_array(np.array([len(s[1]) for s in samples])).sum())
-        for samples in by_shard.values()
-        if samples
-    )
-    pending_samples = sum(len(samples) for samples in by_shard.values())
-    pending = dist_utils.all_reduce_sum([pending_tokens, pending_bytes, pending_samples])
-    dist_utils.run_on_main(estimate_and_check_disk, out, opts, layout, num_shards, pending)
+    def read_rows() -> None:
+        nonlocal num_rows
+        for path in opts.train_data_paths:
+            for conv in read_conversations(path, skip_bad=opts.skip_bad_rows, stats=read_stats):
+                if (num_rows // opts.rows_per_shard) % info.world_size == info.rank:
+                    mine.append((num_rows, conv.messages, conv.id))
+                num_rows += 1
+
+    _everywhere(read_rows)
+    read = {"rows": num_rows, "skipped": read_stats.skipped, "blank": read_stats.blank}
+    if num_rows == 0:
+        _on_main(check_not_empty, out, opts, 0, 0, read, {})
+    num_shards = math.ceil(num_rows / opts.rows_per_shard)
+    target_dir = _everywhere(resolve_target, opts.target)
+    plan = _on_main(make_plan, opts, target_dir)
+
+    state = _on_main(prepare_output_dir, out, opts)
+    try:
+        prepared = _prepare_work(out, opts, state, plan, target_dir, mine, num_shards, read)
+    except DeepSpecError:
+        if state == "fresh" and info.rank == 0:  # nothing was written: leave no unfinished cache
+            forget_fresh_start(out)
+        raise
+    if prepared is None:
+        return BuildResult(manifest=_on_main(_read_manifest, out))
+    layout, by_shard, dropped, pending_tokens = prepared
 
     result = BuildResult(manifest=None)
     if by_shard:
@@ -183,16 +177,140 @@ def build_target_cache(opts: CacheBuildOptions) -> BuildResult:
         result.seconds = time.perf_counter() - start
     dist_utils.barrier()
     stats = {"rows": num_rows, "bad_rows_skipped": read_stats.skipped}
-    result.manifest = dist_utils.run_on_main(finalize_cache, out, plan, num_shards, stats)
+    result.manifest = _on_main(finalize_cache, out, plan, num_shards, stats)
     if result.manifest is not None:
         c = result.manifest["counts"]
         size = human_bytes(sum(s["bytes"] for s in result.manifest["shards"]))
         log_main(
             f"target cache ready: {out}: {c['samples']:,} samples, {c['tokens']:,} tokens, {size}; "
+            f"truncated at max_length={opts.max_length}: {c['truncated']:,}; "
             f"dropped: {dict(c['dropped']) or 'none'}; non-finite skipped: {c['dropped_nonfinite']}"
         )
     dist_utils.barrier()
     return result
+
+
+def _prepare_work(
+    out: str,
+    opts: CacheBuildOptions,
+    state: str,
+    plan: dict[str, Any],
+    target_dir: str,
+    mine: list[tuple[int, list, str]],
+    num_shards: int,
+    read: dict[str, int],
+) -> tuple[SampleLayout, dict[int, list], dict[int, Counter], int] | None:
+    """Settle the plan, verify what exists, tokenize this rank's unfinished shards and check
+    size and disk space; None when the cache is already complete (and sound)."""
+    _on_main(settle_plan, out, state, plan)
+    if state == "complete":  # verified, not trusted: a damaged cache is repaired below
+        state = _on_main(check_complete_cache, out)
+        if state == "complete":
+            log_main(f"{out} is already a complete target cache (every shard verified); nothing to do")
+            return None
+    elif state == "resume":
+        dropped_shards = _on_main(drop_damaged_shards, out)
+        if dropped_shards:
+            log_main(f"rebuilding damaged shard(s) of {out}: {', '.join(dropped_shards[:8])}")
+    layout = SampleLayout(len(opts.layer_ids), plan["target"]["hidden_size"], opts.hidden_dtype)
+
+    committed: dict[int, bool] = {}
+    items: list[tuple[int, list]] = []
+    ids: dict[int, str] = {}
+    for row, messages, conv_id in mine:
+        shard = row // opts.rows_per_shard
+        if shard not in committed:
+            committed[shard] = load_commit_record(out, shard) is not None
+        if not committed[shard]:
+            items.append((row, messages))
+            ids[row] = conv_id
+
+    def tokenize() -> tuple[dict[int, list], dict[int, Counter]]:
+        by_shard: dict[int, list[tuple[int, np.ndarray, np.ndarray, bool]]] = {}
+        dropped: dict[int, Counter] = {}
+        for row, result in _tokenize(items, target_dir, opts):
+            shard = row // opts.rows_per_shard
+            by_shard.setdefault(shard, [])
+            dropped.setdefault(shard, Counter())
+            if isinstance(result, str):
+                if result.startswith("untokenizable") and not opts.skip_bad_rows:
+                    raise DataError(
+                        f"conversation {ids[row]!r} (source row {row}): {result} (fix or remove the row, "
+                        f"or skip such rows with --skip-bad-rows)"
+                    )
+                dropped[shard][result.split(":")[0]] += 1
+            else:
+                by_shard[shard].append((row, *result))
+        return by_shard, dropped
+
+    by_shard, dropped = _everywhere(tokenize)
+    pending_tokens = sum(len(s[1]) for samples in by_shard.values() for s in samples)
+    pending_bytes = sum(
+        int(layout.block_bytes_array(np.array([len(s[1]) for s in samples])).sum())
+        for samples in by_shard.values()
+        if samples
+    )
+    pending_samples = sum(len(samples) for samples in by_shard.values())
+    pending = dist_utils.all_reduce_sum([pending_tokens, pending_bytes, pending_samples])
+    all_dropped = sum((Counter(c) for r in _gather(dropped) for c in r.values()), Counter())
+    _on_main(check_not_empty, out, opts, num_shards, int(pending[2]), read, dict(all_dropped))
+    _on_main(estimate_and_check_disk, out, opts, layout, num_shards, pending)
+    return layout, by_shard, dropped, pending_tokens
+
+
+# -- errors found on several ranks: reported once --------------------------------------------
+
+
+def _converted(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` with environment exceptions (OSError …) turned into user errors."""
+    try:
+        return fn(*args)
+    except DeepSpecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - sorted into user errors and bugs
+        user = as_user_error(exc)
+        if user is None:
+            raise
+        raise user from exc
+
+
+def _on_main(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn`` on rank 0 and share its result or its user error (an OSError included)."""
+    return dist_utils.run_on_main(_converted, fn, *args)
+
+
+def _gather(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` without a process group)."""
+    info = dist_utils.get_info()
+    if not info.distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _everywhere(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn`` on every rank; if any rank fails with a user error, the lowest such rank
+    raises it and the others raise :class:`PeerError`, so it is reported once."""
+    error: DeepSpecError | None = None
+    result = None
+    try:
+        result = _converted(fn, *args)
+    except DeepSpecError as exc:
+        error = exc
+    if not dist_utils.get_info().distributed:
+        if error is not None:
+            raise error
+        return result
+    messages = _gather(None if error is None else str(error))
+    first = next((r for r, m in enumerate(messages) if m is not None), None)
+    if first is None:
+        return result
+    if first == dist_utils.get_info().rank and error is not None:
+        raise error
+    raise dist_utils.PeerError(messages[first])
 
 
 def _read_manifest(out: str) -> dict[str, Any]:
@@ -213,7 +331,7 @@ def _pad_id(target_dir: str) -> int:
 
 def _write_shards(
     extractor: TargetFeatureExtractor,
-    by_shard: dict[int, list[tuple[int, np.ndarray, np.ndarray]]],
+    by_shard: dict[int, list[tuple[int, np.ndarray, np.ndarray, bool]]],
     dropped: dict[int, Counter],
     out: str,
     opts: CacheBuildOptions,
@@ -238,17 +356,18 @@ def _write_shards(
         samples = sorted(by_shard[shard], key=lambda s: (-len(s[1]), s[0]))
         writer = ShardWriter(out, shard, layout)
         nonfinite: list[int] = []
+        truncated = 0
         try:
             for b in range(0, len(samples), opts.local_batch_size):
                 batch = samples[b : b + opts.local_batch_size]
                 longest = len(batch[0][1])
                 ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
                 mask = torch.zeros((len(batch), longest), dtype=torch.long)
-                for j, (_, tokens, _) in enumerate(batch):
+                for j, (_, tokens, _, _) in enumerate(batch):
                     ids[j, : len(tokens)] = torch.from_numpy(tokens.astype(np.int64))
                     mask[j, : len(tokens)] = 1
                 feats = extractor(ids, mask)
-                for j, (row, tokens, loss) in enumerate(batch):
+                for j, (row, tokens, loss, cut) in enumerate(batch):
                     S = len(tokens)
                     hidden = feats.hidden_states[j, :S]
                     last = feats.last_hidden_states[j, :S]
@@ -261,6 +380,7 @@ def _write_shards(
                         nonfinite.append(row)
                         continue
                     writer.add(row, torch.from_numpy(tokens), torch.from_numpy(loss), hidden, last)
+                    truncated += int(cut)
                     result.samples_written += 1
                     result.tokens_written += S
                 bar.update(sum(len(s[1]) for s in batch))
@@ -270,6 +390,7 @@ def _write_shards(
                     "rows": [lo, min(lo + opts.rows_per_shard, num_rows)],
                     "dropped": dict(dropped.get(shard, {})),
                     "nonfinite_rows": nonfinite,
+                    "truncated": truncated,
                 }
             )
         except BaseException:

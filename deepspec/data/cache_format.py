@@ -28,10 +28,12 @@ scales follow the very different magnitudes of layers and tokens (attention-sink
 are orders of magnitude larger than the rest), so the relative error of each element
 stays within e4m3's 2^-4.
 
-Integrity: every record carries the xxh3-64 of its sample block (checked on each read),
-every shard its xxh3-128 and byte size in the manifest, and the manifest an xxh3-128 of
-its own canonical JSON (``manifest_checksum``), so edits, truncation and flipped bytes
-are detected.
+Integrity: every record carries the xxh3-64 of its sample block (checked on each read,
+together with the token ids against ``target.vocab_size`` from the manifest), every shard
+its xxh3-128 and byte size in the manifest, and the manifest an xxh3-128 of its own
+canonical JSON (``manifest_checksum``), so edits, truncation and flipped bytes are
+detected. ``target.vocab_size`` was added within version 1: caches without it are read,
+and their ids checked against the training target's vocabulary.
 """
 
 from __future__ import annotations

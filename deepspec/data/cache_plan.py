@@ -129,10 +129,10 @@ def prepare_output_dir(out: str, opts: CacheBuildOptions) -> str:
 
 
 def _source_info(path: str) -> dict[str, Any]:
+    from deepspec.data.conversations import check_data_file
     from deepspec.data.fingerprint import file_xxh3_128
 
-    if not os.path.isfile(path):
-        raise DataError(f"data file not found: {path}")
+    check_data_file(path)
     return {"path": os.path.abspath(path), "bytes": os.path.getsize(path), "checksum": file_xxh3_128(path)}
 
 
@@ -153,6 +153,7 @@ def make_plan(opts: CacheBuildOptions, target_dir: str) -> dict[str, Any]:
             "family": spec.family,
             "hidden_size": spec.hidden_size,
             "num_hidden_layers": spec.num_hidden_layers,
+            "vocab_size": spec.vocab_size,  # every stored token id is checked against it on read
             "compute_dtype": opts.target_dtype,
         },
         "layer_ids": list(opts.layer_ids),
@@ -194,12 +195,27 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def settle_plan(out: str, state: str, plan: dict[str, Any]) -> None:
+    """Write the plan of a fresh build; on --resume refuse one started with other settings."""
     path = os.path.join(out, PLAN)
     if state == "fresh":
         atomic_write_json(path, plan)
         return
-    with open(path, encoding="utf-8") as fh:
-        old = json.load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            old = json.load(fh)
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        raise DataError(
+            f"cannot resume {out}: it has no {PLAN}, so its settings are unknown; pass --overwrite to rebuild it"
+        ) from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(
+            f"cannot resume {out}: its {PLAN} is unreadable ({' '.join(str(exc).split())}); "
+            f"pass --overwrite to rebuild it"
+        ) from None
+    if isinstance(old.get("target"), dict) and "vocab_size" not in old["target"]:
+        old["target"]["vocab_size"] = plan["target"]["vocab_size"]  # begun before it was recorded
     changes = _diff(old, plan)
     if changes:
         raise DataError(
@@ -235,20 +251,181 @@ def estimate_and_check_disk(
         )
 
 
+def forget_fresh_start(out: str) -> None:
+    """Undo what a fresh build wrote before its first shard (``plan.json``, an empty shard
+    directory), so a failed start leaves no unfinished cache behind."""
+    import contextlib
+
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(out, PLAN))
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.join(out, SHARD_DIR))  # only when empty
+
+
+def check_not_empty(
+    out: str,
+    opts: CacheBuildOptions,
+    num_shards: int,
+    pending_samples: int,
+    read: dict[str, int],
+    dropped: dict[str, int],
+) -> None:
+    """Refuse a build that would write a cache without samples, naming why rows were dropped.
+
+    ``read`` counts the source lines (``rows`` read, malformed rows ``skipped``, ``blank``
+    lines), ``dropped`` the rows dropped by tokenization on all ranks in this run. Runs
+    before any shard is written."""
+    from collections import Counter
+
+    from deepspec.data.chat import PROMPT_TOO_LONG
+
+    done = [load_commit_record(out, k) for k in range(num_shards)]
+    if pending_samples + sum(r["samples"] for r in done if r) > 0:
+        return
+    drops: Counter = Counter(dropped)
+    for record in done:
+        if record:
+            drops.update(record.get("dropped", {}))
+    files = ", ".join(opts.train_data_paths)
+    other = [
+        f"{n} {what}"
+        for what, n in (
+            ("blank line(s)", read.get("blank", 0)),
+            ("malformed row(s) skipped", read.get("skipped", 0)),
+        )
+        if n
+    ]
+    if not read.get("rows"):
+        fix = "fix the malformed rows" if read.get("skipped") else "pass a file with conversations"
+        raise DataError(
+            f"no samples for a target cache: {files} holds no conversations "
+            f"({', '.join(other) or 'it is empty'}; {fix})"
+        )
+    fixes = []
+    for reason in drops:
+        if reason == PROMPT_TOO_LONG:
+            fixes.append("raise data.max_length")
+        elif reason.startswith("with <"):
+            fixes.append(
+                "the rows need assistant answers (regenerate them with scripts/data/generate_train_data.py) "
+                "or a lower data.min_loss_tokens"
+            )
+        elif reason == "untokenizable":
+            fixes.append("fix the rows the chat template rejects")
+    counts = ", ".join(f"{n} {reason}" for reason, n in sorted(drops.items()))
+    raise DataError(
+        f"no samples for a target cache: all {read['rows']} conversation(s) of {files} were dropped "
+        f"({'; '.join([counts or 'no reason recorded', *other])}); " + "; ".join(fixes or ["check the data"])
+    )
+
+
 def check_options(opts: CacheBuildOptions) -> None:
-    """Raise one :class:`DataError` naming every invalid option."""
+    """Raise one :class:`DataError` naming every invalid option (before anything is written)."""
     problems = []
+    for name, value, low in (
+        ("max_length (data.max_length)", opts.max_length, 2),
+        ("min_loss_tokens (data.min_loss_tokens)", opts.min_loss_tokens, 0),
+        ("local batch size", opts.local_batch_size, 1),
+        ("rows per shard", opts.rows_per_shard, 1),
+        ("number of tokenization workers", opts.num_workers, 0),
+        ("CPU threads", opts.cpu_threads, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            problems.append(f"{name} must be an integer >= {low}, got {value!r}")
     if opts.hidden_dtype not in STORAGE_DTYPES:
         problems.append(f"hidden dtype {opts.hidden_dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
     if opts.target_dtype not in TARGET_DTYPE_NAMES:
         problems.append(f"target dtype {opts.target_dtype!r} is not one of {', '.join(TARGET_DTYPE_NAMES)}")
     if opts.on_nonfinite not in ("skip", "abort"):
         problems.append(f"on_nonfinite {opts.on_nonfinite!r} is not skip or abort")
-    if opts.local_batch_size < 1 or opts.rows_per_shard < 1:
-        problems.append("local batch size and rows per shard must be >= 1")
+    if not opts.layer_ids:
+        problems.append("no target layer ids given (model.target_layer_ids)")
     if not opts.train_data_paths:
         problems.append("no training data files given")
     if not opts.output_dir:
         problems.append("no output directory given")
     if problems:
         raise DataError("invalid cache options: " + "; ".join(problems))
+    from deepspec.data.conversations import check_data_file
+
+    for path in opts.train_data_paths:
+        check_data_file(path)
+    out = os.path.abspath(os.path.expanduser(opts.output_dir))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"output directory {out} is a file; choose a directory")
+
+
+# -- repair of a damaged cache on --resume (rank 0) -------------------------------------------
+
+
+def drop_damaged_shards(out: str) -> list[str]:
+    """Re-hash every committed shard; forget those whose bytes no longer match their record.
+
+    A damaged shard loses its commit record first (so it counts as unwritten even if this
+    is interrupted) and then its data; the build writes it again from the source rows.
+    Temporary files of a killed writer are removed too. Returns the shard files dropped."""
+    import glob
+
+    from deepspec.data.fingerprint import file_xxh3_128
+
+    for pattern in (os.path.join(out, SHARD_DIR, ".shard-*.tmp"), os.path.join(out, ".*.tmp")):
+        for litter in glob.glob(pattern):  # no writer runs now: rank 0 calls this before any
+            os.unlink(litter)
+    dropped = []
+    for record_path in sorted(glob.glob(os.path.join(out, SHARD_DIR, "shard-*.json"))):
+        data = record_path[: -len(".json")] + ".bin"  # never a path read from the record
+        try:
+            with open(record_path, encoding="utf-8") as fh:
+                record = json.load(fh)
+            good = (
+                record["file"] == f"{SHARD_DIR}/{os.path.basename(data)}"
+                and os.path.isfile(data)
+                and os.path.getsize(data) == record["bytes"]
+                and "xxh3-128:" + file_xxh3_128(data) == record["checksum"]
+            )
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            good = False
+        if not good:
+            os.unlink(record_path)
+            if os.path.isfile(data):
+                os.unlink(data)
+            dropped.append(os.path.relpath(data, out))
+    return dropped
+
+
+def check_complete_cache(out: str) -> str:
+    """Verify a cache whose manifest exists: 'complete', or 'resume' after removing what is bad.
+
+    Checks what the reader checks on open plus a hash of every whole shard. A damaged
+    cache loses its manifest and index first (it is then an unfinished cache), then the
+    damaged shards; the build rewrites those and finalises again."""
+    from deepspec.data.cache_format import FORMAT_NAME, FORMAT_VERSION
+    from deepspec.data.cache_reader import REPAIR_HINT, CacheDataset
+
+    try:
+        with open(os.path.join(out, MANIFEST), encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except (OSError, UnicodeDecodeError, ValueError):
+        manifest = None  # unreadable: damaged, rebuilt below
+    if isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME:
+        version = manifest.get("version")
+        if version != FORMAT_VERSION:  # another deepspec's cache: not ours to repair
+            raise DataError(
+                f"{out} holds a version {version!r} target cache; this deepspec writes version "
+                f"{FORMAT_VERSION}: pass --overwrite to rebuild it"
+            )
+    try:
+        CacheDataset(out).verify_shards()
+        return "complete"
+    except DataError as exc:
+        problem = str(exc).replace(f"; {REPAIR_HINT}", "").replace(f"target cache {out}: ", "")
+    for name in (MANIFEST, INDEX):  # manifest first: without it the directory is not a cache
+        path = os.path.join(out, name)
+        if os.path.lexists(path):
+            os.unlink(path)
+    dropped = drop_damaged_shards(out)
+    log_main(
+        f"{out} is damaged ({problem}); rebuilding "
+        + (f"{len(dropped)} shard(s): {', '.join(dropped[:8])}" if dropped else "its index and manifest")
+    )
+    return "resume"

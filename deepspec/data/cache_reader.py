@@ -3,16 +3,20 @@
 ``CacheDataset(path)`` validates the cache when it is opened (manifest present and
 unedited, index checksum, shard sizes, index records consistent with the shards) and
 memory-maps the shards on first use, so a sample read touches only that sample's bytes.
-Each read checks the sample's own checksum. :meth:`CacheDataset.verify_shards` re-hashes
-whole shards (slow; ``python -m deepspec.data.cache_reader DIR --full``).
+Each read verifies that sample: the xxh3-64 of its block against the index, and every
+token id against the target's vocabulary (``[0, vocab_size)``). :meth:`CacheDataset.verify_shards`
+re-hashes whole shards.
 
-Every check raises a one-line :class:`~deepspec.errors.DataError` (never ``assert``, so
-validation also runs under ``python -O``).
+``python -m deepspec.data.cache_reader DIR`` checks every sample this way;
+``--full`` also re-hashes the shards and decodes every sample.
+
+Every check raises a one-line :class:`~deepspec.errors.DataError` that names the cache,
+the shard and sample, and the fix (never ``assert``, so validation also runs under
+``python -O``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Any
@@ -34,6 +38,14 @@ from deepspec.data.cache_format import (
 )
 from deepspec.errors import DataError
 
+REPAIR_HINT = (
+    "repair it with scripts/data/prepare_target_cache.py --resume and the arguments it was built "
+    "with (damaged shards are rebuilt), or rebuild it with --overwrite"
+)
+
+# the checksums match but the content is wrong: written so, a rebuild is the only fix
+REBUILD_HINT = "it was written wrong: rebuild it with scripts/data/prepare_target_cache.py --overwrite"
+
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load and check ``<path>/manifest.json`` (presence, JSON, format, own checksum)."""
@@ -50,7 +62,8 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         with open(manifest_path, encoding="utf-8") as fh:
             manifest = json.load(fh)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"target cache {path}: {MANIFEST} is unreadable ({exc})") from None
+        reason = " ".join(str(exc).split())
+        raise DataError(f"target cache {path}: {MANIFEST} is unreadable ({reason}); {REPAIR_HINT}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise DataError(f"target cache {path}: {MANIFEST} is not a {FORMAT_NAME} manifest")
     if manifest.get("version") != FORMAT_VERSION:
@@ -60,7 +73,8 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         )
     if manifest.get("manifest_checksum") != manifest_checksum(manifest):
         raise DataError(
-            f"target cache {path}: {MANIFEST} was modified after it was written (checksum mismatch)"
+            f"target cache {path}: {MANIFEST} was modified after it was written (checksum mismatch); "
+            f"{REPAIR_HINT}"
         )
     return manifest
 
@@ -72,7 +86,13 @@ class CacheDataset(torch.utils.data.Dataset):
     ``input_ids`` int64 ``[S]``, ``loss_mask`` uint8 ``[S]``, ``attention_mask`` uint8
     ``[S]`` (all ones), ``hidden_states`` ``[S, L*d]`` and ``last_hidden_states``
     ``[S, d]`` in ``dtype`` (fp8 caches are dequantised), and ``row`` (int, the source
-    row). ``verify_samples=False`` skips the per-read checksum.
+    row).
+
+    Every read is verified (see :meth:`check_sample`); a sample that fails raises a
+    :class:`DataError`. Token ids are checked against ``vocab_size``: the manifest's
+    ``target.vocab_size``, else the ``vocab_size`` argument (caches written before the
+    manifest recorded it; :func:`validate_cache_for_config` supplies the target's).
+    ``verify_samples=False`` skips the per-read checks (for measuring their cost only).
     """
 
     def __init__(
@@ -81,20 +101,30 @@ class CacheDataset(torch.utils.data.Dataset):
         *,
         dtype: torch.dtype = torch.bfloat16,
         verify_samples: bool = True,
+        vocab_size: int | None = None,
     ) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.dtype = dtype
         self.verify_samples = verify_samples
         self.manifest = read_manifest(self.path)
         self._check_manifest_fields()
+        if self.vocab_size is None and vocab_size is not None:
+            self.vocab_size = int(vocab_size)
         self.layout = SampleLayout(len(self.layer_ids), self.hidden_size, self.storage)
         self.index = self._load_index()
         self._check_shards_and_index()
         self._maps: dict[int, np.memmap] = {}
+        # per-sample lookups as plain arrays: a read costs a few element accesses
+        self._seq = self.index["seq_len"].astype(np.int64)
+        self._start = self.index["offset"].astype(np.int64)
+        self._stop = self._start + self.layout.block_bytes_array(self._seq)
+        self._shard = self.index["shard"].astype(np.int64)
+        self._checksum = self.index["checksum"].copy()
 
     # -- validation at open --------------------------------------------------------------
-    def _fail(self, message: str) -> DataError:
-        return DataError(f"target cache {self.path}: {message}")
+    def _fail(self, message: str, fix: str = REPAIR_HINT) -> DataError:
+        """A damaged cache: the message, then how to repair it."""
+        return DataError(f"target cache {self.path}: {message}; {fix}")
 
     def _check_manifest_fields(self) -> None:
         m = self.manifest
@@ -105,8 +135,12 @@ class CacheDataset(torch.utils.data.Dataset):
             self.max_length = int(m["tokenization"]["max_length"])
             self.shards = [dict(s) for s in m["shards"]]
             int(m["index"]["records"])
-        except (KeyError, TypeError, ValueError) as exc:
+            vocab = m["target"].get("vocab_size")  # absent in caches of older deepspec versions
+            self.vocab_size = None if vocab is None else int(vocab)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise self._fail(f"{MANIFEST} lacks or mangles field {exc}") from None
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise self._fail(f"{MANIFEST} records vocab size {self.vocab_size}")
         if self.storage not in STORAGE_DTYPES:
             raise self._fail(f"unknown hidden dtype {self.storage!r} (expected one of {STORAGE_DTYPES})")
 
@@ -189,33 +223,51 @@ class CacheDataset(torch.utils.data.Dataset):
 
     def raw_block(self, i: int) -> np.ndarray:
         """The stored bytes of sample ``i`` (a read-only view into the mapped shard)."""
+        return self._map(int(self._shard[i]))[int(self._start[i]) : int(self._stop[i])]
+
+    def _where(self, i: int) -> str:
         rec = self.index[i]
-        start = int(rec["offset"])
-        return self._map(int(rec["shard"]))[start : start + self.layout.block_bytes(int(rec["seq_len"]))]
+        return f"sample {i} (row {int(rec['row'])}) in {self.shards[int(rec['shard'])]['file']}"
 
     def check_sample(self, i: int) -> np.ndarray:
-        """Sample ``i``'s stored bytes after checking them against the index checksum."""
-        rec = self.index[i]
+        """Sample ``i``'s stored bytes after verifying them: the block's xxh3-64 against the
+        index, and its token ids against ``[0, vocab_size)`` when the vocabulary is known."""
         block = self.raw_block(i)
-        if xxhash.xxh3_64_intdigest(block) != int(rec["checksum"]):
-            raise self._fail(
-                f"sample {i} (row {int(rec['row'])}) in {self.shards[int(rec['shard'])]['file']} "
-                f"failed its checksum (corrupted shard)"
-            )
+        if xxhash.xxh3_64_intdigest(block) != int(self._checksum[i]):
+            raise self._fail(f"{self._where(i)} failed its checksum (corrupted shard)")
+        if self.vocab_size is not None:
+            ids = block[: 4 * int(self._seq[i])].view("<i4")  # input_ids: the block's first section
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= self.vocab_size:
+                raise self._fail(
+                    f"{self._where(i)} holds token id {low if low < 0 else high} outside the target's "
+                    f"vocabulary [0, {self.vocab_size})",
+                    fix=REBUILD_HINT,
+                )
         return block
+
+    def check_decoded(self, i: int) -> None:
+        """Checks of the decoded sample ``i`` (``--full``): a 0/1 loss mask with at least
+        one supervised token and finite hidden states."""
+        sample = self[i]
+        mask = sample["loss_mask"]
+        if bool((mask > 1).any()) or int(mask.sum()) < 1:
+            raise self._fail(f"{self._where(i)} has an invalid loss mask", fix=REBUILD_HINT)
+        for key in ("hidden_states", "last_hidden_states"):
+            if not bool(torch.isfinite(sample[key]).all()):
+                raise self._fail(f"{self._where(i)} holds non-finite {key}", fix=REBUILD_HINT)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} out of range for a cache of {len(self)} samples")
         i = int(i) % len(self)
-        rec = self.index[i]
         block = self.check_sample(i) if self.verify_samples else self.raw_block(i)
-        sample = decode_sample(self.layout, block, int(rec["seq_len"]), self.dtype)
-        sample["row"] = int(rec["row"])
+        sample = decode_sample(self.layout, block, int(self._seq[i]), self.dtype)
+        sample["row"] = int(self.index["row"][i])
         return sample
 
     def verify_shards(self, progress: bool = False) -> None:
-        """Re-hash every shard and compare with the manifest (reads the whole cache)."""
+        """Re-hash every whole shard and compare with the manifest (reads the whole cache)."""
         from tqdm import tqdm
 
         total = sum(int(s["bytes"]) for s in self.shards)
@@ -241,7 +293,8 @@ class CacheDataset(torch.utils.data.Dataset):
         return (
             f"{len(self)} samples, {c['tokens']} tokens ({c['loss_tokens']} supervised), "
             f"{len(self.shards)} shards, {size / 2**20:.1f} MiB, {self.storage}, "
-            f"layers {self.layer_ids}, hidden {self.hidden_size}, target {m['target']['name']}"
+            f"layers {self.layer_ids}, hidden {self.hidden_size}, vocab {self.vocab_size or 'not recorded'}, "
+            f"target {m['target']['name']}"
         )
 
 
@@ -269,6 +322,10 @@ def validate_cache_for_config(
     spec = load_family_spec(target_dir)
     if cache.hidden_size != spec.hidden_size:
         problems.append(f"hidden size {cache.hidden_size} in the cache, {spec.hidden_size} in the target")
+    if cache.vocab_size is None:  # written before the manifest recorded it: check against the target
+        cache.vocab_size = int(spec.vocab_size)
+    elif cache.vocab_size != spec.vocab_size:
+        problems.append(f"vocab size {cache.vocab_size} in the cache, {spec.vocab_size} in the target")
     target_fp = target_fingerprint(target_dir)
     if m["target"].get("fingerprint") != target_fp:
         problems.append(
@@ -300,22 +357,40 @@ def validate_cache_for_config(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m deepspec.data.cache_reader", description="Check a target cache and print a summary."
+    import sys
+
+    from tqdm import tqdm
+
+    from deepspec.cli import ArgumentParser
+
+    parser = ArgumentParser(
+        prog="python -m deepspec.data.cache_reader",
+        description="Check a target cache (every sample's checksum and token ids) and print a summary.",
     )
-    parser.add_argument("path")
+    parser.add_argument("path", help="the cache directory")
     parser.add_argument(
         "--full",
         action="store_true",
-        help="also re-hash every shard and every sample (reads the whole cache)",
+        help="also re-hash every whole shard and decode every sample (finite hidden states, 0/1 loss mask)",
     )
     args = parser.parse_args()
     cache = CacheDataset(args.path)
+    show = sys.stderr.isatty()
     if args.full:
-        cache.verify_shards(progress=True)
-        for i in range(len(cache)):
-            cache.check_sample(i)
-    print(f"ok: {cache.summary()}")
+        cache.verify_shards(progress=show)
+    for i in tqdm(range(len(cache)), desc="samples", disable=not show):
+        cache.check_sample(i)
+        if args.full:
+            cache.check_decoded(i)
+    checked = (
+        "checksums and token ids"
+        if cache.vocab_size
+        else (
+            "checksums; token ids unchecked: this older manifest records no vocab size, training checks "
+            "them against the target"
+        )
+    )
+    print(f"ok: {cache.summary()}; every sample verified ({checked}{', decoded' if args.full else ''})")
     return 0
 
 

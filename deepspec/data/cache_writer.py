@@ -145,6 +145,13 @@ def finalize_cache(cache_dir: str, plan: dict[str, Any], num_shards: int, stats:
         part["shard"] = rec["shard"]
         parts.append(part)
     index = np.concatenate(parts) if parts else np.zeros(0, dtype=INDEX_DTYPE)
+    if len(index) == 0:
+        nonfinite = sum(len(r.get("nonfinite_rows", [])) for r in records)
+        raise DataError(
+            f"cannot finalise {cache_dir}: no sample was written"
+            + (f" ({nonfinite} had non-finite hidden states; try --target-dtype fp32)" if nonfinite else "")
+            + "; a cache needs at least one sample"
+        )
     index = index[np.argsort(index["row"], kind="stable")]
     if len(index) > 1 and (np.diff(index["row"].astype(np.int64)) == 0).any():
         raise DataError(f"cannot finalise {cache_dir}: a source row was written twice")
@@ -159,6 +166,7 @@ def finalize_cache(cache_dir: str, plan: dict[str, Any], num_shards: int, stats:
         "tokens": int(sum(r["tokens"] for r in records)),
         "loss_tokens": int(sum(r["loss_tokens"] for r in records)),
         "dropped": dict(sorted(dropped.items())),
+        "truncated": int(sum(r.get("truncated", 0) for r in records)),  # kept, cut at max_length
         "dropped_nonfinite": int(sum(len(r.get("nonfinite_rows", [])) for r in records)),
         "nonfinite_rows": [row for r in records for row in r.get("nonfinite_rows", [])],
         **stats,

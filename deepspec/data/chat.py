@@ -22,6 +22,8 @@ from typing import Any
 
 from deepspec.errors import DataError
 
+PROMPT_TOO_LONG = "prompt longer than max_length"
+
 
 @dataclass
 class TokenizedChat:
@@ -178,15 +180,24 @@ class ChatTokenizer:
 
     def __call__(self, messages: list[dict[str, str]]) -> TokenizedChat | None:
         """Tokenize, truncate to ``max_length`` and drop (return None) samples with fewer
-        than ``min_loss_tokens`` supervised tokens; counts go to :attr:`stats`."""
+        than ``min_loss_tokens`` supervised tokens; counts go to :attr:`stats`.
+
+        Drop reasons (keys of ``stats.dropped``): :data:`PROMPT_TOO_LONG` when the
+        conversation has supervised tokens but none of them lies within ``max_length``
+        (the text before the first answer fills the window), otherwise
+        ``"with < k loss tokens"``."""
         sample = self.encode(messages)
+        had_loss = sample.num_loss_tokens > 0
         if len(sample.input_ids) > self.max_length:
             n = self.max_length
             sample = TokenizedChat(
                 sample.input_ids[:n], sample.attention_mask[:n], sample.loss_mask[:n], truncated=True
             )
         if sample.num_loss_tokens < max(self.min_loss_tokens, 1):
-            self.stats.dropped[f"with < {max(self.min_loss_tokens, 1)} loss tokens"] += 1
+            if had_loss and sample.num_loss_tokens == 0:
+                self.stats.dropped[PROMPT_TOO_LONG] += 1
+            else:
+                self.stats.dropped[f"with < {max(self.min_loss_tokens, 1)} loss tokens"] += 1
             return None
         self.stats.kept += 1
         self.stats.truncated += int(sample.truncated)

@@ -7,8 +7,10 @@ Row format (one JSON object per line)::
 
 ``messages`` is accepted instead of ``conversations``, and ShareGPT-style turns
 (``{"from": "human" | "gpt" | "system", "value": ...}``) are normalised. Other top-level
-keys are kept in :attr:`Conversation.extra`. With ``skip_bad=True`` malformed rows are
-skipped and counted in :class:`ReadStats` instead — never dropped silently.
+keys are kept in :attr:`Conversation.extra`. With ``skip_bad=True`` (the
+``--skip-bad-rows`` flag of the data scripts) malformed rows are skipped and counted in
+:class:`ReadStats` instead — never dropped silently. Whitespace-only lines are ignored
+(and counted).
 """
 
 from __future__ import annotations
@@ -91,6 +93,17 @@ def parse_conversation(row: Any, default_id: str) -> Conversation:
     return Conversation(id=str(raw_id), messages=messages, extra=extra)
 
 
+def check_data_file(path: str | os.PathLike[str]) -> None:
+    """Raise a one-line :class:`DataError` unless ``path`` is a readable regular file."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise DataError(f"data file {path} is a directory; pass a JSONL file")
+    if not os.path.isfile(path):
+        raise DataError(f"data file not found: {path} (check the path)")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"data file {path} is not readable (check its permissions)")
+
+
 def read_conversations(
     path: str | os.PathLike[str], *, skip_bad: bool = False, stats: ReadStats | None = None
 ) -> Iterator[Conversation]:
@@ -101,8 +114,7 @@ def read_conversations(
     """
     path = os.fspath(path)
     stats = stats if stats is not None else ReadStats()
-    if not os.path.isfile(path):
-        raise DataError(f"data file not found: {path}")
+    check_data_file(path)
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
@@ -125,6 +137,8 @@ def read_conversations(
                     yield conv
                     continue
             if not skip_bad:
-                raise DataError(f"{path}:{lineno}: {reason} (fix the row, or skip bad rows with skip_bad)")
+                raise DataError(
+                    f"{path}:{lineno}: {reason} (fix the row, or skip bad rows with --skip-bad-rows)"
+                )
             stats.skipped += 1
             stats.reasons[reason.split(" (")[0]] += 1

@@ -12,9 +12,12 @@ Both backends offer ``await backend.complete(messages, params) -> Completion`` a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,50 +74,176 @@ class Completion:
     completion_tokens: int
 
 
+ADDRESS_FORM = "HOST:PORT such as 127.0.0.1:30000, or a URL such as http://HOST:PORT/v1"
+
+
 def parse_address(address: str) -> str:
-    """``HOST:PORT`` or a URL → the API base URL ending in ``/v1``."""
-    address = address.strip().rstrip("/")
-    if not address:
-        raise DataError("empty --server-address")
-    if "://" not in address:
-        address = "http://" + address
-    return address if address.endswith("/v1") else address + "/v1"
+    """``HOST:PORT`` or an ``http(s)://`` URL → the API base URL ending in ``/v1``.
+
+    A typo (a port that is not a number from 1 to 65535, no host, no port) is a
+    :class:`DataError` naming the address and the expected form."""
+    import urllib.parse
+
+    text = address.strip().rstrip("/")
+    if not text:
+        raise DataError(f"empty --server-address (expected {ADDRESS_FORM})")
+    url = text if "://" in text else "http://" + text
+    parts = urllib.parse.urlsplit(url)
+    problem = ""
+    if parts.scheme not in ("http", "https"):
+        problem = f"scheme {parts.scheme!r} is not http or https"
+    elif not parts.hostname:
+        problem = "no host"
+    else:
+        netloc_port = parts.netloc.rpartition("]")[2].rpartition(":")
+        port_text = netloc_port[2] if netloc_port[1] else ""
+        if not port_text and "://" not in text:
+            problem = "no port"
+        elif port_text and not (port_text.isdigit() and 1 <= int(port_text) <= 65535):
+            problem = f"port {port_text!r} is not a number from 1 to 65535"
+        elif parts.query or parts.fragment:
+            problem = "a query or fragment is not expected"
+    if problem:
+        raise DataError(f"--server-address {address!r}: {problem} (expected {ADDRESS_FORM})")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+def public_model_name(name: str) -> str:
+    """The model name recorded in output rows: a local path becomes its base name.
+
+    llama.cpp reports the absolute path of its GGUF file as the model name; rows shared
+    with others must not carry local directory names."""
+    text = name.strip().rstrip("/\\")
+    is_path = (
+        os.path.isabs(text)
+        or text.startswith(("~", "./", "../", ".\\"))
+        or (len(text) > 2 and text[1] == ":" and text[2] in "/\\")  # a Windows drive path
+        or text.lower().endswith(".gguf")
+        or os.path.exists(os.path.expanduser(text))  # a local directory given as the model
+    )
+    return re.split(r"[/\\]", text)[-1] if is_path else text
+
+
+def _model_key(name: str) -> str:
+    """What two model names must share to name the same model (paths and .gguf ignored)."""
+    base = re.split(r"[/\\]", name.strip().rstrip("/\\"))[-1]
+    return base[:-5] if base.lower().endswith(".gguf") else base
+
+
+def same_model(a: str, b: str) -> bool:
+    """``--model Qwen/Qwen3-4B`` matches a server listing ``/models/Qwen3-4B``; a GGUF file
+    name matches the absolute path llama.cpp lists."""
+    return a == b or _model_key(a) == _model_key(b)
+
+
+@contextlib.contextmanager
+def _without_openai_environment() -> Iterator[None]:
+    """Hide ``OPENAI_*`` variables while clients are built.
+
+    The ``openai`` client would otherwise send ``OPENAI_API_KEY``, the organisation and
+    project ids and ``OPENAI_CUSTOM_HEADERS`` to every ``--server-address``; a key is sent
+    only when asked for (``--api-key-env``)."""
+    hidden = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("OPENAI_")}
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
 
 
 class OpenAIBackend:
-    """Chat completions through the ``openai`` client, spread over several servers."""
+    """Chat completions through the ``openai`` client, spread over several servers.
 
-    def __init__(self, addresses: list[str], model: str | None, *, timeout: float) -> None:
+    ``api_key`` is sent as the bearer token to every server; the default ``"EMPTY"``
+    (what local servers expect) sends no real key."""
+
+    def __init__(
+        self, addresses: list[str], model: str | None, *, timeout: float, api_key: str | None = None
+    ) -> None:
         import openai
 
         if not addresses:
-            raise DataError("no --server-address given")
+            raise DataError(f"no --server-address given (expected {ADDRESS_FORM})")
+        self.addresses = list(addresses)
         self.urls = [parse_address(a) for a in addresses]
         self.model = model
         self.timeout = timeout
-        api_key = os.environ.get("OPENAI_API_KEY") or "EMPTY"
-        self.clients = [
-            openai.AsyncOpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=timeout)
-            for url in self.urls
-        ]
+        self.record_name: str | None = None
+        self.request_models: list[str] = [model or "default"] * len(self.urls)
+        with _without_openai_environment():
+            self.clients = [
+                openai.AsyncOpenAI(base_url=url, api_key=api_key or "EMPTY", max_retries=0, timeout=timeout)
+                for url in self.urls
+            ]
         self.in_flight = [0] * len(self.clients)
         self._tie = itertools.count()
 
+    async def _list_models(self, index: int) -> list[str]:
+        import openai
+
+        address, client = self.addresses[index], self.clients[index]
+        fix = "start it (scripts/data/launch_server.sh) or check --server-address"
+        try:
+            page = await client.models.list(timeout=min(self.timeout, 30.0))
+        except openai.APITimeoutError:
+            raise DataError(
+                f"the server at {address} did not answer GET /v1/models in time ({fix})"
+            ) from None
+        except openai.APIConnectionError as exc:
+            why = _connection_problem(exc)
+            raise DataError(f"cannot reach the server at {address} ({why}): {fix}") from None
+        except openai.APIStatusError as exc:
+            if exc.status_code in (401, 403):
+                raise DataError(
+                    f"the server at {address} refused the request (HTTP {exc.status_code}): it wants an API key; "
+                    "put it in an environment variable and pass --api-key-env NAME"
+                ) from None
+            raise DataError(
+                f"the server at {address} answered GET /v1/models with HTTP {exc.status_code}: "
+                "is it an OpenAI-compatible server? check --server-address"
+            ) from None
+        except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, TypeError) as exc:
+            raise DataError(
+                f"the server at {address} answered GET /v1/models with something other than a model list "
+                f"({_short(str(exc), 80)}): check --server-address"
+            ) from None
+        ids = [str(m.id) for m in getattr(page, "data", None) or [] if getattr(m, "id", None)]
+        if not ids:
+            raise DataError(f"the server at {address} lists no models: check that it finished loading one")
+        return ids
+
     async def resolve_model(self) -> str:
-        """The ``--model`` name, or the first model the first reachable server lists."""
+        """Ask every server for its models before anything is written; return the model
+        name recorded in the output rows.
+
+        Every server must answer. With ``--model`` each must list it (a GGUF path matches
+        its file name); without, all must serve the same model, whose name (a local path's
+        base name) is recorded. Raises :class:`DataError` with one line otherwise."""
+        if self.record_name is not None:
+            return self.record_name
+        listed = [await self._list_models(i) for i in range(len(self.clients))]
         if self.model:
-            return self.model
-        problems = []
-        for url, client in zip(self.urls, self.clients):
-            try:
-                models = await client.models.list()
-                if models.data:
-                    self.model = models.data[0].id
-                    return self.model
-                problems.append(f"{url}: no models")
-            except Exception as exc:  # any failure: try the next server
-                problems.append(f"{url}: {type(exc).__name__}")
-        raise DataError("cannot ask the servers for a model name (" + "; ".join(problems) + "); pass --model")
+            for i, ids in enumerate(listed):
+                match = next((m for m in ids if same_model(self.model, m)), None)
+                if match is None:
+                    raise DataError(
+                        f"the server at {self.addresses[i]} serves {public_model_name(ids[0])!r}, not --model "
+                        f"{self.model!r}: pass the model it serves (or leave --model out), or start the server "
+                        f"with {self.model}"
+                    )
+                self.request_models[i] = match
+            self.record_name = public_model_name(self.model)
+        else:
+            first = listed[0][0]
+            for i, ids in enumerate(listed):
+                if not same_model(first, ids[0]):
+                    raise DataError(
+                        f"the servers serve different models ({public_model_name(first)!r} at {self.addresses[0]}, "
+                        f"{public_model_name(ids[0])!r} at {self.addresses[i]}): pass --model to choose one, "
+                        "or give only addresses of servers of the same model"
+                    )
+                self.request_models[i] = ids[0]
+            self.record_name = public_model_name(first)
+        return self.record_name
 
     def _pick(self) -> int:
         tie = next(self._tie)
@@ -129,7 +258,7 @@ class OpenAIBackend:
         url = self.urls[index]
         try:
             response = await self.clients[index].chat.completions.create(
-                model=self.model or "default", messages=messages, **params.openai_kwargs()
+                model=self.request_models[index], messages=messages, **params.openai_kwargs()
             )
         except openai.APITimeoutError:
             raise RequestError(f"{url}: timed out after {self.timeout:g}s", retryable=True) from None
@@ -148,6 +277,20 @@ class OpenAIBackend:
     async def close(self) -> None:
         for client in self.clients:
             await client.close()
+
+
+def _connection_problem(exc: BaseException) -> str:
+    """The operating system's words for a failed connection (e.g. "Connection refused")."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        for candidate in (current, *(getattr(current, "exceptions", ()) or ())):  # groups of attempts
+            if isinstance(candidate, OSError) and (candidate.errno or candidate.strerror):
+                code = candidate.errno if isinstance(candidate.errno, int) else 0
+                return os.strerror(code) if code > 0 else str(candidate.strerror or candidate)
+        current = current.__cause__ or current.__context__
+    return _short(str(exc), 120)
 
 
 def _short(text: str, limit: int = 200) -> str:
@@ -190,7 +333,7 @@ class HFBackend:
         from deepspec.targets.resolve import resolve_target
 
         model_dir = resolve_target(target)
-        self.model_name = target
+        self.model_name = public_model_name(target)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         device = "cuda" if torch.cuda.is_available() else "cpu"

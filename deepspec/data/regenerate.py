@@ -9,12 +9,20 @@ reads the ids already present in the output and error files and skips them, so a
 run loses at most the rows in flight and never writes a row twice. A line cut short by
 the kill is removed before appending.
 
+Nothing is written or deleted before the run can start: the paths are checked (the output
+must not be the input; its directory must be writable), the input is read, and every
+server must answer with the expected model. With ``overwrite=True`` the rows go to
+``<output>.partial`` and ``<error>.partial``, which replace the previous files only when
+the run completes; a killed or stopped ``--overwrite`` run leaves the previous files as
+they were, and ``overwrite=True, resume=True`` continues its partial files.
+
 With ``num_samples > 1`` each input row yields that many rows, with ids ``<id>#<k>``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -23,9 +31,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from deepspec.data.conversations import Conversation, read_conversations
+from deepspec.data.conversations import Conversation, ReadStats, read_conversations
 from deepspec.data.generation_backends import Completion, RequestError, SamplingParams
 from deepspec.errors import DataError
+from deepspec.utils.io import check_writable_dir, same_file
+
+PARTIAL_SUFFIX = ".partial"  # where an --overwrite run writes until it completes
 
 
 @dataclass
@@ -42,12 +53,19 @@ class RegenOptions:
     retry_errors: bool = False  # with resume: take the error file's rows again
     max_consecutive_failures: int = 100  # stop early when the servers look dead
     progress: bool = True
+    skip_bad_rows: bool = False  # skip (and count) malformed input rows instead of stopping
 
     def resolved_error_path(self) -> str:
         if self.error_path:
             return self.error_path
         stem, _ = os.path.splitext(self.output_path)
         return f"{stem}_error.jsonl"
+
+    def write_paths(self) -> tuple[str, str]:
+        """The files rows are appended to: the output and error files, or with
+        ``overwrite`` their ``.partial`` siblings (moved over them when the run completes)."""
+        paths = (self.output_path, self.resolved_error_path())
+        return tuple(p + PARTIAL_SUFFIX for p in paths) if self.overwrite else paths  # type: ignore[return-value]
 
 
 @dataclass
@@ -56,6 +74,9 @@ class RegenSummary:
     ok: int = 0
     failed: int = 0
     skipped: int = 0  # already in the output / error file (resume)
+    bad_rows: int = 0  # malformed input rows skipped (skip_bad_rows)
+    bad_reasons: dict[str, int] = field(default_factory=dict)
+    committed: bool = True  # False: an --overwrite run stopped early; the old output is kept
     prompt_tokens: int = 0
     completion_tokens: int = 0
     requests: int = 0
@@ -74,6 +95,11 @@ class RegenSummary:
             f"of {self.total}; {self.requests} requests, {self.prompt_tokens} prompt + "
             f"{self.completion_tokens} completion tokens in {self.seconds:.1f}s ({rate:.1f} tok/s); "
             f"finish reasons: {reasons}"
+            + (
+                f"; {self.bad_rows} malformed input rows skipped ({self.bad_reasons})"
+                if self.bad_rows
+                else ""
+            )
         )
 
 
@@ -88,13 +114,7 @@ def read_done_ids(path: str, *, repair: bool) -> set[str]:
     ids: set[str] = set()
     with open(path, "rb") as fh:
         data = fh.read()
-    end = len(data)
-    if data and not data.endswith(b"\n"):
-        end = data.rfind(b"\n") + 1
-        if repair:
-            with open(path, "r+b") as fh:
-                fh.truncate(end)
-            print(f"note: removed an incomplete last line from {path} (a killed write)", flush=True)
+    end = data.rfind(b"\n") + 1  # a last line without its newline is a write cut by a kill
     for lineno, raw in enumerate(data[:end].splitlines(), start=1):
         if not raw.strip():
             continue
@@ -103,9 +123,38 @@ def read_done_ids(path: str, *, repair: bool) -> set[str]:
             ids.add(str(row["id"]))
         except (ValueError, KeyError, TypeError):
             raise DataError(
-                f"{path}:{lineno}: not a row written by the generator (no JSON object with an id)"
+                f"{path}:{lineno}: not a row written by the generator (no JSON object with an id); "
+                "choose another output path, or move this file away"
             ) from None
+    if end < len(data) and repair:
+        _repair_tail(path)
     return ids
+
+
+def _repair_tail(path: str, chunk: int = 1 << 16) -> None:
+    """Remove a last line without its newline (a write cut by a kill), reading only the tail."""
+    if not os.path.exists(path):
+        return
+    with open(path, "r+b") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return
+        pos = size
+        while pos > 0:
+            start = max(0, pos - chunk)
+            fh.seek(start)
+            block = fh.read(pos - start)
+            cut = block.rfind(b"\n")
+            if cut >= 0:
+                fh.truncate(start + cut + 1)
+                break
+            pos = start
+        else:
+            fh.truncate(0)
+    print(f"note: removed an incomplete last line from {path} (a killed write)", flush=True)
 
 
 def _rewrite_without(path: str, ids: set[str]) -> None:
@@ -128,10 +177,85 @@ def _tasks(conversations: list[Conversation], num_samples: int) -> Iterator[tupl
 def count_pending(options: RegenOptions) -> int:
     """Rows of the input a ``--resume`` run would still request (ids in neither the output
     nor the error file); lets a pipeline skip starting servers when nothing is left."""
-    done = read_done_ids(options.output_path, repair=False)
-    done |= read_done_ids(options.resolved_error_path(), repair=False)
-    tasks = _tasks(list(read_conversations(options.input_path)), options.num_samples)
+    conversations, _ = load_input(options)
+    tasks = _tasks(conversations, options.num_samples)
+    out_path, err_path = options.write_paths()
+    done = read_done_ids(out_path, repair=False) | read_done_ids(err_path, repair=False)
     return sum(1 for row_id, _, _ in tasks if row_id not in done)
+
+
+def check_paths(options: RegenOptions) -> None:
+    """Refuse, before anything is read from a server or written, paths that would lose data:
+    a missing input, an output (or error file) that is the input or each other, an output
+    that is a directory or cannot be written, or existing outputs without resume/overwrite."""
+    src = options.input_path
+    if os.path.isdir(src):
+        raise DataError(f"--input-file-path {src} is a directory: pass a JSONL file")
+    if not os.path.isfile(src):
+        raise DataError(f"--input-file-path {src} not found: check the path")
+    out, err = options.output_path, options.resolved_error_path()
+    named = [("--output-file-path", out), ("the error file", err)]
+    named += [(f"{what} ({PARTIAL_SUFFIX})", p + PARTIAL_SUFFIX) for what, p in named]
+    for what, path in named:
+        if same_file(path, src):
+            flag = (
+                "--error-file-path"
+                if what.startswith("the error") and options.error_path
+                else "--output-file-path"
+            )
+            raise DataError(
+                f"{what} {path} is the input file {src}: writing it would destroy the prompts; choose another {flag}"
+            )
+        if os.path.isdir(path):
+            raise DataError(f"{what} {path} is a directory: pass a file path")
+    if same_file(out, err):
+        raise DataError(f"--error-file-path {err} is the output file: choose another --error-file-path")
+    if not (options.resume or options.overwrite):
+        existing = [p for p in (out, err) if os.path.exists(p) and os.path.getsize(p)]
+        if existing:
+            raise DataError(
+                f"{existing[0]} exists; pass --resume to continue it or --overwrite to start over"
+            )
+    for what, path in named[:2]:
+        check_writable_dir(os.path.dirname(os.path.abspath(path)), what)
+
+
+def load_input(options: RegenOptions) -> tuple[list[Conversation], ReadStats]:
+    """The input conversations (ids checked unique) and the reader's counts."""
+    stats = ReadStats()
+    conversations = list(read_conversations(options.input_path, skip_bad=options.skip_bad_rows, stats=stats))
+    seen: dict[str, int] = {}
+    for index, conv in enumerate(conversations, start=1):
+        if conv.id in seen:
+            raise DataError(
+                f"{options.input_path}: id {conv.id!r} appears twice (rows {seen[conv.id]} and {index}); "
+                f"ids must be unique because --resume matches rows by id"
+            )
+        seen[conv.id] = index
+    if not conversations:
+        what = f"all {stats.skipped} rows are malformed" if stats.skipped else "it has no rows"
+        raise DataError(f"--input-file-path {options.input_path}: nothing to regenerate ({what})")
+    return conversations, stats
+
+
+def _commit(options: RegenOptions) -> None:
+    """Move an --overwrite run's partial files over the previous output and error file."""
+    from deepspec.utils.io import fsync_dir
+
+    out_partial, err_partial = options.write_paths()
+    out, err = options.output_path, options.resolved_error_path()
+    for path in (out_partial, err_partial):  # on disk before they replace anything
+        with open(path, "rb+") as fh:
+            os.fsync(fh.fileno())
+    os.replace(out_partial, out)
+    if os.path.getsize(err_partial):
+        os.replace(err_partial, err)
+    else:
+        os.unlink(err_partial)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(err)  # it listed the previous run's failures
+    for directory in {os.path.dirname(os.path.abspath(p)) for p in (out, err)}:
+        fsync_dir(directory)
 
 
 class _Writer:
@@ -149,39 +273,55 @@ class _Writer:
         self._fh.close()
 
 
-async def regenerate(backend: Any, options: RegenOptions, params: SamplingParams) -> RegenSummary:
-    """Run the regeneration described by ``options`` against ``backend``."""
+async def regenerate(
+    backend: Any,
+    options: RegenOptions,
+    params: SamplingParams,
+    prepared: tuple[list[Conversation], ReadStats] | None = None,
+) -> RegenSummary:
+    """Run the regeneration described by ``options`` against ``backend`` (closed at the end).
+
+    ``prepared``: what :func:`load_input` returned, when the caller already read the input."""
+    try:
+        return await _regenerate(backend, options, params, prepared)
+    finally:
+        await backend.close()
+
+
+async def _regenerate(
+    backend: Any,
+    options: RegenOptions,
+    params: SamplingParams,
+    prepared: tuple[list[Conversation], ReadStats] | None,
+) -> RegenSummary:
     from tqdm import tqdm
 
     error_path = options.resolved_error_path()
     summary = RegenSummary(output_path=options.output_path, error_path=error_path)
-    conversations = list(read_conversations(options.input_path))
-    seen: dict[str, int] = {}
-    for lineno, conv in enumerate(conversations, start=1):
-        if conv.id in seen:
-            raise DataError(
-                f"{options.input_path}: id {conv.id!r} appears twice (rows {seen[conv.id]} and {lineno}); "
-                f"ids must be unique because --resume matches rows by id"
-            )
-        seen[conv.id] = lineno
-    existing = [p for p in (options.output_path, error_path) if os.path.exists(p) and os.path.getsize(p)]
-    if existing and not (options.resume or options.overwrite):
-        raise DataError(f"{existing[0]} exists; pass --resume to continue it or --overwrite to start over")
+    check_paths(options)
+    conversations, stats = prepared if prepared is not None else load_input(options)
+    summary.bad_rows, summary.bad_reasons = stats.skipped, dict(stats.reasons)
+    # every server answers with the expected model before any file is touched
+    model = await backend.resolve_model()
+    print(f"model: {model}", flush=True)
+    out_path, err_path = options.write_paths()
     if options.overwrite and not options.resume:
-        for path in existing:
-            os.unlink(path)
-    done = read_done_ids(options.output_path, repair=True)
-    failed_before = read_done_ids(error_path, repair=True)
+        for path in (out_path, err_path):  # a stopped --overwrite run's leftovers
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    done = read_done_ids(out_path, repair=False)  # both files checked before either is repaired
+    failed_before = read_done_ids(err_path, repair=False)
+    for path in (out_path, err_path):
+        _repair_tail(path)
     if options.retry_errors and failed_before:
-        _rewrite_without(error_path, failed_before - done)
+        _rewrite_without(err_path, failed_before - done)
         failed_before = set()
     tasks = list(_tasks(conversations, options.num_samples))
     summary.total = len(tasks)
     pending = [t for t in tasks if t[0] not in done and t[0] not in failed_before]
     summary.skipped = summary.total - len(pending)
-    model = await backend.resolve_model()
 
-    out, err = _Writer(options.output_path), _Writer(error_path)
+    out, err = _Writer(out_path), _Writer(err_path)
     bar = tqdm(
         total=len(pending), unit="row", disable=not options.progress, dynamic_ncols=True, desc="regenerate"
     )
@@ -264,11 +404,19 @@ async def regenerate(backend: Any, options: RegenOptions, params: SamplingParams
         bar.close()
         out.close()
         err.close()
-        await backend.close()
     summary.finish_reasons = reasons
+    if options.overwrite:
+        summary.committed = not summary.aborted
+        if summary.committed:
+            _commit(options)
     return summary
 
 
-def run_regeneration(backend: Any, options: RegenOptions, params: SamplingParams) -> RegenSummary:
+def run_regeneration(
+    backend: Any,
+    options: RegenOptions,
+    params: SamplingParams,
+    prepared: tuple[list[Conversation], ReadStats] | None = None,
+) -> RegenSummary:
     """Synchronous wrapper of :func:`regenerate`."""
-    return asyncio.run(regenerate(backend, options, params))
+    return asyncio.run(regenerate(backend, options, params, prepared))

@@ -12,7 +12,8 @@ Accepted row shapes (normalised to :class:`~deepspec.data.conversations.Conversa
   ``answer``, ``completion``, ``solution``);
 * ``turns`` (a list of user turns, as in ``eval_datasets/``): the first one is the prompt.
 
-Rows without an ``id`` get ``<name>-<row index>``.
+Rows without an ``id`` get ``<name>-<row index>``. A JSONL line that is not JSON stops the
+run with ``file:line`` unless ``skip_bad`` (``--skip-bad-rows``), which skips and counts it.
 """
 
 from __future__ import annotations
@@ -46,17 +47,27 @@ def _hub_reachable(timeout: float = 5.0) -> tuple[bool, str]:
         return False, f"{host}:{port} unreachable ({exc.__class__.__name__})"
 
 
-def load_rows(source: str, *, split: str = "train", subset: str | None = None) -> Iterator[dict[str, Any]]:
-    """Yield the raw rows (dicts) of ``source`` (see the module docstring)."""
+def load_rows(
+    source: str,
+    *,
+    split: str = "train",
+    subset: str | None = None,
+    skip_bad: bool = False,
+    skipped: dict[str, int] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield the raw rows (dicts) of ``source`` (see the module docstring).
+
+    ``skip_bad``: JSONL lines that are not JSON are skipped and counted in ``skipped``
+    (reason → count) instead of stopping."""
     path = os.path.expanduser(source)
     if os.path.isfile(path):
-        yield from _file_rows(path)
+        yield from _file_rows(path, skip_bad=skip_bad, skipped=skipped if skipped is not None else {})
         return
     if os.path.isdir(path):
         yield from _saved_dataset_rows(path, split)
         return
     if source.startswith((".", "/", "~")) or source.endswith((".jsonl", ".json", ".parquet")):
-        raise DataError(f"data source {source} not found")
+        raise DataError(f"data source {source} not found (check --input)")
     ok, why = _hub_reachable()
     if not ok:
         raise DataError(
@@ -73,7 +84,7 @@ def load_rows(source: str, *, split: str = "train", subset: str | None = None) -
     yield from data
 
 
-def _file_rows(path: str) -> Iterator[dict[str, Any]]:
+def _file_rows(path: str, *, skip_bad: bool = False, skipped: dict[str, int]) -> Iterator[dict[str, Any]]:
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -100,9 +111,16 @@ def _file_rows(path: str) -> Iterator[dict[str, Any]]:
             if not raw.strip():
                 continue
             try:
-                yield json.loads(raw.decode("utf-8"))
+                row = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, ValueError) as exc:
-                raise DataError(f"{path}:{lineno}: not a JSON row ({exc.__class__.__name__})") from None
+                if skip_bad:
+                    skipped["not a JSON line"] = skipped.get("not a JSON line", 0) + 1
+                    continue
+                raise DataError(
+                    f"{path}:{lineno}: not a JSON row ({exc.__class__.__name__}) "
+                    "(fix the row, or skip malformed rows with --skip-bad-rows)"
+                ) from None
+            yield row
 
 
 def _saved_dataset_rows(path: str, split: str) -> Iterator[dict[str, Any]]:

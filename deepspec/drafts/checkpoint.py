@@ -59,26 +59,101 @@ def save_draft(model: DraftModel, out_dir: str) -> None:
         raise
 
 
+def _json_problem(exc: json.JSONDecodeError) -> str:
+    return f"line {exc.lineno} column {exc.colno}: {exc.msg}"
+
+
+def check_draft_dir(path: str) -> str:
+    """``path`` expanded; a :class:`DataError` when it is not a draft checkpoint directory."""
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.exists(path):
+        raise DataError(
+            f"draft checkpoint {path} does not exist; pass a checkpoint directory "
+            "(e.g. <checkpoint_dir>/step_latest, with config.json and model.safetensors)"
+        )
+    if not os.path.isdir(path):
+        raise DataError(
+            f"draft checkpoint {path} is a file, not a directory; pass the checkpoint directory "
+            "that holds config.json and model.safetensors"
+        )
+    if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        raise DataError(
+            f"draft checkpoint {path} has no {CONFIG_NAME}; pass a directory written by train.py "
+            "or save_pretrained (e.g. <checkpoint_dir>/step_latest)"
+        )
+    return path
+
+
 def read_draft_config(path: str) -> tuple[str, DraftConfig]:
     """``(architecture, DraftConfig)`` of a checkpoint directory."""
+    path = check_draft_dir(path)
     cfg_path = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(cfg_path):
-        raise DataError(f"draft checkpoint {path} has no {CONFIG_NAME}")
-    with open(cfg_path, encoding="utf-8") as fh:
-        raw = json.load(fh)
+    try:
+        with open(cfg_path, encoding="utf-8") as fh:
+            raw = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{cfg_path} is not valid JSON ({_json_problem(exc)}): the checkpoint is truncated or "
+            "damaged; copy it again or use another checkpoint"
+        ) from None
+    except UnicodeDecodeError:
+        raise DataError(
+            f"{cfg_path} is not UTF-8 text: the checkpoint is damaged; copy it again or use another checkpoint"
+        ) from None
+    if not isinstance(raw, dict):
+        raise DataError(
+            f"{cfg_path} must hold a JSON object, not {type(raw).__name__}; use another checkpoint"
+        )
     arch = (raw.pop("architectures", None) or [""])[0]
     raw.pop("deepspec_version", None)
     known = set(DraftConfig.__dataclass_fields__)
     unknown = sorted(set(raw) - known)
     if unknown:
         raise DataError(f"draft checkpoint {path}: unknown config fields {unknown}")
-    return arch, DraftConfig(**raw)
+    try:
+        config = DraftConfig(**raw)
+        config.spec  # noqa: B018 - the target's family spec must parse too
+    except (TypeError, ValueError, KeyError) as exc:
+        raise DataError(
+            f"{cfg_path} is not a draft config ({type(exc).__name__}: {exc}); use a checkpoint "
+            "written by train.py or save_pretrained"
+        ) from None
+    return str(arch), config
+
+
+def _read_weights(path: str) -> dict[str, torch.Tensor]:
+    weights = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        raise DataError(f"draft checkpoint {path} has no {WEIGHTS_NAME}; copy the checkpoint again")
+    try:
+        return load_file(weights)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        if isinstance(exc, OSError):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"{weights} is unreadable ({first}): it is truncated or not a safetensors file; "
+            "copy the checkpoint again or use an earlier one"
+        ) from None
+
+
+def check_finite_weights(model: torch.nn.Module, path: str) -> None:
+    """A :class:`DataError` when a parameter or buffer holds NaN or inf (a diverged run)."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise DataError(
+                f"draft checkpoint {path}: weights are not finite (the training diverged); "
+                f"use an earlier checkpoint (NaN/inf in {name})"
+            )
 
 
 def load_draft(
     path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> DraftModel:
-    """Load a draft checkpoint directory and return the right class (DSpark/DFlash/Eagle3)."""
+    """Load a draft checkpoint directory and return the right class (DSpark/DFlash/Eagle3).
+
+    Refuses, with one-line :class:`DataError` s, a missing or damaged checkpoint and one whose
+    weights hold NaN or inf."""
     from deepspec.drafts.registry import ARCHITECTURES
 
     path = os.path.expanduser(path)
@@ -88,17 +163,29 @@ def load_draft(
         raise DataError(
             f"draft checkpoint {path}: unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}"
         )
-    model = algorithm.model_cls(config)
-    weights = os.path.join(path, WEIGHTS_NAME)
-    if not os.path.isfile(weights):
-        raise DataError(f"draft checkpoint {path} has no {WEIGHTS_NAME}")
-    state = load_file(weights)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    state = _read_weights(path)
+    try:
+        model = algorithm.model_cls(config)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise DataError(
+            f"draft checkpoint {path}: {CONFIG_NAME} does not describe a valid {arch} "
+            f"({type(exc).__name__}: {exc}); use a checkpoint written by train.py"
+        ) from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor shape that does not match config.json
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:3]) or (first[0] if first else "")
+        raise DataError(
+            f"draft checkpoint {path}: {WEIGHTS_NAME} does not match its {CONFIG_NAME} ({detail}); "
+            "copy the checkpoint again"
+        ) from None
     missing = [m for m in missing if not (m == "lm_head.weight" and model.spec.tie_word_embeddings)]
     if missing or unexpected:
         raise DataError(
             f"draft checkpoint {path} does not match {arch}: missing {missing}, unexpected {unexpected}"
         )
+    check_finite_weights(model, path)
     model = model.to(device=device)
     if dtype is not None:
         model = model.to(dtype=dtype)

@@ -1,33 +1,38 @@
-"""Evaluation: verification of drafted blocks, acceptance/calibration metrics, report plots."""
+"""Evaluation: verification of drafted blocks, acceptance/calibration metrics, report plots.
 
-from deepspec.eval.metrics import (
-    AcceptanceStats,
-    CalibrationStats,
-    ThresholdSweep,
-    acceptance_stats,
-    calibration_stats,
-    macro_average,
-    threshold_sweep,
-)
-from deepspec.eval.verify import (
-    VerifyResult,
-    probs_from_logits,
-    residual_probs,
-    verify_greedy,
-    verify_sampling,
-)
+Names are imported on first use, so the torch-free parts (``deepspec.eval.settings``,
+``deepspec.eval.report``'s argument checks) start without loading ``torch``.
+"""
 
-__all__ = [
-    "AcceptanceStats",
-    "CalibrationStats",
-    "ThresholdSweep",
-    "VerifyResult",
-    "acceptance_stats",
-    "calibration_stats",
-    "macro_average",
-    "probs_from_logits",
-    "residual_probs",
-    "threshold_sweep",
-    "verify_greedy",
-    "verify_sampling",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AcceptanceStats": "deepspec.eval.metrics",
+    "CalibrationStats": "deepspec.eval.metrics",
+    "ThresholdSweep": "deepspec.eval.metrics",
+    "acceptance_stats": "deepspec.eval.metrics",
+    "calibration_stats": "deepspec.eval.metrics",
+    "macro_average": "deepspec.eval.metrics",
+    "threshold_sweep": "deepspec.eval.metrics",
+    "VerifyResult": "deepspec.eval.verify",
+    "probs_from_logits": "deepspec.eval.verify",
+    "residual_probs": "deepspec.eval.verify",
+    "verify_greedy": "deepspec.eval.verify",
+    "verify_sampling": "deepspec.eval.verify",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

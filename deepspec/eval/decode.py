@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from deepspec.errors import NumericalError, check_number
 from deepspec.eval.target import Target
 from deepspec.eval.verify import probs_from_logits, sample_from_probs, verify_greedy, verify_sampling
 
@@ -46,6 +47,35 @@ def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator
     return int(sample_from_probs(probs, u))
 
 
+_DIVERGED = "the draft gives non-finite scores (its training diverged); use an earlier checkpoint"
+
+
+def _propose(draft, state, anchor: torch.Tensor, temperature: float, generator, vocab: int):
+    """``draft.propose`` whose non-finite outputs become a one-line :class:`NumericalError`
+    (a diverged draft must never turn into out-of-vocabulary token ids)."""
+    try:
+        proposal = draft.propose(state, anchor, temperature=temperature, generator=generator)
+    except FloatingPointError as exc:
+        raise NumericalError(f"draft proposal failed ({exc}): {_DIVERGED}") from None
+    except RuntimeError as exc:  # torch.multinomial on a distribution with inf/NaN mass
+        if "probability tensor" not in str(exc):
+            raise
+        raise NumericalError(f"draft proposal failed (invalid sampling distribution): {_DIVERGED}") from None
+    tokens = proposal.tokens
+    if tokens.numel() and (int(tokens.min()) < 0 or (vocab and int(tokens.max()) >= vocab)):
+        raise NumericalError(f"the draft proposed token ids outside the vocabulary of {vocab}: {_DIVERGED}")
+    conf = proposal.confidence
+    if conf is not None and conf.numel() and not bool(torch.isfinite(conf).all()):
+        raise NumericalError(f"the draft's confidences are NaN or inf: {_DIVERGED}")
+    return proposal
+
+
+def _check_limits(max_new_tokens: int, temperature: float, threshold: float = 0.0) -> None:
+    check_number("max_new_tokens", max_new_tokens, low=1)
+    check_number("temperature", temperature, low=0)
+    check_number("confidence_threshold", threshold, low=0, high=1)
+
+
 def _cut(tokens: list[int], eos_ids: set[int], room: int) -> tuple[list[int], bool]:
     """Tokens up to and including the first EOS, at most ``room``; whether generation ends."""
     for i, t in enumerate(tokens[:room]):
@@ -67,11 +97,13 @@ def speculative_generate(
     confidence_threshold: float = 0.0,
 ) -> DecodeResult:
     """Generate with ``draft`` proposing and ``target`` verifying; lossless by construction."""
+    _check_limits(max_new_tokens, temperature, confidence_threshold)
     start = time.perf_counter()
     params = list(draft.parameters()) if hasattr(draft, "parameters") else []
     device = params[0].device if params else torch.device("cpu")
     ids = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
     clock = time.perf_counter
+    vocab = int(getattr(target, "vocab_size", 0) or 0)
     target.reset()
     prompt = ids(prompt_ids)
     t0 = clock()
@@ -84,7 +116,7 @@ def speculative_generate(
     while not done:
         anchor = output[-1]
         t0 = clock()
-        proposal = draft.propose(state, ids([anchor]), temperature=temperature, generator=generator)
+        proposal = _propose(draft, state, ids([anchor]), temperature, generator, vocab)
         result.draft_seconds += clock() - t0
         k = proposal.tokens.shape[1]
         if proposal.confidence is not None:
@@ -134,6 +166,7 @@ def plain_generate(
     generator: torch.Generator | None = None,
 ) -> DecodeResult:
     """Target-only decoding, one token per forward (the speedup baseline)."""
+    _check_limits(max_new_tokens, temperature)
     start = time.perf_counter()
     target.reset()
     step = getattr(target, "plain_forward", None) or (lambda t: target.forward(t)[0])

@@ -12,22 +12,70 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import shutil
 from collections import defaultdict
 from typing import Any
 
-from deepspec.cli import run_main
-from deepspec.errors import DataError
-from deepspec.utils.io import atomic_write_json, atomic_write_text
+from deepspec.cli import ArgumentParser, run_main
+from deepspec.errors import ConfigError, DataError
+from deepspec.utils.io import atomic_open, atomic_write_json, atomic_write_text
+
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 def load_results(directory: str) -> dict[str, Any]:
+    """``<directory>/results.json`` of an ``eval.py --output-dir``, checked for the fields a
+    report reads; a missing, torn or foreign file is one :class:`DataError` naming it."""
+    if not os.path.isdir(directory):
+        raise DataError(f"eval output directory {directory} does not exist; pass an eval.py --output-dir")
     path = os.path.join(directory, "results.json")
     if not os.path.isfile(path):
         raise DataError(f"no results.json in {directory}; run eval.py with --output-dir {directory}")
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    redo = f"run eval.py with --output-dir {directory} again"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            results = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{path} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}): it is torn or "
+            f"damaged; {redo}"
+        ) from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text: it is damaged; {redo}") from None
+    ok = (
+        isinstance(results, dict)
+        and isinstance(results.get("config"), dict)
+        and isinstance(results.get("macro_average"), dict)
+        and isinstance(results.get("datasets"), list)
+        and all(isinstance(d, dict) and isinstance(d.get("dataset"), str) for d in results["datasets"])
+    )
+    if not ok:
+        raise DataError(f"{path} is not an eval.py results file (config, datasets, macro_average); {redo}")
+    return results
+
+
+def parse_run(spec: str) -> tuple[str, float, str]:
+    """``LABEL@TEMPERATURE=DIR`` → (label, temperature, directory)."""
+    usage = f"--run {spec!r}: expected LABEL@TEMPERATURE=DIR, e.g. dspark@1.0=out/eval/dspark_t1.0"
+    name, sep, directory = spec.partition("=")
+    label, at, temp_text = name.rpartition("@")
+    if not (sep and at and directory.strip()):
+        raise ConfigError(usage)
+    try:
+        temp = float(temp_text)
+    except ValueError:
+        raise ConfigError(f"{usage} (temperature {temp_text!r} is not a number)") from None
+    if not math.isfinite(temp) or temp < 0:
+        raise ConfigError(f"--run {spec!r}: temperature must be a finite number >= 0, got {temp_text}")
+    if not _LABEL.match(label):
+        raise ConfigError(
+            f"--run {spec!r}: label {label!r} must start with a letter or digit and hold only "
+            "letters, digits, '.', '_', '+' or '-' (it names a folder of the report)"
+        )
+    return label, temp, directory
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
@@ -71,21 +119,28 @@ def margins(runs: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def write_report(runs: dict[tuple[str, float], str], out_dir: str, *, title: str, note: str = "") -> str:
-    """Copy results and plots of every run into ``out_dir`` and write ``REPORT.md``."""
+    """Copy results and plots of every run into ``out_dir`` and write ``REPORT.md``.
+
+    Every run is read before anything is written, so a bad run leaves ``out_dir`` as it was."""
+    loaded = {key: load_results(directory) for key, directory in runs.items()}
     os.makedirs(out_dir, exist_ok=True)
     by_temp: dict[float, dict[str, dict[str, Any]]] = defaultdict(dict)
     sections = [f"# {title}", ""]
     if note:
         sections += [note, ""]
     for (label, temp), directory in runs.items():
-        results = load_results(directory)
+        results = loaded[(label, temp)]
         by_temp[temp][label] = results
         dest = os.path.join(out_dir, f"{label}_t{temp:g}")
         os.makedirs(dest, exist_ok=True)
         atomic_write_json(os.path.join(dest, "results.json"), results)
         for name in os.listdir(directory):
             if name.endswith(".png"):
-                shutil.copyfile(os.path.join(directory, name), os.path.join(dest, name))
+                with (
+                    open(os.path.join(directory, name), "rb") as src,
+                    atomic_open(os.path.join(dest, name), "wb") as dst,
+                ):
+                    shutil.copyfileobj(src, dst)
     for temp in sorted(by_temp, reverse=True):
         sections += [f"## Temperature {temp:g}", "", comparison_table(by_temp[temp], markdown=True), ""]
         sections += [f"- {m}" for m in margins(by_temp[temp])] + [""]
@@ -102,8 +157,10 @@ def write_report(runs: dict[tuple[str, float], str], out_dir: str, *, title: str
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = ArgumentParser(
+        prog="python -m deepspec.eval.report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--run", action="append", required=True, metavar="LABEL@TEMPERATURE=DIR")
     parser.add_argument("--out", required=True)
@@ -112,12 +169,15 @@ def main() -> int:
     args = parser.parse_args()
     runs: dict[tuple[str, float], str] = {}
     for spec in args.run:
-        try:
-            name, directory = spec.split("=", 1)
-            label, temp = name.rsplit("@", 1)
-            runs[(label, float(temp))] = directory
-        except ValueError:
-            raise DataError(f"--run {spec!r}: expected LABEL@TEMPERATURE=DIR") from None
+        label, temp, directory = parse_run(spec)
+        if (label, temp) in runs:
+            raise ConfigError(f"--run {label}@{temp:g} is given twice; give each label and temperature once")
+        runs[(label, temp)] = directory
+    from deepspec.eval.settings import check_output_dir
+
+    for directory in runs.values():
+        load_results(directory)  # every run readable before the output is touched
+    check_output_dir(args.out, "--out")
     path = write_report(runs, args.out, title=args.title, note=args.note)
     by_temp: dict[float, dict[str, Any]] = defaultdict(dict)
     for (label, temp), directory in runs.items():

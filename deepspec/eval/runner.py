@@ -8,10 +8,13 @@ timed. ``speedup`` = speculative tokens/s ÷ plain tokens/s over the dataset.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -20,63 +23,22 @@ from tqdm import tqdm
 from deepspec.config.schema import DEFAULT_EVAL_TASKS
 from deepspec.data.chat import ChatTokenizer
 from deepspec.data.eval_prompts import load_eval_prompts
-from deepspec.errors import DataError
+from deepspec.errors import ConfigError, DataError, DeepSpecError, as_user_error
 from deepspec.eval.decode import DecodeResult, plain_generate, speculative_generate
 from deepspec.eval.metrics import acceptance_stats, calibration_stats, macro_average, threshold_sweep
+from deepspec.eval.settings import (  # noqa: F401 - re-exported: the runner's public names
+    BASELINE_KEYS,
+    RESULTS_NAME,
+    SAMPLES_NAME,
+    EvalSettings,
+    check_output_dir,
+    load_baseline,
+    resolve_settings,
+)
 from deepspec.eval.target import HFTarget
 from deepspec.utils.io import atomic_open, atomic_write_json
 
 MACRO_KEYS = ("acceptance_length", "speedup", "verify_rate", "draft_tokens_per_proposal")
-
-
-@dataclass
-class EvalSettings:
-    tasks: list[str]
-    max_samples: int | None = None
-    max_new_tokens: int = 2048
-    temperature: float = 1.0
-    confidence_threshold: float = 0.0
-    seed: int = 980406
-    eval_datasets_dir: str = "eval_datasets"
-    output_dir: str | None = None
-    baseline: bool = True
-    dtype: str = "auto"  # auto: fp32 at temperature 0 (bit-exact greedy), else bf16
-    progress: bool = True
-    baseline_from: str | None = None  # reuse the plain-decoding records of this output dir
-
-
-BASELINE_KEYS = ("target", "temperature", "max_new_tokens", "seed", "dtype", "eval_datasets_dir")
-
-
-def load_baseline(directory: str, settings: EvalSettings, target_name: str) -> dict[tuple[str, int], dict]:
-    """Plain-decoding records of an earlier ``eval.py --output-dir`` run, keyed by
-    (dataset, prompt index); refuses a run made with other decoding settings."""
-    path = os.path.join(directory, "results.json")
-    samples = os.path.join(directory, "samples.jsonl")
-    if not (os.path.isfile(path) and os.path.isfile(samples)):
-        raise DataError(
-            f"--baseline-from {directory}: no results.json + samples.jsonl there (an eval.py --output-dir)"
-        )
-    try:
-        with open(path, encoding="utf-8") as fh:
-            config = json.load(fh)["config"]
-        with open(samples, encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
-        need = ("baseline_output_token_ids", "baseline_seconds", "prompt_token_ids")
-        out = {(r["dataset"], r["index"]): {k: r[k] for k in need} for r in rows}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(
-            f"--baseline-from {directory}: unreadable results ({type(exc).__name__}: {exc})"
-        ) from None
-    mine = {**asdict(settings), "target": target_name}
-    diff = [
-        f"{k} {config.get(k)!r} there, {mine[k]!r} here" for k in BASELINE_KEYS if config.get(k) != mine[k]
-    ]
-    if not config.get("baseline"):
-        diff.append("it ran without the baseline")
-    if diff:
-        raise DataError(f"--baseline-from {directory} was decoded differently: " + "; ".join(diff))
-    return out
 
 
 def check_draft_matches_target(draft, spec, target_name: str) -> None:
@@ -95,19 +57,18 @@ class Evaluator:
     """Holds the target, tokenizer and draft of one worker and decodes prompts."""
 
     def __init__(self, target_dir: str, draft, settings: EvalSettings, device: str = "cpu") -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from deepspec.targets.family import load_family_spec
+        from deepspec.targets.load import load_target_model, load_target_tokenizer
 
         self.settings = settings
         spec = load_family_spec(target_dir)
         check_draft_matches_target(draft, spec, target_dir)
         dtype = torch.bfloat16 if settings.dtype == "bf16" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).to(device).eval()
+        model = load_target_model(target_dir, dtype=dtype).to(device).eval()
         self.device = torch.device(device)
         self.target = HFTarget(model, draft.config.target_layer_ids)
         self.draft = draft.to(device=device, dtype=dtype).eval()
-        self.chat = ChatTokenizer(AutoTokenizer.from_pretrained(target_dir), enable_thinking=False)
+        self.chat = ChatTokenizer(load_target_tokenizer(target_dir), enable_thinking=False)
         eos = set(spec.eos_token_ids)
         if self.chat.tokenizer.eos_token_id is not None:
             eos.add(int(self.chat.tokenizer.eos_token_id))
@@ -244,13 +205,55 @@ def _worker_records(
 def _spawned_worker(
     worker: int, target_dir, draft_path, settings, workers: int, result_dir: str, reused: dict | None
 ) -> None:
-    if torch.cuda.is_available():
-        device = f"cuda:{worker}"
-    else:  # CPU workers (tests): share the cores
-        device = "cpu"
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    records = _worker_records(target_dir, draft_path, settings, worker, workers, device, reused)
-    atomic_write_json(os.path.join(result_dir, f"worker{worker}.json"), records)
+    """One worker process; a user error is recorded for the parent (which reports it once)."""
+    try:
+        if torch.cuda.is_available():
+            device = f"cuda:{worker}"
+        else:  # CPU workers (tests): share the cores
+            device = "cpu"
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        records = _worker_records(target_dir, draft_path, settings, worker, workers, device, reused)
+        atomic_write_json(os.path.join(result_dir, f"worker{worker}.json"), records)
+    except Exception as exc:  # noqa: BLE001 - user errors go to the parent, bugs keep their trace
+        user = as_user_error(exc)
+        if user is None:
+            raise
+        atomic_write_json(
+            os.path.join(result_dir, f"worker{worker}.error.json"),
+            {"type": type(user).__name__, "message": str(user), "exit_code": user.exit_code},
+        )
+        sys.exit(user.exit_code)
+
+
+def _recorded_worker_error(result_dir: str, workers: int) -> DeepSpecError | None:
+    """The user error the lowest-numbered failed worker recorded, as a :class:`DeepSpecError`."""
+    import deepspec.errors as errors
+
+    for w in range(workers):
+        path = os.path.join(result_dir, f"worker{w}.error.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as fh:
+            found = json.load(fh)
+        cls = getattr(errors, str(found.get("type")), None)
+        if not (isinstance(cls, type) and issubclass(cls, DeepSpecError)):
+            cls = DeepSpecError
+        return cls(f"eval worker {w} of {workers}: {found.get('message', '')}")
+    return None
+
+
+def _worker_count(num_workers: int | None) -> int:
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if num_workers is None:
+        return gpus or 1
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+        raise ConfigError(f"--num-workers must be an integer >= 1, got {num_workers!r}")
+    if gpus and num_workers > gpus:
+        raise ConfigError(
+            f"--num-workers {num_workers} exceeds the {gpus} visible GPUs (one worker per GPU); "
+            f"pass at most {gpus} or set CUDA_VISIBLE_DEVICES"
+        )
+    return num_workers
 
 
 def evaluate(
@@ -263,14 +266,12 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a draft checkpoint on ``settings.tasks``; one worker per visible GPU (prompts
     split round-robin), else one CPU worker. Writes outputs when ``output_dir`` is set."""
-    import tempfile
-
     from deepspec.drafts import read_draft_config
 
-    s = settings
-    if s.dtype == "auto":
-        s.dtype = "fp32" if s.temperature == 0 else "bf16"
-    workers = num_workers or (torch.cuda.device_count() if torch.cuda.is_available() else 1) or 1
+    s = resolve_settings(settings)
+    workers = _worker_count(num_workers)
+    if s.output_dir:
+        check_output_dir(s.output_dir)
     reused = None
     if s.baseline and s.baseline_from:
         reused = load_baseline(s.baseline_from, s, target_name or target_dir)
@@ -282,12 +283,18 @@ def evaluate(
         import torch.multiprocessing as mp
 
         with tempfile.TemporaryDirectory() as result_dir:
-            mp.start_processes(
-                _spawned_worker,
-                args=(target_dir, draft_path, s, workers, result_dir, reused),
-                nprocs=workers,
-                start_method="spawn",
-            )
+            try:
+                mp.start_processes(
+                    _spawned_worker,
+                    args=(target_dir, draft_path, s, workers, result_dir, reused),
+                    nprocs=workers,
+                    start_method="spawn",
+                )
+            except (mp.ProcessExitedException, mp.ProcessRaisedException):
+                recorded = _recorded_worker_error(result_dir, workers)
+                if recorded is None:
+                    raise
+                raise recorded from None
             per_worker = []
             for w in range(workers):
                 with open(os.path.join(result_dir, f"worker{w}.json"), encoding="utf-8") as fh:
@@ -310,14 +317,24 @@ def evaluate(
         "seconds": time.perf_counter() - start,
     }
     if s.output_dir:
-        os.makedirs(s.output_dir, exist_ok=True)
-        with atomic_open(os.path.join(s.output_dir, "samples.jsonl"), "w", encoding="utf-8") as fh:
-            for t in s.tasks:
-                for r in by_task[t]:
-                    fh.write(json.dumps(r) + "\n")
-        atomic_write_json(os.path.join(s.output_dir, "results.json"), results)
-        write_plots(results, s.output_dir)
+        write_outputs(results, by_task, os.path.expanduser(s.output_dir))
     return results
+
+
+def write_outputs(results: dict[str, Any], by_task: dict[str, list[dict[str, Any]]], out_dir: str) -> None:
+    """``samples.jsonl``, then ``results.json`` (recording the samples' SHA-256, so a reader can
+    tell they belong together), then the plots; every file is written atomically."""
+    os.makedirs(out_dir, exist_ok=True)
+    digest = hashlib.sha256()
+    with atomic_open(os.path.join(out_dir, SAMPLES_NAME), "w", encoding="utf-8") as fh:
+        for rows in by_task.values():
+            for r in rows:
+                line = json.dumps(r) + "\n"
+                fh.write(line)
+                digest.update(line.encode("utf-8"))
+    results["samples_sha256"] = digest.hexdigest()
+    atomic_write_json(os.path.join(out_dir, RESULTS_NAME), results)
+    write_plots(results, out_dir)
 
 
 def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:

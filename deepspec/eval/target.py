@@ -8,6 +8,7 @@ lookup-table targets.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -30,6 +31,16 @@ class Target(Protocol):
         """Keep only the first ``length`` cached positions."""
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """Name of the KV-cache argument of ``model.forward``: ``cache`` in newer transformers 5.x,
+    ``past_key_values`` in older 5.x (newer releases still accept it but warn)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class HFTarget:
     """An HF CausalLM with a ``DynamicCache``, batch 1."""
 
@@ -39,6 +50,16 @@ class HFTarget:
         self.layer_ids = list(layer_ids)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.cache: Any = None
+        self._cache_arg = cache_argument(model)
+
+    def _run(self, tokens: torch.Tensor) -> Any:
+        """One cached forward of ``tokens``; the model's cache replaces ``self.cache``."""
+        out = self.model(
+            input_ids=tokens.view(1, -1).to(self.device), use_cache=True, **{self._cache_arg: self.cache}
+        )
+        # the output field follows the argument's name; reading the other one warns
+        self.cache = out[self._cache_arg] if self._cache_arg in out else self.cache
+        return out
 
     @property
     def device(self) -> torch.device:
@@ -54,10 +75,7 @@ class HFTarget:
         if self.cache is None:
             self.reset()
         with capture_layers(self.base, self.layer_ids) as captured:
-            out = self.model(
-                input_ids=tokens.view(1, -1).to(self.device), past_key_values=self.cache, use_cache=True
-            )
-        self.cache = out.past_key_values
+            out = self._run(tokens)
         features = torch.cat([captured[i] for i in self.layer_ids], dim=-1)[0]
         return out.logits[0].float(), features
 
@@ -66,11 +84,7 @@ class HFTarget:
         """Logits [T, V] without capturing features (plain decoding baseline)."""
         if self.cache is None:
             self.reset()
-        out = self.model(
-            input_ids=tokens.view(1, -1).to(self.device), past_key_values=self.cache, use_cache=True
-        )
-        self.cache = out.past_key_values
-        return out.logits[0].float()
+        return self._run(tokens).logits[0].float()
 
     def crop(self, length: int) -> None:
         extra = self.cache.get_seq_length() - length

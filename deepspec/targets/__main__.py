@@ -11,7 +11,8 @@ import argparse
 import json
 import time
 
-from deepspec.cli import run_main
+from deepspec.cli import ArgumentParser, run_main
+from deepspec.errors import ConfigError, TargetError, check_number
 from deepspec.targets.family import load_family_spec
 from deepspec.targets.resolve import DEFAULT_TARGET, resolve_target
 
@@ -19,17 +20,24 @@ from deepspec.targets.resolve import DEFAULT_TARGET, resolve_target
 def chat(model_dir: str, prompt: str, *, max_new_tokens: int, dtype: str) -> str:
     """Greedy-answer one user prompt with the target's chat template; returns the reply."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    from deepspec.targets.load import load_target_model, load_target_tokenizer
+
+    tokenizer = load_target_tokenizer(model_dir)
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
-    inputs = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )
+    model = load_target_model(model_dir, dtype=torch_dtype)
+    try:
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+    except ValueError as exc:  # no chat template
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TargetError(
+            f"the tokenizer of {model_dir} cannot format a chat ({first}); use a chat model"
+        ) from None
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
@@ -40,7 +48,7 @@ def chat(model_dir: str, prompt: str, *, max_new_tokens: int, dtype: str) -> str
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m deepspec.targets",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -56,7 +64,10 @@ def main() -> int:
     p_chat.add_argument("--max-new-tokens", type=int, default=96)
     p_chat.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     args = parser.parse_args()
-
+    if args.command == "chat":
+        check_number("--max-new-tokens", args.max_new_tokens, low=1)
+        if not args.prompt.strip():
+            raise ConfigError("the chat prompt is empty; pass the text to answer")
     model_dir = resolve_target(args.name)
     if args.command == "resolve":
         print(model_dir)

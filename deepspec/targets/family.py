@@ -108,11 +108,18 @@ def _get(config: dict[str, Any], name: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def _required_int(config: dict[str, Any], name: str) -> int:
+    value = config.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TargetError(f"config field {name} must be a positive integer, got {value!r}")
+    return value
+
+
 def _text_config(config: Any) -> Any:
     model_type = _get(config, "model_type")
     if model_type in TEXT_CONFIG_WRAPPERS:
         text = _get(config, "text_config")
-        if text is None:
+        if not isinstance(text, dict):
             raise TargetError(f"{model_type} config has no text_config")
         return text
     return config
@@ -144,23 +151,23 @@ def family_spec_from_config(config: Any) -> FamilySpec:
         supported = ", ".join(sorted(set(FAMILIES) | set(TEXT_CONFIG_WRAPPERS)))
         raise TargetError(f"unsupported target family {family!r}; supported: {supported}")
     rule = FAMILIES[family]
-    hidden = int(_get(text, "hidden_size"))
-    heads = int(_get(text, "num_attention_heads"))
+    hidden = _required_int(text, "hidden_size")
+    heads = _required_int(text, "num_attention_heads")
     head_dim = _get(text, "head_dim") or hidden // heads
     eos = _get(text, "eos_token_id", _get(config, "eos_token_id"))
     eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (int(eos),))
     tie = _get(config, "tie_word_embeddings", _get(text, "tie_word_embeddings", False))
     return FamilySpec(
         family=family,
-        num_hidden_layers=int(_get(text, "num_hidden_layers")),
+        num_hidden_layers=_required_int(text, "num_hidden_layers"),
         hidden_size=hidden,
         num_attention_heads=heads,
         num_key_value_heads=int(_get(text, "num_key_value_heads") or heads),
         head_dim=int(head_dim),
-        intermediate_size=int(_get(text, "intermediate_size")),
+        intermediate_size=_required_int(text, "intermediate_size"),
         hidden_act=str(_get(text, "hidden_act") or _get(text, "hidden_activation") or "silu"),
         rms_norm_eps=float(_get(text, "rms_norm_eps", 1e-6)),
-        vocab_size=int(_get(text, "vocab_size")),
+        vocab_size=_required_int(text, "vocab_size"),
         tie_word_embeddings=bool(tie),
         max_position_embeddings=int(_get(text, "max_position_embeddings", 4096)),
         rope_parameters=_full_attention_rope(text),
@@ -177,11 +184,26 @@ def family_spec_from_config(config: Any) -> FamilySpec:
 def load_family_spec(model_dir: str | os.PathLike[str]) -> FamilySpec:
     """Read ``<model_dir>/config.json`` and build its :class:`FamilySpec`."""
     path = os.path.join(os.fspath(model_dir), "config.json")
+    fix = "download or convert the target again"
     try:
         with open(path, encoding="utf-8") as fh:
             config = json.load(fh)
     except FileNotFoundError:
         raise TargetError(f"{model_dir} has no config.json; pass an HF model directory") from None
     except json.JSONDecodeError as exc:
-        raise TargetError(f"{path} is not valid JSON: {exc}") from None
-    return family_spec_from_config(config)
+        raise TargetError(
+            f"{path} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}): the file is "
+            f"truncated or damaged; {fix}"
+        ) from None
+    except UnicodeDecodeError:
+        raise TargetError(f"{path} is not UTF-8 text: the file is damaged; {fix}") from None
+    if not isinstance(config, dict):
+        raise TargetError(f"{path} must hold a JSON object, not {type(config).__name__}; {fix}")
+    try:
+        return family_spec_from_config(config)
+    except TargetError as exc:
+        raise TargetError(f"{path}: {exc}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise TargetError(
+            f"{path} is not a complete HF causal-LM config ({type(exc).__name__}: {exc}); {fix}"
+        ) from None

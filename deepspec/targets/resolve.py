@@ -188,28 +188,85 @@ def _resolve_hub(repo_id: str) -> str:
         ) from None
 
 
+def check_target_files(model_dir: str, fix: str = "download or convert the target again") -> None:
+    """A :class:`TargetError` naming the file when ``config.json`` or a safetensors file of
+    ``model_dir`` is truncated or damaged (reads headers only, no weights)."""
+    from safetensors import safe_open
+
+    config = os.path.join(model_dir, "config.json")
+    try:
+        with open(config, encoding="utf-8") as fh:
+            json.load(fh)
+    except FileNotFoundError:
+        raise TargetError(
+            f"target directory {model_dir} has no config.json; pass an HF model directory"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise TargetError(
+            f"{config} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}): the file is "
+            f"truncated or damaged; {fix}"
+        ) from None
+    except UnicodeDecodeError:
+        raise TargetError(f"{config} is not UTF-8 text: the file is damaged; {fix}") from None
+    for name in sorted(os.listdir(model_dir)):
+        if not name.endswith(".safetensors"):
+            continue
+        path = os.path.join(model_dir, name)
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            if isinstance(exc, OSError):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TargetError(
+                f"{path} is unreadable ({first}): it is truncated or not a safetensors file; {fix}"
+            ) from None
+
+
 def resolve_target(name_or_path: str) -> str:
-    """Return a local HF model directory for ``name_or_path`` (see the module docstring)."""
+    """Return a local HF model directory for ``name_or_path`` (see the module docstring).
+
+    A local or converted directory whose ``config.json`` or safetensors files are damaged is
+    refused here, with one line naming the file."""
     name = name_or_path.strip()
+    if not name:
+        raise TargetError(f"empty target name; pass an HF model directory, a hub id or {DEFAULT_TARGET}")
     if name.startswith(EMBEDDED_PREFIX):
         key = name[len(EMBEDDED_PREFIX) :]
         gguf = embedded_gguf_path(key)
-        return convert_gguf(gguf, os.path.join(targets_dir(), key), source=name)
+        out = convert_gguf(gguf, os.path.join(targets_dir(), key), source=name)
+        check_target_files(out, f"delete {out} so that it is converted again")
+        return out
     path = os.path.expanduser(name)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise TargetError(f"target directory {path} has no config.json; pass an HF model directory")
+        check_target_files(path)
         return os.path.abspath(path)
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
-            raise TargetError(f"target GGUF file not found: {path}")
+            raise TargetError(f"target GGUF file not found: {path}; check the path")
         stem = os.path.splitext(os.path.basename(path))[0]
         out = os.path.join(targets_dir(), f"gguf-{stem}-{_file_key(path)}")
-        return convert_gguf(path, out, source=os.path.abspath(path))
+        out = convert_gguf(path, out, source=os.path.abspath(path))
+        check_target_files(out, f"delete {out} so that it is converted again")
+        return out
+    if os.path.exists(path):
+        raise TargetError(
+            f"target {path} is a file, not an HF model directory or a .gguf file; pass the model directory"
+        )
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
-    if looks_like_path or "/" not in name:
+    if looks_like_path:
+        raise TargetError(
+            f"target directory {path} does not exist; pass an existing HF model directory, a .gguf file, "
+            f"a hub id (org/name) or {EMBEDDED_PREFIX}<name>"
+        )
+    if "/" not in name:
         raise TargetError(
             f"target {name!r} not found: not a directory, a .gguf file, a hub id (org/name) "
-            f"or {EMBEDDED_PREFIX}<name>"
+            f"or {EMBEDDED_PREFIX}<name> (available: {', '.join(EMBEDDED_PREFIX + k for k in EMBEDDED_TARGETS)})"
         )
-    return _resolve_hub(name)
+    out = _resolve_hub(name)
+    check_target_files(out, f"delete {out} from the hub cache and download it again")
+    return out

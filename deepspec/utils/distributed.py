@@ -9,6 +9,11 @@ Without those variables the process is a world of one and no process group is cr
 * CPU: backend gloo. :func:`spawn` starts N local workers with the same environment
   (``--nproc N`` in the scripts), so a CPU run needs no launcher.
 
+Single-node jobs started here (:func:`spawn`, ``train.py``'s launcher) rendezvous through a
+file store in a private temporary directory and keep gloo/NCCL sockets on the loopback
+interface (:func:`local_rendezvous_env`): nothing listens on a network interface. Jobs over
+several nodes use ``MASTER_ADDR:MASTER_PORT`` (a TCP store, as torchrun does).
+
 Typical use::
 
     def main_worker(args):
@@ -40,10 +45,19 @@ from typing import Any
 from deepspec.errors import DeepSpecError, as_user_error
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+STORE_FILE_ENV = "DEEPSPEC_STORE_FILE"  # set by local launchers: rendezvous through this file
 
 
 class WorkerFailed(DeepSpecError):
-    """A spawned worker exited with an error (its own message was printed above)."""
+    """A spawned worker exited with an error.
+
+    ``reported`` is true when the worker printed its own ``error:`` line; entry points then
+    exit with ``exit_code`` (the worker's) without a second line."""
+
+    def __init__(self, message: str, *, exit_code: int = 2, reported: bool = False) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.reported = reported
 
 
 class PeerError(DeepSpecError):
@@ -125,7 +139,9 @@ def init_distributed(
     world = env_world_size()
     if world <= 1 or is_initialized():
         return get_info()
-    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    store_file = os.environ.get(STORE_FILE_ENV)
+    needed = ("RANK",) if store_file else ("RANK", "MASTER_ADDR", "MASTER_PORT")
+    missing = [k for k in needed if not os.environ.get(k)]
     if missing:
         raise DeepSpecError(
             f"WORLD_SIZE={world} but {', '.join(missing)} is not set; launch with torchrun or --nproc"
@@ -137,6 +153,8 @@ def init_distributed(
         local_rank = _env_int("LOCAL_RANK", 0)
         torch.cuda.set_device(local_rank)
         kwargs["device_id"] = torch.device("cuda", local_rank)
+    if store_file:  # a single-node job: no TCP store listening on every interface
+        kwargs["store"] = dist.FileStore(store_file, world)
     dist.init_process_group(
         backend=backend,
         rank=_env_int("RANK", 0),
@@ -145,6 +163,23 @@ def init_distributed(
         **kwargs,
     )
     return get_info()
+
+
+def local_rendezvous_env(private_dir: str) -> dict[str, str]:
+    """Environment that keeps a single-node job's rendezvous off the network.
+
+    Workers meet through a file store in ``private_dir`` (a directory only this user can
+    read, living as long as the job) instead of a TCP store, which would listen on all
+    interfaces; gloo and NCCL open their sockets on the loopback interface unless the user
+    chose one (``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``)."""
+    env = {STORE_FILE_ENV: os.path.join(private_dir, "rendezvous.store"), "MASTER_ADDR": "127.0.0.1"}
+    loopback = next((n for n in ("lo", "lo0") if os.path.exists(f"/sys/class/net/{n}")), None)
+    if loopback is None and sys.platform == "darwin":
+        loopback = "lo0"
+    for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        if loopback and not os.environ.get(key):
+            env[key] = loopback
+    return env
 
 
 def barrier() -> None:
@@ -249,7 +284,7 @@ def _die_with_parent() -> None:
 
 
 def _spawned_worker(
-    local_rank: int, fn: Callable[..., Any], nproc: int, port: int, args: tuple[Any, ...], errdir: str
+    local_rank: int, fn: Callable[..., Any], nproc: int, args: tuple[Any, ...], errdir: str
 ) -> None:
     _die_with_parent()
     os.environ.update(
@@ -257,8 +292,7 @@ def _spawned_worker(
         WORLD_SIZE=str(nproc),
         LOCAL_RANK=str(local_rank),
         LOCAL_WORLD_SIZE=str(nproc),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
+        **local_rendezvous_env(errdir),
     )
     try:
         fn(*args)
@@ -304,12 +338,11 @@ def spawn(fn: Callable[..., Any], nproc: int, *args: Any) -> None:
         raise DeepSpecError(
             "--nproc cannot be combined with torchrun (WORLD_SIZE is already set); use one or the other"
         )
-    port = find_free_port()
     with tempfile.TemporaryDirectory(prefix="deepspec-workers-") as errdir:
         try:
             mp.start_processes(
                 _spawned_worker,
-                args=(fn, nproc, port, args, errdir),
+                args=(fn, nproc, args, errdir),
                 nprocs=nproc,
                 join=True,
                 start_method="spawn",
@@ -319,7 +352,9 @@ def spawn(fn: Callable[..., Any], nproc: int, *args: Any) -> None:
             failure, error = _first_recorded_failure(errdir), exc
     if failure is not None:  # a worker's own error, not a peer's reaction to it
         raise WorkerFailed(
-            f"worker {failure[0]} of {nproc} exited with code {failure[1]}; see its error above"
+            f"worker {failure[0]} of {nproc} exited with code {failure[1]}; see its error above",
+            exit_code=failure[1],
+            reported=True,
         )
     if isinstance(error, mp.ProcessExitedException):
         raise WorkerFailed(

@@ -71,3 +71,37 @@ def _json_default(obj: Any) -> Any:
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def same_file(a: str, b: str) -> bool:
+    """``a`` and ``b`` name the same file (through symlinks or hard links too)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_writable_dir(directory: str, flag: str) -> None:
+    """Refuse, before any work, a ``directory`` that is a file, lies under a file, or cannot
+    take new files. Creates nothing: the nearest existing folder on the path is probed with
+    a temporary file. ``flag`` names the option in the one-line error."""
+    from deepspec.errors import ConfigError, EnvironmentProblem
+
+    path = os.path.abspath(os.path.expanduser(directory))
+    probe = path
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        where = "is a file" if probe == path else f"lies under {probe}, which is a file"
+        raise ConfigError(f"{flag} {directory} {where}, not a directory; choose a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".deepspec-write-test-", dir=probe)
+    except OSError as exc:
+        raise EnvironmentProblem(
+            f"{flag} {directory}: cannot write in {probe} ({exc.strerror or exc}); "
+            "choose a writable directory"
+        ) from None
+    os.close(fd)
+    os.unlink(tmp)

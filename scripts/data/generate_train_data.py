@@ -23,6 +23,12 @@ GPUs (8 SGLang workers of one node, one per GPU; spread the load over all of the
 Several nodes: launch workers on each node and list every ``host:port`` in
 ``--server-address`` (one generator process drives them all).
 
+Before anything is written every server must answer ``GET /v1/models``: with ``--model``
+each must list that model, without it all must serve the same one. Rows record the model
+name (a local GGUF path is recorded as its file name). No API key is sent unless
+``--api-key-env NAME`` names the environment variable holding one. ``--overwrite`` writes
+to ``<output>.partial`` and replaces the previous output only when the run completes.
+
 No server at all (slow; batched transformers ``generate`` on this machine)::
 
     python scripts/data/generate_train_data.py --engine hf --model embedded:smollm2-135m-instruct \\
@@ -32,13 +38,14 @@ No server at all (slow; batched transformers ``generate`` on this machine)::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from deepspec.cli import run_main
+from deepspec.cli import ArgumentParser, run_main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
@@ -49,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="model name sent to the server (default: the first one it lists); target for --engine hf",
     )
     parser.add_argument("--server-address", nargs="+", default=[], help="HOST:PORT of each server")
+    parser.add_argument(
+        "--api-key-env",
+        metavar="NAME",
+        help="send the API key held in environment variable NAME (default: no key is sent)",
+    )
     parser.add_argument("--input-file-path", required=True)
     parser.add_argument("--output-file-path", required=True)
     parser.add_argument("--error-file-path", help="default: <output stem>_error.jsonl")
@@ -73,7 +85,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--retry-errors", action="store_true", help="with --resume: retry the error file's rows"
     )
-    parser.add_argument("--overwrite", action="store_true", help="delete existing output and error files")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over; the previous output and error files are replaced when the new run completes",
+    )
+    parser.add_argument(
+        "--skip-bad-rows",
+        action="store_true",
+        help="skip (and count) malformed input rows instead of stopping",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="--engine hf: prompts per generate call")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="--engine hf: model dtype")
     parser.add_argument("--seed", type=int, default=0, help="--engine hf: sampling seed")
@@ -86,15 +107,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every numeric argument finite and in range (one error line naming it)."""
+    from deepspec.errors import check_number
+
+    big = 1_000_000
+    checks = [
+        ("concurrency", 1, big, False),
+        ("num_samples", 1, big, False),
+        ("max_tokens", 1, None, False),
+        ("batch_size", 1, big, False),
+        ("temperature", 0, None, False),
+        ("top_p", 0, 1, True),
+        ("top_k", -1, None, False),
+        ("min_p", 0, 1, False),
+        ("repetition_penalty", 0, None, True),
+        ("timeout", 0, None, True),
+        ("max_retries", 0, 1000, False),
+        ("retry_backoff", 0, 3600, False),
+        ("max_consecutive_failures", 1, None, False),
+        ("seed", 0, None, False),
+    ]
+    for name, low, high, low_open in checks:
+        value = getattr(args, name)
+        if value is not None:
+            check_number(f"--{name.replace('_', '-')}", value, low=low, high=high, low_open=low_open)
+
+
 def main() -> int:
-    from deepspec.data.generation_backends import HFBackend, OpenAIBackend, SamplingParams
-    from deepspec.data.regenerate import RegenOptions, count_pending, run_regeneration
-    from deepspec.errors import DataError
+    from deepspec.data.generation_backends import HFBackend, OpenAIBackend, SamplingParams, parse_address
+    from deepspec.data.regenerate import (
+        RegenOptions,
+        check_paths,
+        count_pending,
+        load_input,
+        run_regeneration,
+    )
+    from deepspec.errors import ConfigError, DataError
 
     args = parse_args()
-    for name in ("concurrency", "num_samples", "max_tokens", "batch_size"):
-        if getattr(args, name) < 1:
-            raise DataError(f"--{name.replace('_', '-')} must be >= 1")
+    check_args(args)
     params = SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,
@@ -117,18 +169,46 @@ def main() -> int:
         retry_errors=args.retry_errors,
         max_consecutive_failures=args.max_consecutive_failures,
         progress=not args.no_progress,
+        skip_bad_rows=args.skip_bad_rows,
     )
     if args.count_pending:
         print(count_pending(options))
         return 0
+    api_key = None
     if args.engine == "hf":
         if not args.model:
             raise DataError("--engine hf needs --model (a target name or directory)")
+    else:
+        if not args.server_address:
+            raise DataError("no --server-address given (HOST:PORT of each server; see --help)")
+        for address in args.server_address:
+            parse_address(address)  # a typo stops here, before any file is read or written
+        if args.api_key_env:
+            api_key = os.environ.get(args.api_key_env)
+            if not api_key:
+                raise ConfigError(
+                    f"--api-key-env {args.api_key_env}: that environment variable is not set or empty; "
+                    f"export {args.api_key_env}=<key> or leave --api-key-env out"
+                )
+    # nothing is written before the paths and the input are known to be good ...
+    check_paths(options)
+    prepared = load_input(options)
+    if prepared[1].skipped:
+        print(f"note: {options.input_path}: {prepared[1].summary()} (--skip-bad-rows)", flush=True)
+    if args.engine == "hf":
         backend = HFBackend(args.model, batch_size=args.batch_size, dtype=args.dtype, seed=args.seed)
     else:
-        backend = OpenAIBackend(args.server_address, args.model, timeout=args.timeout)
-    summary = run_regeneration(backend, options, params)
+        backend = OpenAIBackend(args.server_address, args.model, timeout=args.timeout, api_key=api_key)
+    # ... and every server answered (inside run_regeneration, before the first write)
+    summary = run_regeneration(backend, options, params, prepared)
     print(summary.line(), flush=True)
+    if not summary.committed:
+        out_partial, err_partial = options.write_paths()
+        print(f"partial output: {out_partial}; errors: {err_partial}")
+        raise DataError(
+            f"{summary.aborted}; the previous {summary.output_path} is unchanged; fix the servers and rerun "
+            "with --overwrite --resume --retry-errors to continue this run"
+        )
     print(f"output: {summary.output_path}" + (f"; errors: {summary.error_path}" if summary.failed else ""))
     if summary.aborted:
         raise DataError(f"{summary.aborted}; fix the servers and rerun with --resume --retry-errors")

@@ -25,6 +25,10 @@
 #   --wait S         seconds to wait for the workers (default 600)
 #   --stop           stop the workers recorded in <log-dir>/pids
 #   --extra "ARGS"   more arguments for the engine
+# Before starting anything it checks every port BASE..BASE+N-1 is free (a port taken by
+# another server would otherwise answer the readiness probe for a worker that died); after
+# the probe it checks each worker is still alive and serves the model it was given.
+# Every problem is one "error: ..." line on stderr and a non-zero exit.
 set -euo pipefail
 
 PY=${PYTHON:-python3}
@@ -40,29 +44,46 @@ LOG_DIR=""
 WAIT=600
 STOP=0
 EXTRA=""
+
+die() {  # die CODE MESSAGE: one error line, non-zero exit
+  echo "error: $2" >&2
+  exit "$1"
+}
+# need_int NAME VALUE LOW HIGH: an integer in [LOW, HIGH], else one error line
+need_int() {
+  if ! [[ "$2" =~ ^(0|[1-9][0-9]*)$ ]] || [ "${#2}" -gt 9 ] || [ "$2" -lt "$3" ] || [ "$2" -gt "$4" ]; then
+    die 2 "$1 must be an integer from $3 to $4, got '$2'"
+  fi
+}
+
 while [ $# -gt 0 ]; do
   case "$1" in
-    --engine) ENGINE=$2; shift 2 ;;
-    --model) MODEL=$2; shift 2 ;;
-    --num-workers) NUM=$2; shift 2 ;;
-    --base-port) BASE=$2; shift 2 ;;
-    --host) HOST=$2; shift 2 ;;
-    --tp) TP=$2; shift 2 ;;
-    --threads) THREADS=$2; shift 2 ;;
-    --ctx) CTX=$2; shift 2 ;;
-    --log-dir) LOG_DIR=$2; shift 2 ;;
-    --wait) WAIT=$2; shift 2 ;;
-    --stop) STOP=1; shift ;;
-    --extra) EXTRA=$2; shift 2 ;;
-    -h|--help) sed -n '2,31p' "${BASH_SOURCE[0]}"; exit 0 ;;
-    *) echo "launch_server.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    --stop) STOP=1; shift; continue ;;
+    -h|--help) sed -n '2,30p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --engine|--model|--num-workers|--base-port|--host|--tp|--threads|--ctx|--log-dir|--wait|--extra)
+      [ $# -ge 2 ] || die 2 "$1 needs a value (see --help)" ;;
+    *) die 2 "unknown option '$1' (see --help)" ;;
   esac
+  case "$1" in
+    --engine) ENGINE=$2 ;;
+    --model) MODEL=$2 ;;
+    --num-workers) NUM=$2 ;;
+    --base-port) BASE=$2 ;;
+    --host) HOST=$2 ;;
+    --tp) TP=$2 ;;
+    --threads) THREADS=$2 ;;
+    --ctx) CTX=$2 ;;
+    --log-dir) LOG_DIR=$2 ;;
+    --wait) WAIT=$2 ;;
+    --extra) EXTRA=$2 ;;
+  esac
+  shift 2
 done
 
 case "$ENGINE" in
   llamacpp) [ -n "$MODEL" ] || MODEL=embedded:smollm2-135m-instruct ;;
-  sglang|vllm) [ -n "$MODEL" ] || { echo "launch_server.sh: --engine $ENGINE needs --model" >&2; exit 2; } ;;
-  *) echo "launch_server.sh: unknown engine '$ENGINE' (sglang, vllm, llamacpp)" >&2; exit 2 ;;
+  sglang|vllm) [ -n "$MODEL" ] || die 2 "--engine $ENGINE needs --model (an HF id or directory)" ;;
+  *) die 2 "unknown --engine '$ENGINE' (choose sglang, vllm or llamacpp)" ;;
 esac
 name=$(basename "${MODEL#embedded:}")
 name=${name%.gguf}
@@ -78,31 +99,66 @@ if [ "$STOP" = 1 ]; then
   exit 0
 fi
 
-mkdir -p "$LOG_DIR"
+need_int --num-workers "$NUM" 1 1024
+need_int --base-port "$BASE" 1 65535
+[ $((BASE + NUM - 1)) -le 65535 ] || die 2 "--base-port $BASE with --num-workers $NUM needs ports up to $((BASE + NUM - 1)), past 65535; choose a lower --base-port"
+need_int --tp "$TP" 1 1024
+[ -z "$THREADS" ] || need_int --threads "$THREADS" 1 4096
+need_int --ctx "$CTX" 16 10000000
+need_int --wait "$WAIT" 1 604800
+[ -n "$HOST" ] || die 2 "--host is empty (use 127.0.0.1, or 0.0.0.0 to serve other machines)"
+
 if [ -f "$PIDS" ]; then
   while read -r pid; do
     if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-      echo "launch_server.sh: workers from $PIDS are still running (pid $pid); stop them first with --stop" >&2
-      exit 1
+      die 1 "workers from $PIDS are still running (pid $pid); stop them first with --stop"
     fi
   done < "$PIDS"
 fi
-: > "$PIDS"
+
+# Every port must be free: a server already there would answer the readiness probe.
+for ((i = 0; i < NUM; i++)); do
+  port=$((BASE + i))
+  why=$("$PY" - "$HOST" "$port" <<'PYEOF' 2>&1
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+try:
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do
+        sock.bind(addr)
+except OSError as exc:
+    import errno
+    print(("taken" if exc.errno == errno.EADDRINUSE else "other") + " " + (exc.strerror or str(exc)))
+    sys.exit(1)
+PYEOF
+  ) || {
+    case "$why" in
+      taken*) die 1 "port $port on $HOST is already in use (another server?): stop that process or choose another --base-port" ;;
+      *) die 1 "cannot listen on $HOST:$port (${why#other }): check --host and --base-port" ;;
+    esac
+  }
+done
 
 if [ "$ENGINE" = llamacpp ]; then
-  "$PY" -c "import llama_cpp.server" 2>/dev/null || {
-    echo "launch_server.sh: llama-cpp-python[server] is not installed; run bash scripts/setup.sh --llamacpp" >&2
-    exit 1
-  }
+  "$PY" -c "import llama_cpp.server" 2>/dev/null \
+    || die 1 "llama-cpp-python[server] is not installed; run bash scripts/setup.sh --llamacpp"
   if [[ "$MODEL" == embedded:* ]]; then
-    GGUF=$("$PY" -c "import sys; from deepspec.targets import embedded_gguf_path; print(embedded_gguf_path(sys.argv[1]))" "${MODEL#embedded:}")
+    GGUF=$("$PY" -c "import sys; from deepspec.targets import embedded_gguf_path; print(embedded_gguf_path(sys.argv[1]))" "${MODEL#embedded:}" 2>/dev/null) \
+      || die 2 "unknown embedded model '$MODEL' (the embedded one is embedded:smollm2-135m-instruct)"
   else
     GGUF=$MODEL
   fi
-  [ -f "$GGUF" ] || { echo "launch_server.sh: GGUF file not found: $GGUF" >&2; exit 1; }
+  [ -f "$GGUF" ] || die 2 "GGUF file not found: $GGUF (check --model)"
   cores=$(nproc)
   THREADS=${THREADS:-$(( cores / NUM > 0 ? cores / NUM : 1 ))}
+  SERVED=$GGUF
+else
+  SERVED=$MODEL
 fi
+
+mkdir -p "$LOG_DIR" 2>/dev/null || die 1 "cannot create the log directory $LOG_DIR; choose a writable --log-dir"
+: > "$PIDS" 2>/dev/null || die 1 "cannot write $PIDS; choose a writable --log-dir"
 
 # Workers get their own session, so closing this terminal does not stop them.
 DETACH=""
@@ -136,23 +192,59 @@ done
 # Wait until every worker lists its models, or one of them dies.
 probe_host=$HOST
 [ "$probe_host" = 0.0.0.0 ] && probe_host=127.0.0.1
+[ "$probe_host" = "::" ] && probe_host=::1
+[[ "$probe_host" == *:* ]] && probe_host="[$probe_host]"
+stop_all() {
+  bash "${BASH_SOURCE[0]}" --engine "$ENGINE" --model "$MODEL" --log-dir "$LOG_DIR" --stop >/dev/null 2>&1 || true
+}
+show_log() {  # the worker log's last lines, indented so that none reads as our own error line
+  tail -n 20 "$1" 2>/dev/null | sed 's/^/  | /' >&2 || true
+}
+# probe URL EXPECTED: 0 = answers and lists EXPECTED (by file/base name; any model when
+# EXPECTED is empty), 3 = answers with another model (printed), 1 = no answer yet
+probe() {
+  "$PY" - "$1" "$2" <<'PYEOF'
+import json, os, sys, urllib.request
+url, expected = sys.argv[1], sys.argv[2]
+try:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        ids = [str(m.get("id")) for m in json.load(response).get("data", [])]
+except Exception:
+    sys.exit(1)
+def key(name):
+    base = os.path.basename(name.rstrip("/"))
+    return base[:-5] if base.lower().endswith(".gguf") else base
+if expected and not any(i == expected or key(i) == key(expected) for i in ids):
+    print(ids[0] if ids else "no model")
+    sys.exit(3)
+PYEOF
+}
+expected=$SERVED
+[ -n "$EXTRA" ] && expected=""  # --extra may rename the served model
 deadline=$(( $(date +%s) + WAIT ))
 mapfile -t pids < "$PIDS"
 for ((i = 0; i < NUM; i++)); do
   pid=${pids[$i]}
   port=$((BASE + i))
-  until "$PY" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" \
-      "http://$probe_host:$port/v1/models" 2>/dev/null; do
+  while true; do
+    rc=0
+    other=$(probe "http://$probe_host:$port/v1/models" "$expected") || rc=$?
     if ! kill -0 "$pid" 2>/dev/null; then
-      echo "launch_server.sh: worker $i (port $port) exited; last lines of $LOG_DIR/worker_$i.log:" >&2
-      tail -n 20 "$LOG_DIR/worker_$i.log" >&2
-      bash "${BASH_SOURCE[0]}" --engine "$ENGINE" --model "$MODEL" --log-dir "$LOG_DIR" --stop >/dev/null
+      # checked after the probe too: a probe answered by someone else must not count
+      echo "error: worker $i (port $port) exited; its log $LOG_DIR/worker_$i.log ends with the lines below" >&2
+      show_log "$LOG_DIR/worker_$i.log"
+      stop_all
       exit 1
     fi
+    if [ "$rc" = 0 ]; then
+      break
+    elif [ "$rc" = 3 ]; then
+      stop_all
+      die 1 "port $port answers with model '$other', not $SERVED: another server holds the port; stop it or choose another --base-port"
+    fi
     if [ "$(date +%s)" -ge "$deadline" ]; then
-      echo "launch_server.sh: worker $i (port $port) not ready after ${WAIT}s; see $LOG_DIR/worker_$i.log" >&2
-      bash "${BASH_SOURCE[0]}" --engine "$ENGINE" --model "$MODEL" --log-dir "$LOG_DIR" --stop >/dev/null
-      exit 1
+      stop_all
+      die 1 "worker $i (port $port) not ready after ${WAIT}s; see $LOG_DIR/worker_$i.log (or raise --wait)"
     fi
     sleep 1
   done

@@ -57,7 +57,7 @@ case "$PROFILE" in
     BATCH=${BATCH:-8}
     CACHE_CMD=(torchrun --nproc_per_node "$NPROC" scripts/data/prepare_target_cache.py)
     ;;
-  *) echo "prepare_data.sh: unknown PROFILE '$PROFILE' (embedded, qwen3-4b)" >&2; exit 2 ;;
+  *) echo "error: unknown PROFILE '$PROFILE' (choose embedded or qwen3-4b)" >&2; exit 2 ;;
 esac
 WORK_DIR=${WORK_DIR:-out/data/$PROFILE}
 TEMPERATURE=${TEMPERATURE:-0.8}

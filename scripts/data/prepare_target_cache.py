@@ -21,19 +21,20 @@ Several nodes (same command on every node; the output directory on shared storag
     torchrun --nnodes 4 --node_rank $NODE_RANK --nproc_per_node 8 \\
         --master_addr $MASTER --master_port 29500 scripts/data/prepare_target_cache.py ...
 
-An interrupted run continues with ``--resume`` (finished shards are kept). Without a
-``manifest.json`` the directory is not a usable cache; the reader refuses it.
+An interrupted run continues with ``--resume`` (finished shards are re-hashed and kept).
+Without a ``manifest.json`` the directory is not a usable cache; the reader refuses it.
+``--resume`` on a finished cache re-hashes every shard and rebuilds what is damaged.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from deepspec.cli import run_main
+from deepspec.cli import ArgumentParser, run_main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", help="training config (.py or .yaml); its model and data keys apply")
@@ -56,7 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--num-workers", type=int, default=0, help="tokenization processes per rank (0 = in the rank itself)"
     )
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --output-dir; on a finished cache, re-hash every shard "
+        "and rebuild the damaged ones",
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="delete an existing cache in --output-dir first"
     )
@@ -88,14 +94,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="torch threads per CPU process (default: cores / processes)",
     )
-    parser.add_argument("--dist-timeout-minutes", type=float, default=180.0)
+    parser.add_argument(
+        "--dist-timeout-minutes", type=float, default=180.0, help="how long a rank waits for the others"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    _check_numbers(args)
+    return args
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Every numeric argument: finite and in range (one ``error:`` line otherwise)."""
+    from deepspec.errors import check_number
+
+    check_number("--local-batch-size", args.local_batch_size, low=1)
+    check_number("--num-workers", args.num_workers, low=0, high=1024)
+    check_number("--rows-per-shard", args.rows_per_shard, low=1)
+    check_number("--nproc", args.nproc, low=1, high=1024)
+    check_number("--cpu-threads", args.cpu_threads, low=0, high=4096)
+    check_number("--dist-timeout-minutes", args.dist_timeout_minutes, low=0, low_open=True, high=7 * 24 * 60)
 
 
 def main() -> int:
     from deepspec.config import load_config
     from deepspec.data.cache_builder import CacheBuildOptions, run_worker
+    from deepspec.data.cache_plan import check_options
     from deepspec.errors import ConfigError
     from deepspec.utils.distributed import spawn
 
@@ -122,10 +145,11 @@ def main() -> int:
         raise ConfigError("no cache directory: pass --output-dir or set data.target_cache_path")
     if not opts.train_data_paths:
         raise ConfigError("no training data: pass --train-data-path or set data.train_data_paths")
-    if args.nproc > 1:
-        spawn(run_worker, args.nproc, opts, args.dist_timeout_minutes)
-    else:
+    check_options(opts)  # before any process starts: bad options and data files fail here
+    if args.nproc == 1:
         run_worker(opts, args.dist_timeout_minutes)
+        return 0
+    spawn(run_worker, args.nproc, opts, args.dist_timeout_minutes)  # a worker's error: one line
     return 0
 
 

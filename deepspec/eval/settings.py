@@ -1,0 +1,104 @@
+"""Evaluation settings, output-directory checks and reuse of an earlier run's baseline.
+
+Kept free of ``torch`` so that ``eval.py`` and ``python -m deepspec.eval.report`` refuse a bad
+output directory or a torn ``--baseline-from`` before loading any model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+
+from deepspec.errors import DataError
+from deepspec.utils.io import check_writable_dir
+
+
+@dataclass
+class EvalSettings:
+    tasks: list[str]
+    max_samples: int | None = None
+    max_new_tokens: int = 2048
+    temperature: float = 1.0
+    confidence_threshold: float = 0.0
+    seed: int = 980406
+    eval_datasets_dir: str = "eval_datasets"
+    output_dir: str | None = None
+    baseline: bool = True
+    dtype: str = "auto"  # auto: fp32 at temperature 0 (bit-exact greedy), else bf16
+    progress: bool = True
+    baseline_from: str | None = None  # reuse the plain-decoding records of this output dir
+
+
+BASELINE_KEYS = ("target", "temperature", "max_new_tokens", "seed", "dtype", "eval_datasets_dir")
+RESULTS_NAME = "results.json"
+SAMPLES_NAME = "samples.jsonl"
+
+
+def resolve_settings(settings: EvalSettings) -> EvalSettings:
+    """Fill in ``dtype="auto"``: fp32 at temperature 0 (bit-exact greedy), else bf16."""
+    if settings.dtype == "auto":
+        settings.dtype = "fp32" if settings.temperature == 0 else "bf16"
+    return settings
+
+
+def check_output_dir(directory: str, flag: str = "--output-dir") -> None:
+    """Refuse, before any decoding, an output directory that is a file or not writable."""
+    check_writable_dir(directory, flag)
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_baseline(directory: str, settings: EvalSettings, target_name: str) -> dict[tuple[str, int], dict]:
+    """Plain-decoding records of an earlier ``eval.py --output-dir`` run, keyed by
+    (dataset, prompt index); refuses a run made with other decoding settings, and a
+    ``samples.jsonl`` that is torn or does not belong to its ``results.json``."""
+    directory = os.path.expanduser(directory)
+    path = os.path.join(directory, RESULTS_NAME)
+    samples = os.path.join(directory, SAMPLES_NAME)
+    if not os.path.isdir(directory):
+        raise DataError(
+            f"--baseline-from {directory} is not a directory; pass an earlier eval.py --output-dir"
+        )
+    if not (os.path.isfile(path) and os.path.isfile(samples)):
+        raise DataError(
+            f"--baseline-from {directory}: no {RESULTS_NAME} + {SAMPLES_NAME} there; pass an earlier "
+            "eval.py --output-dir (made without --no-baseline)"
+        )
+    redo = f"run eval.py --output-dir {directory} again or drop --baseline-from"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            results = json.load(fh)
+        config = results["config"]
+        if not isinstance(config, dict):
+            raise TypeError("config is not an object")
+        with open(samples, encoding="utf-8") as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+        need = ("baseline_output_token_ids", "baseline_seconds", "prompt_token_ids")
+        out = {(r["dataset"], r["index"]): {k: r[k] for k in need} for r in rows}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(
+            f"--baseline-from {directory}: unreadable results ({type(exc).__name__}: {exc}); {redo}"
+        ) from None
+    expected = results.get("samples_sha256")
+    if expected and expected != _file_sha256(samples):
+        raise DataError(
+            f"--baseline-from {directory}: {SAMPLES_NAME} does not belong to {RESULTS_NAME} "
+            f"(an interrupted or mixed write); {redo}"
+        )
+    mine = {**asdict(settings), "target": target_name}
+    diff = [
+        f"{k} {config.get(k)!r} there, {mine[k]!r} here" for k in BASELINE_KEYS if config.get(k) != mine[k]
+    ]
+    if not config.get("baseline"):
+        diff.append("it ran without the baseline")
+    if diff:
+        raise DataError(f"--baseline-from {directory} was decoded differently: " + "; ".join(diff))
+    return out
