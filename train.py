@@ -52,9 +52,11 @@ def main(argv: list[str] | None = None) -> int:
 def preflight(cfg) -> None:
     """Check target, config and cache once, before workers start."""
     from deepspec.targets import load_family_spec, resolve_target
+    from deepspec.train.trainer import check_output_dirs
 
     target_dir = resolve_target(cfg.model.target_model_name_or_path)
     validate_against_target(cfg, load_family_spec(target_dir))
+    check_output_dirs(cfg)
     if cfg.data.mode == "offline":
         from deepspec.data.cache_reader import validate_cache_for_config
         from deepspec.errors import DataError

@@ -17,14 +17,21 @@ from tests.conftest import ROOT
 PY = sys.executable
 
 
-def run_cli(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 300,
-            cwd: str = ROOT, stdin: str | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    cwd: str = ROOT,
+    stdin: str | None = None,
+) -> subprocess.CompletedProcess:
     """Run ``args`` (``python`` prepended when the first item is a ``.py`` path or ``-m``)."""
     if args and (args[0].endswith(".py") or args[0] == "-m"):
         args = [PY, *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
-    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True,
-                          timeout=timeout, input=stdin)
+    return subprocess.run(
+        args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, input=stdin
+    )
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
@@ -51,9 +58,11 @@ def digest_tree(*paths: str) -> dict[str, str]:
     """SHA-256 of every file under ``paths`` (files or directories), keyed by path."""
     out: dict[str, str] = {}
     for path in paths:
-        files = [path] if os.path.isfile(path) else [
-            os.path.join(d, f) for d, _, names in os.walk(path) for f in names
-        ]
+        files = (
+            [path]
+            if os.path.isfile(path)
+            else [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+        )
         for file in sorted(files):
             with open(file, "rb") as fh:
                 out[file] = hashlib.sha256(fh.read()).hexdigest()

@@ -176,7 +176,9 @@ def test_generate_unwritable_output_directory(tmp_path):
     out = os.path.join(ro, "sub", "out.jsonl")
     proc = generate(tmp_path, "--server-address", _dead_address(), "--input-file-path", src,
                     "--output-file-path", out)  # fmt: skip
-    assert_one_error(proc, f"--output-file-path {os.path.dirname(out)}", "cannot write in", "choose a writable")
+    assert_one_error(
+        proc, f"--output-file-path {os.path.dirname(out)}", "cannot write in", "choose a writable"
+    )
     assert not os.path.exists(os.path.join(ro, "sub"))
     _assert_untouched(before, str(tmp_path))
 

@@ -214,7 +214,9 @@ def test_eval_output_dir_that_is_a_file_or_under_one(world):
     blocker.write_text("keep me\n")
     before = digest_tree(str(blocker))
     assert_one_error(_eval(world, "--output-dir", str(blocker), output=False), "is a file", str(blocker))
-    assert_one_error(_eval(world, "--output-dir", str(blocker / "sub"), output=False), "lies under", "which is a file")
+    assert_one_error(
+        _eval(world, "--output-dir", str(blocker / "sub"), output=False), "lies under", "which is a file"
+    )
     assert_unchanged(before, str(blocker))
 
 

@@ -29,5 +29,7 @@ def test_quickstart_refuses_bad_profile_values_before_any_work(tmp_path, env, fr
 
 
 def test_quickstart_unknown_option(tmp_path):
-    proc = run_cli(["bash", "scripts/quickstart.sh", "--fastest"], env={"WORK": str(tmp_path / "w")}, timeout=60)
+    proc = run_cli(
+        ["bash", "scripts/quickstart.sh", "--fastest"], env={"WORK": str(tmp_path / "w")}, timeout=60
+    )
     assert_one_error(proc, "unknown option --fastest", code=2)

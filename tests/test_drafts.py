@@ -246,7 +246,7 @@ def test_block_loss_matches_hand_computation():
         + m.confidence_head_alpha * (w * bce).sum()
     ) / w.sum()
     torch.testing.assert_close(res.loss, expected, atol=1e-10, rtol=1e-10)
-    assert res.metrics["ce"] == pytest.approx(float((w * ce).sum() / w.sum()))
+    assert res.metrics["ce"] == pytest.approx(float((w * ce).sum().detach() / w.sum()))
     # the eval mask is the contiguous supervised prefix of each kept block
     for b in range(2):
         for n in range(out.anchors.shape[1]):

@@ -43,7 +43,7 @@ def test_json_and_safetensors_errors_are_data_errors(tmp_path):
     from safetensors.torch import load_file
 
     bad = tmp_path / "model.safetensors"
-    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    bad.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":')
     with pytest.raises(Exception) as info:  # noqa: B017 - the library's own error type
         load_file(str(bad))
     exc = as_user_error(info.value)

@@ -67,4 +67,4 @@ def test_eval_cli_validates_before_failing(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "eval task 'nope' not found" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "unknown task(s) nope" in proc.stderr

@@ -271,10 +271,15 @@ def test_sigterm_saves_and_exits_cleanly(setup, tmp_path):
     time.sleep(3)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-2000:]
+    # preempted, not finished: EX_TEMPFAIL, one error line naming the checkpoint
+    assert proc.returncode == 75, err[-2000:]
     assert "stopped by SIGTERM" in out
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rerun the same command to resume" in errors[0], err[-2000:]
+    assert "Traceback" not in err
     latest = ckpt.latest_checkpoint(str(tmp_path / "ck" / "deepspec" / "run"))
     assert latest is not None and ckpt.load_meta(latest)["step"] < 200
+    assert latest in errors[0]
 
 
 def test_disk_full_during_save_keeps_previous_checkpoint(setup, tmp_path, monkeypatch):
@@ -349,3 +354,75 @@ def test_train_sh_documented_commands_parse():
     assert len(documented) >= 8
     for path in set(configs):
         load_config(os.path.join(ROOT, path), documented)
+
+
+def _cfg(setup, tmp_path, **extra):
+    return load_config(
+        os.path.join(ROOT, "config/dspark/dspark_smollm2_135m.py"),
+        opts_for(setup, tmp_path, **{"train.torch_compile": "false", **extra}),
+    )
+
+
+def test_nonfinite_weights_after_an_update_stop_training_and_are_not_saved(setup, tmp_path, monkeypatch):
+    from deepspec.train.trainer import NonFiniteLoss, Trainer
+
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def overflowing_step(self, *args, **kwargs):  # the update of step 3 overflows one weight
+        out = real_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
+    cfg = _cfg(setup, tmp_path, **{"train.max_train_steps": 4, "logging.checkpointing_steps": 1})
+    root = tmp_path / "ck" / "deepspec" / "run"
+    with pytest.raises(
+        NonFiniteLoss,
+        match=rf"non-finite weights after the update of step 3 .*finite weights: {re.escape(str(root / 'step_2'))} ",
+    ):
+        Trainer(cfg, progress=False).run()
+    assert ckpt.latest_checkpoint(str(root)) == str(root / "step_2")
+    assert not (root / "step_3").exists() and [d for d in os.listdir(root) if ".tmp" in d] == []
+
+
+def test_nonfinite_gradient_norm_stops_before_the_update(setup, tmp_path, monkeypatch):
+    from deepspec.train.trainer import NonFiniteLoss, Trainer
+
+    real_clip = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def overflowing_grads(params, *args, **kwargs):  # the gradient of step 3 overflows
+        params = list(params)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            params[0].grad.view(-1)[0] = float("inf")
+        return real_clip(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", overflowing_grads)
+    cfg = _cfg(setup, tmp_path, **{"train.max_train_steps": 4, "logging.checkpointing_steps": 1})
+    root = tmp_path / "ck" / "deepspec" / "run"
+    with pytest.raises(NonFiniteLoss, match=r"non-finite gradient norm \(inf\) at step 3") as info:
+        Trainer(cfg, progress=False).run()
+    # the weights of step 2 gave the inf: step_1 is the last good checkpoint
+    assert f"last good checkpoint: {root / 'step_1'};" in str(info.value)
+    assert f"{root / 'step_2'} holds the weights that gave it" in str(info.value)
+    assert not (root / "step_3").exists()
+    for tensor in weights(tmp_path, "step_2").values():
+        assert torch.isfinite(tensor).all()
+
+
+def test_truncate_metrics_drops_later_steps_and_a_torn_tail(tmp_path):
+    from deepspec.train.trainer import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\nnote kept\n{"step": 3}\n{"step": 4, "lo')
+    truncate_metrics(str(path), 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\nnote kept\n'
+    truncate_metrics(str(path), 2)  # nothing to drop: the file is left alone
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\nnote kept\n'
+    truncate_metrics(str(tmp_path / "missing.jsonl"), 0)
+    assert not (tmp_path / "missing.jsonl").exists()

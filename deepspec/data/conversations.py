@@ -105,12 +105,17 @@ def check_data_file(path: str | os.PathLike[str]) -> None:
 
 
 def read_conversations(
-    path: str | os.PathLike[str], *, skip_bad: bool = False, stats: ReadStats | None = None
+    path: str | os.PathLike[str],
+    *,
+    skip_bad: bool = False,
+    stats: ReadStats | None = None,
+    can_skip: bool = True,
 ) -> Iterator[Conversation]:
     """Yield the conversations of a JSONL file, validating every row.
 
     Raises :class:`DataError` (``file:line: reason``) on the first malformed row unless
-    ``skip_bad``; then the row is counted in ``stats`` and skipped.
+    ``skip_bad``; then the row is counted in ``stats`` and skipped. ``can_skip=False`` (a
+    caller without a ``--skip-bad-rows`` flag) leaves that flag out of the error's hint.
     """
     path = os.fspath(path)
     stats = stats if stats is not None else ReadStats()
@@ -137,8 +142,7 @@ def read_conversations(
                     yield conv
                     continue
             if not skip_bad:
-                raise DataError(
-                    f"{path}:{lineno}: {reason} (fix the row, or skip bad rows with --skip-bad-rows)"
-                )
+                hint = "fix the row, or skip bad rows with --skip-bad-rows" if can_skip else "fix the row"
+                raise DataError(f"{path}:{lineno}: {reason} ({hint})")
             stats.skipped += 1
             stats.reasons[reason.split(" (")[0]] += 1

@@ -13,6 +13,7 @@ Gradient in ``z``: ``a_ce (p − e_y) + a_l1 p ⊙ (s − Σ s p) + a_soft (p �
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,55 @@ def vocab_rows(
         grad = grad * dcap
     hit = (z.argmax(-1) == y).to(z.dtype)
     return loss, ce, l1, soft_ce, hit, grad
+
+
+def check_compile_toolchain() -> None:
+    """Fail fast, with one line, when ``torch.compile`` cannot build CPU kernels.
+
+    Inductor compiles CPU kernels with the C++ compiler it finds (``$CXX``, else ``g++``) on
+    the first training step; without a working one that step ends in a long compiler
+    traceback. This finds the same compiler and builds a trivial program with it (well
+    under a second), so a missing or broken compiler is reported before any data is read.
+    Errors found later, while compiling the real kernel, are turned into the same kind of
+    line by :func:`deepspec.errors.as_user_error`."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from deepspec.errors import EnvironmentProblem
+
+    fix = "install a working C++ compiler (g++) or run with --opts train.torch_compile=false"
+    if sys.platform == "win32":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch layout: the real compile reports problems itself
+        return
+    try:
+        cxx = get_cpp_compiler()
+    except Exception as exc:  # noqa: BLE001 - inductor's InvalidCxxCompiler and friends
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise EnvironmentProblem(
+            f"torch.compile needs a C++ compiler and found none ({first.strip()[:160]}); {fix}"
+        ) from None
+    with tempfile.TemporaryDirectory(prefix="deepspec-cxx-") as tmp:
+        src = os.path.join(tmp, "probe.cpp")
+        with open(src, "w", encoding="utf-8") as fh:
+            fh.write("#include <cmath>\nint main() { return std::isfinite(1.0) ? 0 : 1; }\n")
+        cmd = [cxx, "-x", "c++", src, "-o", os.path.join(tmp, "probe")]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            failed = proc.returncode != 0
+            detail = next((ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()), "")
+        except (OSError, subprocess.SubprocessError) as exc:
+            failed, detail = True, str(exc)
+    if failed:
+        name = shutil.which(cxx) or cxx
+        raise EnvironmentProblem(
+            f"the C++ compiler {name} that torch.compile uses cannot build a trivial program "
+            f"({detail.strip()[:160] or 'no output'}); {fix}"
+        )
 
 
 _compiled_vocab_rows = None  # torch.compile(vocab_rows), built on first use

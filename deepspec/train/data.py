@@ -52,7 +52,7 @@ class OnlineSamples(torch.utils.data.Dataset):
         )
         self.samples = []
         for path in cfg.data.train_data_paths:
-            for conv in read_conversations(path):
+            for conv in read_conversations(path, can_skip=False):  # train.py has no skip flag
                 sample = chat(conv.messages)
                 if sample is not None:
                     self.samples.append((sample.input_ids, sample.loss_mask))

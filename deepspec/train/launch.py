@@ -7,17 +7,20 @@ Environment, as ``scripts/train/train.sh`` documents:
   ``MASTER_ADDR`` / ``MASTER_PORT`` the rendezvous; the launcher spawns the node's local
   workers with global ranks ``node_rank * nproc + i``.
 
-SIGTERM to the launcher is forwarded to the workers, which save a checkpoint and exit.
+SIGTERM or Ctrl-C to the launcher is forwarded to the workers, which save a checkpoint and
+stop; the job then exits with code 75 (:class:`deepspec.errors.Preempted`). A user error in
+the workers is printed once, by the launcher, as one ``error: [rank r] ...`` line.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 from typing import Any
 
-from deepspec.errors import DeepSpecError, as_user_error
+from deepspec.errors import DeepSpecError, Preempted, as_user_error
 from deepspec.utils import distributed as dist_utils
 
 
@@ -46,7 +49,15 @@ def run_worker(config_path: str | None, opts: list[str]) -> Any:
 
 
 def _spawned(
-    local_rank: int, config_path, opts, nproc: int, node_rank: int, nodes: int, addr: str, port: int
+    local_rank: int,
+    config_path,
+    opts,
+    nproc: int,
+    node_rank: int,
+    nodes: int,
+    addr: str,
+    port: int,
+    errdir: str,
 ):
     dist_utils._die_with_parent()
     os.environ.update(
@@ -57,20 +68,70 @@ def _spawned(
         MASTER_ADDR=addr,
         MASTER_PORT=str(port),
     )
+    if nodes == 1:  # nothing to meet over the network: a file store, sockets on loopback
+        os.environ.update(dist_utils.local_rendezvous_env(os.path.join(errdir, "store")))
     try:
         run_worker(config_path, opts)
     except dist_utils.PeerError as exc:
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, quietly (the launcher says so)
+        sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - user errors become one line, bugs keep their trace
         user = as_user_error(exc)
         if user is None:
             raise
-        print(f"error: [rank {os.environ['RANK']}] {' '.join(str(user).split())}", file=sys.stderr, flush=True)
+        # recorded for the launcher, which prints one line for the whole job (every rank
+        # usually meets the same problem); written before exiting, so a peer that fails
+        # because this process is gone cannot hide the root cause
+        record = {
+            "rank": int(os.environ["RANK"]),
+            "code": user.exit_code,
+            "preempted": isinstance(user, Preempted),
+            "message": " ".join(str(user).split()),
+        }
+        with open(os.path.join(errdir, f"rank{local_rank}.json"), "w", encoding="utf-8") as fh:
+            json.dump(record, fh)
         sys.exit(user.exit_code)
 
 
+class WorkerError(DeepSpecError):
+    """A worker's own user error, reported once by the launcher."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+_GRACE_S = 10  # after one worker stops, the others get this long to stop on their own
+
+
+def _recorded_failure(errdir: str) -> DeepSpecError | None:
+    """The job's user error from the workers' records: the lowest rank's real error, else
+    (every recorded worker was preempted) rank 0's :class:`Preempted`."""
+    records = []
+    for name in sorted(os.listdir(errdir)):
+        if not name.startswith("rank"):
+            continue
+        try:
+            with open(os.path.join(errdir, name), encoding="utf-8") as fh:
+                records.append(json.load(fh))
+        except (OSError, ValueError):
+            continue
+    errors = sorted((r for r in records if not r.get("preempted")), key=lambda r: r["rank"])
+    if errors:
+        first = errors[0]
+        return WorkerError(f"[rank {first['rank']}] {first['message']}", int(first["code"]))
+    if records:
+        return Preempted(min(records, key=lambda r: r["rank"])["message"])
+    return None
+
+
 def launch(config_path: str | None, opts: list[str], cfg: Any) -> Any:
-    """Run training here (one worker) or spawn this node's workers and wait for them."""
+    """Run training here (one worker) or spawn this node's workers and wait for them.
+
+    SIGTERM, or a first Ctrl-C, to the launcher is forwarded to the workers as SIGTERM:
+    they save a checkpoint and stop, and the launcher raises :class:`Preempted` (exit 75).
+    A second Ctrl-C kills the workers at once (the previous checkpoint stays)."""
     if os.environ.get("LOCAL_RANK") is not None:
         return run_worker(config_path, opts)
     nproc = local_worker_count(cfg)
@@ -80,31 +141,55 @@ def launch(config_path: str | None, opts: list[str], cfg: Any) -> Any:
         for key in dist_utils.ENV_KEYS:
             os.environ.pop(key, None)
         return run_worker(config_path, opts)
+    import tempfile
+
     import torch.multiprocessing as mp
 
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = int(os.environ.get("MASTER_PORT") or (dist_utils.find_free_port() if nodes == 1 else 29500))
-    ctx = mp.start_processes(
-        _spawned,
-        args=(config_path, opts, nproc, node_rank, nodes, addr, port),
-        nprocs=nproc,
-        join=False,
-        start_method="spawn",
-    )
+    with tempfile.TemporaryDirectory(prefix="deepspec-train-") as errdir:
+        os.mkdir(os.path.join(errdir, "store"))
+        ctx = mp.start_processes(
+            _spawned,
+            args=(config_path, opts, nproc, node_rank, nodes, addr, port, errdir),
+            nprocs=nproc,
+            join=False,
+            start_method="spawn",
+        )
+        received: list[int] = []
 
-    def forward_sigterm(signum, frame):
-        for proc in ctx.processes:
-            if proc.is_alive():
-                os.kill(proc.pid, signal.SIGTERM)
+        def forward(signum, frame):
+            received.append(signum)
+            if signum == signal.SIGINT:
+                if received.count(signal.SIGINT) > 1:  # a second Ctrl-C: abort now
+                    for proc in ctx.processes:
+                        if proc.is_alive():
+                            os.kill(proc.pid, signal.SIGKILL)
+                    raise KeyboardInterrupt
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    os.kill(proc.pid, signal.SIGTERM)
 
-    previous = signal.signal(signal.SIGTERM, forward_sigterm)
-    try:
-        while not ctx.join():
-            pass
-    except mp.ProcessExitedException as exc:
-        raise dist_utils.WorkerFailed(
-            f"worker {exc.error_index} of {nproc} exited with code {exc.exit_code}; see its error above"
-        ) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while not ctx.join(grace_period=_GRACE_S):
+                pass
+        except (mp.ProcessExitedException, mp.ProcessRaisedException) as exc:
+            recorded = _recorded_failure(errdir)
+            if recorded is not None:
+                raise recorded from None
+            if received:  # stopped before the workers could save (still setting up)
+                raise Preempted(
+                    f"stopped by {signal.Signals(received[0]).name} before a training step finished; "
+                    f"nothing new was saved; rerun the same command to resume"
+                ) from None
+            if isinstance(exc, mp.ProcessRaisedException):
+                raise  # a bug in a worker: its traceback is in the message
+            raise dist_utils.WorkerFailed(
+                f"worker {exc.error_index} of {nproc} exited with code {exc.exit_code}"
+                + (" (killed)" if exc.exit_code < 0 else "")
+            ) from None
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return None

@@ -24,9 +24,9 @@ from deepspec.config import save_config, validate_against_target
 from deepspec.drafts import build_draft, get_algorithm
 from deepspec.drafts.blocks import block_targets, sample_anchors
 from deepspec.drafts.checkpoint import write_draft_files
-from deepspec.drafts.fused_head import use_compiled_vocab_rows
+from deepspec.drafts.fused_head import check_compile_toolchain, use_compiled_vocab_rows
 from deepspec.drafts.losses import block_weights
-from deepspec.errors import DataError, DeepSpecError
+from deepspec.errors import DataError, DeepSpecError, Preempted, describe_os_error
 from deepspec.train import checkpoint as ckpt
 from deepspec.train.data import DataCursor, EpochOrder, FeatureSource, OnlineSamples, collate
 from deepspec.train.schedule import build_scheduler, warmup_steps
@@ -34,7 +34,12 @@ from deepspec.utils import distributed as dist_utils
 
 
 class NonFiniteLoss(DeepSpecError):
-    """The loss became NaN or infinite."""
+    """The loss, the gradient norm or the weights became NaN or infinite."""
+
+
+# Signals that save a checkpoint and stop (exit 75, see errors.Preempted). A second Ctrl-C
+# aborts at once (the previous checkpoint stays: saves are atomic).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class TrainModule(nn.Module):
@@ -95,7 +100,6 @@ class RunResult:
     step: int
     metrics: dict[str, float]
     checkpoint: str | None
-    stopped_early: bool = False
 
 
 class Trainer:
@@ -104,6 +108,7 @@ class Trainer:
         self.info = dist_utils.get_info()
         self.progress = progress and self.info.is_main
         self.stop_requested = False
+        self.stop_signal = "SIGTERM"
 
     # -- setup -------------------------------------------------------------------------
     def _log(self, message: str) -> None:
@@ -120,11 +125,8 @@ class Trainer:
                     "data.mode=offline needs data.target_cache_path (build one with "
                     "scripts/data/prepare_target_cache.py), or use data.mode=online"
                 )
-            dataset = validate_cache_for_config(
-                os.path.expanduser(cfg.data.target_cache_path), cfg, target_dir
-            )
-            dataset.verify_samples = False  # shards were checked at open; per-read hashing is slow
-            return dataset
+            # samples are verified as they are read (the cache reader's default)
+            return validate_cache_for_config(os.path.expanduser(cfg.data.target_cache_path), cfg, target_dir)
         return OnlineSamples(cfg, target_dir)
 
     def _wrap(self, module: nn.Module) -> nn.Module:
@@ -142,21 +144,33 @@ class Trainer:
             fully_shard(layer, reshard_after_forward=reshard)
         return fully_shard(module, reshard_after_forward=reshard)
 
-    def _install_sigterm(self):
-        """Ask the loop to save and stop on SIGTERM; returns the previous handler."""
+    def _install_stop_handlers(self) -> dict[int, Any]:
+        """SIGTERM / Ctrl-C ask the loop to save and stop after the current step; a second
+        Ctrl-C raises KeyboardInterrupt at once. Returns the previous handlers."""
+
+        interrupts = []
 
         def handler(signum, frame):
+            if signum == signal.SIGINT:
+                interrupts.append(signum)
+                if len(interrupts) > 1:  # a second Ctrl-C (a SIGTERM before it does not count)
+                    raise KeyboardInterrupt
+            if not self.stop_requested or signum == signal.SIGINT:  # Ctrl-C names the stop
+                self.stop_signal = signal.Signals(signum).name
             self.stop_requested = True
 
+        previous: dict[int, Any] = {}
         with contextlib.suppress(ValueError):  # not in the main thread
-            return signal.signal(signal.SIGTERM, handler)
-        return None
+            for sig in STOP_SIGNALS:
+                previous[sig] = signal.signal(sig, handler)
+        return previous
 
     # -- the run -----------------------------------------------------------------------
     def run(self) -> RunResult:
         from deepspec.targets import load_family_spec, resolve_target
 
         cfg, info = self.cfg, self.info
+        check_optimizer_settings(cfg)
         target_dir = resolve_target(cfg.model.target_model_name_or_path)
         spec = load_family_spec(target_dir)
         validate_against_target(cfg, spec)
@@ -171,6 +185,24 @@ class Trainer:
                 f"train.local_batch_size {local_batch}"
             )
         accum = global_batch // (world * local_batch)
+        check_output_dirs(cfg)  # before any data is read: a read-only root fails here, in one line
+        if cfg.train.torch_compile and info.device == "cpu":
+            check_compile_toolchain()
+        previous_handlers = self._install_stop_handlers()
+        try:
+            return self._run(target_dir, spec, accum)
+        finally:
+            for sig, handler in previous_handlers.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
+
+    def _run(self, target_dir: str, spec: Any, accum: int) -> RunResult:
+        cfg, info = self.cfg, self.info
+        world, local_batch, global_batch = (
+            info.world_size,
+            cfg.train.local_batch_size,
+            cfg.train.global_batch_size,
+        )
         dataset = self._dataset(target_dir)
         order = EpochOrder(
             len(dataset),
@@ -191,15 +223,27 @@ class Trainer:
         module = TrainModule(draft, alg.loss, alg.loss_kwargs(cfg))
         cursor, start_step = DataCursor(), 0
         resume_from = ckpt.latest_checkpoint(root) if cfg.train.resume else None
+        identity = self._identity(dataset, target_dir)
         shared = rank_state = None
         if resume_from:
             meta = ckpt.load_meta(resume_from)
-            ckpt.check_compatible(
-                meta, world_size=world, global_batch=global_batch, local_batch=local_batch, path=resume_from
+            differences = ckpt.resume_differences(
+                resume_from,
+                saved_cfg=ckpt.load_saved_config(resume_from),
+                cfg=flat_config(cfg),
+                meta=meta,
+                draft_config=json.loads(json.dumps(draft.config_json())),
+                identity=identity,
             )
-            from safetensors.torch import load_file
-
-            draft.load_state_dict(load_file(os.path.join(resume_from, "model.safetensors")), strict=False)
+            ckpt.check_compatible(
+                meta,
+                world_size=world,
+                global_batch=global_batch,
+                local_batch=local_batch,
+                path=resume_from,
+                differences=differences,
+            )
+            _load_draft_weights(draft, resume_from)
             shared, rank_state = ckpt.load_shared(resume_from), ckpt.load_rank_state(resume_from, info.rank)
             start_step = int(meta["step"])
             cursor = DataCursor(**rank_state["cursor"])
@@ -218,7 +262,14 @@ class Trainer:
         )
         scheduler = build_scheduler(optimizer, total, cfg.train.warmup_ratio)
         if shared is not None:
-            _load_optimizer_state(wrapped, optimizer, shared["optimizer"])
+            try:
+                _load_optimizer_state(wrapped, optimizer, shared["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise ckpt.CheckpointError(
+                    f"cannot resume from {resume_from}: its optimizer state does not fit this draft "
+                    f"({' '.join(str(exc).split())[:200]}); start fresh with --opts train.resume=false "
+                    f"or a new exp_name"
+                ) from None
             scheduler.last_epoch = start_step
             for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
                 group["lr"] = lr
@@ -230,7 +281,6 @@ class Trainer:
             os.makedirs(root, exist_ok=True)
             save_config(cfg, os.path.join(root, "config.yaml"))
         logger = _Logger(cfg, total, start_step, enabled=info.is_main, progress=self.progress)
-        previous_handler = self._install_sigterm()
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
         compiled_before = use_compiled_vocab_rows(cfg.train.torch_compile)
         batches = order.micro_batches(cursor)
@@ -266,13 +316,14 @@ class Trainer:
                         step_metrics[k] = step_metrics.get(k, 0.0) + v / accum
                 total_loss = dist_utils.all_reduce_sum([loss_sum])[0]
                 if not math.isfinite(total_loss):
-                    raise NonFiniteLoss(
-                        f"non-finite loss ({total_loss}) at step {step + 1}; last good checkpoint: "
-                        f"{last_ckpt or 'none'} (lower train.lr or check the data)"
-                    )
+                    raise _diverged(f"non-finite loss ({total_loss}) at step {step + 1}", step, root)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     params, cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
                 )
+                if not math.isfinite(float(grad_norm)):  # the same on every rank (synced gradients)
+                    raise _diverged(
+                        f"non-finite gradient norm ({float(grad_norm)}) at step {step + 1}", step, root
+                    )
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -286,21 +337,48 @@ class Trainer:
                     step_seconds=time.perf_counter() - t0,
                     samples_per_second=global_batch / max(time.perf_counter() - t0, 1e-9),
                 )
+                stop_flag, bad_weights = dist_utils.all_reduce_sum(
+                    [float(self.stop_requested), float(not _all_finite(params))]
+                )
+                if bad_weights > 0:
+                    good = _last_good(root, step)
+                    raise NonFiniteLoss(
+                        f"non-finite weights after the update of step {step} (not saved); last checkpoint "
+                        f"with finite weights: {good or 'none'} (lower train.lr or train.max_grad_norm, or "
+                        f"check the data)"
+                    )
                 logger.step(step, metrics)
-                stop = dist_utils.all_reduce_sum([float(self.stop_requested)])[0] > 0
+                stop = stop_flag > 0
                 if step % cfg.logging.checkpointing_steps == 0 or step == total or stop:
                     last_ckpt = self._save(
-                        root, step, total, wrapped, draft, optimizer, scheduler, cursor, metrics
+                        root, step, total, wrapped, draft, optimizer, scheduler, cursor, metrics, identity
                     )
-                if stop:
-                    self._log(f"stopped by SIGTERM after step {step}; checkpoint {last_ckpt}")
-                    return RunResult(step, metrics, last_ckpt, stopped_early=True)
+                if stop and step < total:
+                    name = self.stop_signal if self.stop_requested else "a signal to another worker"
+                    self._log(f"stopped by {name} after step {step}; checkpoint {last_ckpt}")
+                    raise Preempted(
+                        f"stopped by {name} after step {step} of {total}; checkpoint {last_ckpt} saved; "
+                        f"rerun the same command to resume"
+                    )
         finally:
             logger.close()
             use_compiled_vocab_rows(compiled_before)
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
         return RunResult(step, metrics, last_ckpt)
+
+    def _identity(self, dataset, target_dir: str) -> dict[str, Any]:
+        """What a resumed run must read again: the target's fingerprint, the sample count
+        and (offline) the cache's content checksum. Stored in each checkpoint's meta."""
+        data: dict[str, Any] = {"mode": self.cfg.data.mode, "samples": len(dataset)}
+        manifest = getattr(dataset, "manifest", None)
+        if isinstance(manifest, dict):
+            data["cache_checksum"] = (manifest.get("index") or {}).get("checksum")
+
+        def fingerprint() -> str | None:
+            from deepspec.data.fingerprint import target_fingerprint
+
+            return target_fingerprint(target_dir)
+
+        return {"target_fingerprint": dist_utils.run_on_main(fingerprint), "data": data}
 
     def _board(self, dataset, order: EpochOrder, total: int, accum: int, draft, start_step: int) -> None:
         cfg = self.cfg
@@ -320,18 +398,49 @@ class Trainer:
         ]
         self._log("\n".join(lines))
 
-    def _save(self, root, step, total, wrapped, draft, optimizer, scheduler, cursor, metrics) -> str:
-        info, cfg = self.info, self.cfg
+    def _save(
+        self, root, step, total, wrapped, draft, optimizer, scheduler, cursor, metrics, identity
+    ) -> str:
+        info = self.info
         full_state = _full_state_dict(wrapped, draft)
         optim_state = _optimizer_state(wrapped, optimizer)
-        tmp = dist_utils.broadcast_object(ckpt.begin_save(root, step) if info.is_main else None)
+        # never write non-finite weights (the loop checks after every update; this is the
+        # last line of defence for what is about to be called a checkpoint)
+        finite = info.is_main and _all_finite(full_state.values())
+        if dist_utils.all_reduce_sum([float(info.is_main and not finite)])[0] > 0:
+            raise NonFiniteLoss(f"the weights of step {step} are not finite; not saved (lower train.lr)")
+        tmp = error = None
+        if info.is_main:
+            try:
+                tmp = ckpt.begin_save(root, step)
+            except OSError as exc:
+                error = describe_os_error(exc)
+        tmp, error = dist_utils.broadcast_object((tmp, error))
+        if error is not None:
+            previous = ckpt.latest_checkpoint(root)
+            raise ckpt.CheckpointError(
+                f"saving step {step} failed ({error}); the previous checkpoint {previous or '(none)'} is intact"
+            )
+        try:
+            return self._write_checkpoint(
+                root, tmp, step, total, draft, full_state, optim_state, scheduler, cursor, metrics, identity
+            )
+        except BaseException:  # a second Ctrl-C or a failure: no temporary directory is left
+            if info.is_main:
+                ckpt.abort_save(tmp)
+            raise
+
+    def _write_checkpoint(
+        self, root, tmp, step, total, draft, full_state, optim_state, scheduler, cursor, metrics, identity
+    ) -> str:
+        info, cfg = self.info, self.cfg
         error = None
         try:
             ckpt.save_rank_state(
                 tmp, info.rank, {"cursor": cursor.to_dict(), "torch_rng": torch.get_rng_state()}
             )
-        except OSError as exc:
-            error = exc
+        except _WRITE_ERRORS as exc:
+            error = _describe_write_error(exc)
         failed = dist_utils.all_reduce_sum([float(error is not None)])[0] > 0
         final = None
         if info.is_main and not failed:
@@ -345,6 +454,8 @@ class Trainer:
                     "global_batch_size": cfg.train.global_batch_size,
                     "local_batch_size": cfg.train.local_batch_size,
                     "algorithm": cfg.algorithm,
+                    "target_fingerprint": identity.get("target_fingerprint"),
+                    "data": identity.get("data"),
                     "metrics": metrics,
                 }
                 final = ckpt.finish_save(
@@ -355,8 +466,8 @@ class Trainer:
                     meta,
                     cfg.logging.keep_last_checkpoints,
                 )
-            except OSError as exc:
-                error = exc
+            except _WRITE_ERRORS as exc:  # disk full, file too large, read-only, I/O error
+                error = _describe_write_error(exc)
         failed = dist_utils.all_reduce_sum([float(error is not None)])[0] > 0
         if failed:
             if info.is_main:
@@ -368,6 +479,146 @@ class Trainer:
             )
         dist_utils.barrier()
         return dist_utils.broadcast_object(final)
+
+
+try:
+    from safetensors import SafetensorError
+except ImportError:  # pragma: no cover - safetensors always ships it
+    SafetensorError = OSError
+# what writing a checkpoint raises when the disk is full, a file too large or the directory
+# read-only: OSError, torch.save's RuntimeError, safetensors' serialisation error
+_WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def _describe_write_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return describe_os_error(exc)
+    text = " ".join(str(exc).split())[:200] or type(exc).__name__
+    return f"{text}; is the disk full?"
+
+
+def flat_config(cfg: Any) -> dict[str, Any]:
+    """``{key.path: value}`` of a config, as :func:`save_config` writes it (YAML round trip)."""
+    import yaml
+
+    from deepspec.config import config_to_dict
+
+    tree = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return ckpt._flatten(tree)
+
+
+def check_optimizer_settings(cfg: Any) -> None:
+    """AdamW's first update moves a weight by up to ``lr / (1 - adam_beta1)``; past the
+    float32 range torch fails inside the step with a traceback, so refuse it up front."""
+    from deepspec.errors import ConfigError
+
+    limit = torch.finfo(torch.float32).max * (1 - cfg.train.adam_beta1)
+    if not cfg.train.lr < limit:
+        raise ConfigError(
+            f"train.lr={cfg.train.lr:g} is too large for AdamW with train.adam_beta1={cfg.train.adam_beta1:g} "
+            f"(the first update would overflow float32; must be < {limit:.3g}); use a learning rate such as 1e-3"
+        )
+
+
+def check_output_dirs(cfg: Any) -> None:
+    """Refuse, before any data is read, checkpoint and TensorBoard directories that are
+    files or cannot be written (a read-only root fails here, not at the first save)."""
+    from deepspec.utils.io import check_writable_dir
+
+    for key, path in (
+        ("logging.checkpoint_root", cfg.logging.checkpoint_dir),
+        ("logging.tensorboard_root", cfg.logging.tensorboard_dir),
+    ):
+        check_writable_dir(path, f"{key} (or its _dir)")
+
+
+def _all_finite(tensors) -> bool:
+    """Every element of every tensor (the local shard of a DTensor) is finite."""
+    flags = []
+    for t in tensors:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        if local.numel():
+            flags.append(torch.isfinite(local.detach()).all())
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _finite_checkpoint(path: str) -> bool:
+    """The checkpoint's weights can be read and are all finite (one tensor at a time)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as fh:
+            return all(bool(torch.isfinite(fh.get_tensor(k)).all()) for k in fh.keys())
+    except Exception:  # noqa: BLE001 - unreadable counts as not good
+        return False
+
+
+def _last_good(root: str, before: int) -> str | None:
+    """The newest complete checkpoint under ``root`` from a step before ``before`` whose
+    weights are finite: those weights gave a finite loss at the next step."""
+    for step, path in reversed(ckpt.step_dirs(root)):
+        if step < before and _finite_checkpoint(path):
+            return path
+    return None
+
+
+def _diverged(what: str, weights_step: int, root: str) -> NonFiniteLoss:
+    """The error for a NaN/inf met in the step after ``weights_step``: a checkpoint of
+    exactly those weights is not good (resuming from it gives the same NaN)."""
+    bad = next((path for step, path in ckpt.step_dirs(root) if step == weights_step), None)
+    good = _last_good(root, weights_step)
+    note = ""
+    if bad:
+        again = f"delete it to resume from {good}, or " if good else ""
+        note = f"; {bad} holds the weights that gave it: {again}start fresh with --opts train.resume=false"
+    return NonFiniteLoss(
+        f"{what}; last good checkpoint: {good or 'none'}{note}; lower train.lr or check the data"
+    )
+
+
+def _load_draft_weights(draft: nn.Module, path: str) -> None:
+    """The checkpoint's weights into ``draft``: every key must match (a tied LM head is
+    stored once), shapes must fit and every value must be finite."""
+    from safetensors.torch import load_file
+
+    file = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(file):
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} has no model.safetensors; delete that step directory to resume from the "
+            f"previous one, or start fresh with --opts train.resume=false"
+        )
+    try:
+        state = load_file(file)
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error types
+        raise ckpt.CheckpointError(
+            f"checkpoint {path}: model.safetensors is unreadable ({' '.join(str(exc).split())[:160]}); "
+            f"delete that step directory to resume from the previous one, or start fresh with "
+            f"--opts train.resume=false"
+        ) from None
+    tied = draft.spec.tie_word_embeddings
+    expected = {k for k in draft.state_dict() if not (tied and k == "lm_head.weight")}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - set(draft.state_dict()))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} -> {tuple(v.shape)}"
+        for k, v in draft.state_dict().items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = [
+            f"{label} {items[:4]}{' ...' if len(items) > 4 else ''}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+            if items
+        ]
+        raise ckpt.CheckpointError(
+            f"cannot resume from {path}: its weights do not fit this draft ({'; '.join(parts)}); start "
+            f"fresh with --opts train.resume=false or a new exp_name"
+        )
+    if not _all_finite(state.values()):
+        raise ckpt.CheckpointError(
+            f"cannot resume from {path}: its weights are not finite; delete that step directory to "
+            f"resume from the previous one, or start fresh with --opts train.resume=false"
+        )
+    draft.load_state_dict(state, strict=not tied)
 
 
 def _full_state_dict(wrapped: nn.Module, draft: nn.Module) -> dict[str, torch.Tensor]:
@@ -412,15 +663,18 @@ class _Logger:
             return
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not progress)
         os.makedirs(cfg.logging.checkpoint_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(cfg.logging.checkpoint_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(cfg.logging.checkpoint_dir, "metrics.jsonl")
+        truncate_metrics(path, start)  # a resumed run logs steps after `start` again
+        self.jsonl = open(path, "a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(cfg.logging.tensorboard_dir)
-        except Exception:  # TensorBoard is optional at run time
-            self.writer = None
+        except ImportError:  # TensorBoard is optional at run time
+            SummaryWriter = None
+        if SummaryWriter is not None:
+            # events of steps after `start` (from before a kill) are dropped by TensorBoard
+            self.writer = SummaryWriter(cfg.logging.tensorboard_dir, purge_step=start + 1)
+        self.bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not progress)
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -442,7 +696,38 @@ class _Logger:
     def close(self) -> None:
         if not self.enabled:
             return
-        self.bar.close()
-        self.jsonl.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Drop the lines of ``metrics.jsonl`` for steps after ``last_step`` (logged by a run
+    that was killed after its last checkpoint), atomically; a torn last line goes too.
+
+    Other lines are kept as they are."""
+    from deepspec.utils.io import atomic_open
+
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+            lines = fh.readlines()
+    except FileNotFoundError:
+        return
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if line.endswith("\n"):
+                kept.append(line)  # not ours to judge; only a torn tail is dropped
+            continue
+        step = row.get("step") if isinstance(row, dict) else None
+        if isinstance(step, int) and step > last_step:
+            continue
+        kept.append(line if line.endswith("\n") else line + "\n")
+    if kept != lines:
+        with atomic_open(path, "w", encoding="utf-8", errors="surrogateescape") as fh:
+            fh.write("".join(kept))
