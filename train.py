@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 
-from deepspec.cli import run_main
+from deepspec.cli import ArgumentParser, run_main
 from deepspec.config import load_config, validate_against_target
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", required=True, help="config file (.py or .yaml) under config/")

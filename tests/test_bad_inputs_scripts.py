@@ -33,3 +33,20 @@ def test_quickstart_unknown_option(tmp_path):
         ["bash", "scripts/quickstart.sh", "--fastest"], env={"WORK": str(tmp_path / "w")}, timeout=60
     )
     assert_one_error(proc, "unknown option --fastest", code=2)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train.py"],
+        ["eval.py"],
+        ["scripts/data/generate_train_data.py"],
+        ["scripts/data/prepare_target_cache.py", "--nproc", "two"],
+        ["scripts/data/download_and_split.py", "--no-such-flag"],
+        ["-m", "deepspec.targets"],
+        ["-m", "deepspec.data.cache_reader"],
+        ["-m", "deepspec.eval.report"],
+    ],
+)
+def test_missing_or_malformed_arguments_are_one_line(args):
+    assert_one_error(run_cli(args, timeout=120), "see --help", code=2)

@@ -24,6 +24,7 @@ from deepspec.data.cache_builder import CacheBuildOptions, build_target_cache
 from deepspec.train import checkpoint as ckpt
 from tests.badinput import assert_one_error, assert_unchanged, digest_tree, run_cli
 from tests.conftest import ROOT
+from tests.test_train import opts_for
 
 CONFIG = "config/dspark/dspark_smollm2_135m.py"
 MINI = os.path.join(ROOT, "data", "train_prompts", "mini.jsonl")
@@ -50,32 +51,8 @@ def build_cache(target: str, rows: list[str], out) -> str:
 
 
 def opts(base, out, **extra) -> list[str]:
-    values = {
-        "model.target_model_name_or_path": base["target"],
-        "model.target_layer_ids": "[0,2]",
-        "model.block_size": 4,
-        "model.num_draft_layers": 1,
-        "model.markov_rank": 8,
-        "model.num_anchors": 16,
-        "data.target_cache_path": base["cache"],
-        "data.max_length": 256,
-        "data.min_loss_tokens": 4,
-        "data.num_workers": 0,
-        "train.precision": "fp32",
-        "train.torch_compile": "false",
-        "train.global_batch_size": 4,
-        "train.local_batch_size": 2,
-        "train.max_train_steps": 4,
-        "train.lr": 1e-3,
-        "logging.logging_steps": 1,
-        "logging.checkpointing_steps": 2,
-        "logging.keep_last_checkpoints": 0,
-        "logging.checkpoint_root": str(out / "ck"),
-        "logging.tensorboard_root": str(out / "tb"),
-        "exp_name": "run",
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+    """The tiny run of ``tests/test_train.py`` (DSpark, 4 steps, checkpoints every 2), eager."""
+    return opts_for(base, out, **{"train.torch_compile": "false", **extra})
 
 
 def train_args(base, out, **extra) -> list[str]:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from deepspec.drafts.base import DraftConfig, DraftModel
 from deepspec.errors import DataError
-from deepspec.utils.io import fsync_dir, make_dir_public
+from deepspec.utils.io import fsync_dir, make_dir_public, read_json_object, unreadable_safetensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -59,10 +59,6 @@ def save_draft(model: DraftModel, out_dir: str) -> None:
         raise
 
 
-def _json_problem(exc: json.JSONDecodeError) -> str:
-    return f"line {exc.lineno} column {exc.colno}: {exc.msg}"
-
-
 def check_draft_dir(path: str) -> str:
     """``path`` expanded; a :class:`DataError` when it is not a draft checkpoint directory."""
     path = os.path.expanduser(os.fspath(path))
@@ -88,22 +84,7 @@ def read_draft_config(path: str) -> tuple[str, DraftConfig]:
     """``(architecture, DraftConfig)`` of a checkpoint directory."""
     path = check_draft_dir(path)
     cfg_path = os.path.join(path, CONFIG_NAME)
-    try:
-        with open(cfg_path, encoding="utf-8") as fh:
-            raw = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"{cfg_path} is not valid JSON ({_json_problem(exc)}): the checkpoint is truncated or "
-            "damaged; copy it again or use another checkpoint"
-        ) from None
-    except UnicodeDecodeError:
-        raise DataError(
-            f"{cfg_path} is not UTF-8 text: the checkpoint is damaged; copy it again or use another checkpoint"
-        ) from None
-    if not isinstance(raw, dict):
-        raise DataError(
-            f"{cfg_path} must hold a JSON object, not {type(raw).__name__}; use another checkpoint"
-        )
+    raw = read_json_object(cfg_path, "copy it again or use another checkpoint")
     arch = (raw.pop("architectures", None) or [""])[0]
     raw.pop("deepspec_version", None)
     known = set(DraftConfig.__dataclass_fields__)
@@ -128,12 +109,8 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(weights)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-        if isinstance(exc, OSError):
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(
-            f"{weights} is unreadable ({first}): it is truncated or not a safetensors file; "
-            "copy the checkpoint again or use an earlier one"
+        raise unreadable_safetensors(
+            weights, exc, "copy the checkpoint again or use an earlier one"
         ) from None
 
 

@@ -11,7 +11,6 @@ temperature, one table per temperature.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -21,7 +20,7 @@ from typing import Any
 
 from deepspec.cli import ArgumentParser, run_main
 from deepspec.errors import ConfigError, DataError
-from deepspec.utils.io import atomic_open, atomic_write_json, atomic_write_text
+from deepspec.utils.io import atomic_open, atomic_write_json, atomic_write_text, read_json_object
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
@@ -35,16 +34,7 @@ def load_results(directory: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise DataError(f"no results.json in {directory}; run eval.py with --output-dir {directory}")
     redo = f"run eval.py with --output-dir {directory} again"
-    try:
-        with open(path, encoding="utf-8") as fh:
-            results = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"{path} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}): it is torn or "
-            f"damaged; {redo}"
-        ) from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text: it is damaged; {redo}") from None
+    results = read_json_object(path, redo)
     ok = (
         isinstance(results, dict)
         and isinstance(results.get("config"), dict)

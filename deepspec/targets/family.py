@@ -7,12 +7,12 @@ layers in the target's style — no per-family model files.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from deepspec.errors import TargetError
+from deepspec.utils.io import read_json_object
 
 
 @dataclass(frozen=True)
@@ -186,19 +186,9 @@ def load_family_spec(model_dir: str | os.PathLike[str]) -> FamilySpec:
     path = os.path.join(os.fspath(model_dir), "config.json")
     fix = "download or convert the target again"
     try:
-        with open(path, encoding="utf-8") as fh:
-            config = json.load(fh)
+        config = read_json_object(path, fix, TargetError)
     except FileNotFoundError:
         raise TargetError(f"{model_dir} has no config.json; pass an HF model directory") from None
-    except json.JSONDecodeError as exc:
-        raise TargetError(
-            f"{path} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}): the file is "
-            f"truncated or damaged; {fix}"
-        ) from None
-    except UnicodeDecodeError:
-        raise TargetError(f"{path} is not UTF-8 text: the file is damaged; {fix}") from None
-    if not isinstance(config, dict):
-        raise TargetError(f"{path} must hold a JSON object, not {type(config).__name__}; {fix}")
     try:
         return family_spec_from_config(config)
     except TargetError as exc:

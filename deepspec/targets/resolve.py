@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from deepspec.errors import TargetError
+from deepspec.utils.io import read_json_object, unreadable_safetensors
 
 EMBEDDED_PREFIX = "embedded:"
 MARKER = "deepspec_target.json"
@@ -195,19 +196,11 @@ def check_target_files(model_dir: str, fix: str = "download or convert the targe
 
     config = os.path.join(model_dir, "config.json")
     try:
-        with open(config, encoding="utf-8") as fh:
-            json.load(fh)
+        read_json_object(config, fix, TargetError)
     except FileNotFoundError:
         raise TargetError(
             f"target directory {model_dir} has no config.json; pass an HF model directory"
         ) from None
-    except json.JSONDecodeError as exc:
-        raise TargetError(
-            f"{config} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}): the file is "
-            f"truncated or damaged; {fix}"
-        ) from None
-    except UnicodeDecodeError:
-        raise TargetError(f"{config} is not UTF-8 text: the file is damaged; {fix}") from None
     for name in sorted(os.listdir(model_dir)):
         if not name.endswith(".safetensors"):
             continue
@@ -216,12 +209,7 @@ def check_target_files(model_dir: str, fix: str = "download or convert the targe
             with safe_open(path, framework="pt"):
                 pass
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-            if isinstance(exc, OSError):
-                raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TargetError(
-                f"{path} is unreadable ({first}): it is truncated or not a safetensors file; {fix}"
-            ) from None
+            raise unreadable_safetensors(path, exc, fix, TargetError) from None
 
 
 def resolve_target(name_or_path: str) -> str:

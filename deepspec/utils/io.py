@@ -105,3 +105,40 @@ def check_writable_dir(directory: str, flag: str) -> None:
         ) from None
     os.close(fd)
     os.unlink(tmp)
+
+
+def read_json_object(path: str, fix: str, error: type[Exception] | None = None) -> dict[str, Any]:
+    """The JSON object in ``path``. A torn, non-UTF-8 or non-object file raises ``error``
+    (default :class:`~deepspec.errors.DataError`) as one line naming the file and ``fix``;
+    a missing file raises ``FileNotFoundError`` for the caller to word."""
+    from deepspec.errors import DataError
+
+    error = error or DataError
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise error(
+            f"{path} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}): the file is "
+            f"truncated or damaged; {fix}"
+        ) from None
+    except UnicodeDecodeError:
+        raise error(f"{path} is not UTF-8 text: the file is damaged; {fix}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path} must hold a JSON object, not {type(value).__name__}; {fix}")
+    return value
+
+
+def unreadable_safetensors(
+    path: str, exc: Exception, fix: str, error: type[Exception] | None = None
+) -> Exception:
+    """The one-line error for a safetensors file that does not open (``raise`` it); an
+    ``OSError`` is returned unchanged (the entry point words it)."""
+    from deepspec.errors import DataError
+
+    if isinstance(exc, OSError):
+        return exc
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (error or DataError)(
+        f"{path} is unreadable ({first}): it is truncated or not a safetensors file; {fix}"
+    )

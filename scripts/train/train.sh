@@ -31,6 +31,8 @@
 #   --opts data.mode=online --opts data.train_data_paths=[data/regen/train.jsonl]
 #   --opts train.sharding_strategy=full_shard        # FSDP instead of DDP
 #   --opts train.resume=false                         # ignore step_latest, start fresh
+# SIGTERM or Ctrl-C saves a checkpoint and exits with code 75; rerun the same command to
+# resume (a second Ctrl-C aborts at once, keeping the earlier checkpoints).
 # Checkpoints: ~/checkpoints/<project_name>/<exp_name>/step_<N> and step_latest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -43,7 +45,7 @@ config_path=${1:-config/dspark/dspark_smollm2_135m.py}
 shift || true
 target_cache_dir=${target_cache_dir:-${HOME}/.cache/deepspec/smollm2_target_cache}
 
-python train.py \
+"${PYTHON:-python3}" train.py \
     --config "${config_path}" \
     --opts "data.target_cache_path=${target_cache_dir}" \
     "$@"
