@@ -22,9 +22,7 @@ from deepspec.config import load_config, validate_against_target
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="config file (.py or .yaml) under config/")
     parser.add_argument(
         "--opts",
