@@ -75,3 +75,23 @@ def assert_unchanged(before: dict[str, str], *paths: str) -> None:
     lost = sorted(set(before) - set(after))
     changed = sorted(k for k in before if k in after and before[k] != after[k])
     assert not lost and not changed, f"lost {lost}, changed {changed}"
+
+
+def unwritable_dir(tmp_path) -> str:
+    """An existing directory in which this process cannot create anything: a ``chmod 555``
+    folder, or, for root (who writes through mode bits), ``/sys`` (sysfs refuses new
+    entries). Skips the test when neither refuses."""
+    import pytest
+
+    locked = tmp_path / "read-only"
+    locked.mkdir(exist_ok=True)
+    locked.chmod(0o555)
+    for candidate in (str(locked), "/sys"):
+        probe = os.path.join(candidate, ".deepspec-probe")
+        try:
+            os.mkdir(probe)
+        except OSError:
+            return candidate
+        os.rmdir(probe)
+    locked.chmod(0o755)
+    pytest.skip("no directory refuses writes for this user")

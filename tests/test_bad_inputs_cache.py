@@ -20,7 +20,7 @@ import pytest
 from deepspec.data.cache_builder import CacheBuildOptions, build_target_cache
 from deepspec.data.cache_format import INDEX, MANIFEST
 from deepspec.data.cache_reader import CacheDataset
-from tests.badinput import assert_one_error, assert_unchanged, digest_tree, run_cli
+from tests.badinput import assert_one_error, assert_unchanged, digest_tree, run_cli, unwritable_dir
 from tests.conftest import ROOT
 
 PREPARE = "scripts/data/prepare_target_cache.py"
@@ -85,16 +85,6 @@ def flip_byte(path, offset):
         byte = fh.read(1)
         fh.seek(offset)
         fh.write(bytes([byte[0] ^ 0x40]))
-
-
-def unwritable(tmp_path):
-    """(output dir, the directory the error names) where no directory can be created."""
-    if os.geteuid() == 0:  # root writes through permission bits; sysfs refuses new entries
-        return "/sys/deepspec-bad-inputs/cache", "/sys/deepspec-bad-inputs"
-    parent = tmp_path / "read-only"
-    parent.mkdir()
-    parent.chmod(0o555)
-    return str(parent / "cache"), str(parent / "cache")
 
 
 # ---- data files ------------------------------------------------------------------------------
@@ -175,7 +165,8 @@ def test_numeric_arguments_are_checked(env, tmp_path, flag, value, fragment):
 
 @pytest.mark.parametrize("nproc", ["1", "2"])
 def test_unwritable_output_dir(env, tmp_path, nproc):
-    out, named = unwritable(tmp_path)
+    named = unwritable_dir(tmp_path)
+    out = os.path.join(named, "cache")
     line = refused(prepare(env, "--nproc", nproc, out=out), named, "choose another", watch=[env["data"]])
     assert not os.path.exists(out)
     if nproc == "2":  # the spawned rank 0 met it, and it alone reported it

@@ -17,7 +17,7 @@ import socket
 import pytest
 
 from deepspec.utils.distributed import find_free_port
-from tests.badinput import assert_one_error, digest_tree, run_cli
+from tests.badinput import assert_one_error, digest_tree, run_cli, unwritable_dir
 from tests.conftest import ROOT
 from tests.fault_server import FaultServer
 from tests.test_regenerate import needs_llamacpp
@@ -56,25 +56,6 @@ def _assert_untouched(before, *paths):
     """The same files as before, byte for byte: nothing lost, changed or created."""
     after = digest_tree(*paths)
     assert after == before, f"files changed: before {sorted(before)}, after {sorted(after)}"
-
-
-def _unwritable_dir(tmp_path):
-    """A directory this process cannot create files in (root ignores mode bits: /sys then)."""
-    ro = tmp_path / "readonly"
-    ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        (ro / ".probe").touch()
-    except OSError:
-        return str(ro)
-    (ro / ".probe").unlink()
-    ro.chmod(0o755)
-    try:
-        open("/sys/.deepspec-probe", "w").close()  # noqa: SIM115
-    except OSError:
-        return "/sys"
-    os.unlink("/sys/.deepspec-probe")
-    pytest.skip("no directory is read-only for this user")
 
 
 def generate(tmp_path, *args, env=None):
@@ -171,7 +152,7 @@ def test_generate_missing_input_and_directory_input(tmp_path):
 
 def test_generate_unwritable_output_directory(tmp_path):
     src = _prompts(tmp_path / "in.jsonl")
-    ro = _unwritable_dir(tmp_path)
+    ro = unwritable_dir(tmp_path)
     before = digest_tree(str(tmp_path))
     out = os.path.join(ro, "sub", "out.jsonl")
     proc = generate(tmp_path, "--server-address", _dead_address(), "--input-file-path", src,
@@ -308,7 +289,7 @@ def test_split_existing_output_and_unwritable_directory(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "train.jsonl").write_text("earlier output\n")
-    ro = _unwritable_dir(tmp_path)
+    ro = unwritable_dir(tmp_path)
     before = digest_tree(str(tmp_path))
     proc = split("--input", src, "--output-dir", str(out))
     assert_one_error(proc, "train.jsonl exists", "--overwrite")

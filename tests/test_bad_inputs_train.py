@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from deepspec.data.cache_builder import CacheBuildOptions, build_target_cache
 from deepspec.train import checkpoint as ckpt
-from tests.badinput import assert_one_error, assert_unchanged, digest_tree, run_cli
+from tests.badinput import assert_one_error, assert_unchanged, digest_tree, run_cli, unwritable_dir
 from tests.conftest import ROOT
 from tests.test_train import opts_for
 
@@ -225,19 +225,9 @@ def test_checkpoint_weights_must_match_and_be_finite(base, done, damage, fragmen
 # -- output directories ------------------------------------------------------------------
 
 
-def _unwritable_root() -> str:
-    probe = "/sys/deepspec-write-probe"
-    try:
-        os.makedirs(probe)
-    except OSError:
-        return probe
-    os.rmdir(probe)
-    pytest.skip("/sys is writable here")
-
-
 @pytest.mark.parametrize("key", ["logging.checkpoint_root", "logging.tensorboard_root"])
 def test_unwritable_output_root_fails_before_training(base, tmp_path, key):
-    proc = train(base, tmp_path, **{key: _unwritable_root()})
+    proc = train(base, tmp_path, **{key: os.path.join(unwritable_dir(tmp_path), "out")})
     assert_one_error(proc, "cannot write", key, code=2)
     assert "train:" not in proc.stderr  # no step started
 
