@@ -4,6 +4,7 @@ offline, failures (NaN, disk full, SIGTERM, changed world size), the latest poin
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -426,3 +427,21 @@ def test_truncate_metrics_drops_later_steps_and_a_torn_tail(tmp_path):
     assert path.read_text() == '{"step": 1}\n{"step": 2}\nnote kept\n'
     truncate_metrics(str(tmp_path / "missing.jsonl"), 0)
     assert not (tmp_path / "missing.jsonl").exists()
+
+
+def test_feature_use_benchmark_scores_the_same_positions_with_real_and_zeroed_features(setup, tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from feature_use import measure, table
+    finally:
+        sys.path.pop(0)
+    run_train(
+        opts_for(setup, tmp_path, "dflash", **{"train.torch_compile": "false", "train.max_train_steps": 2})
+    )
+    step = tmp_path / "ck" / "deepspec" / "run" / "step_2"
+    result = measure(str(step), setup["cache"], samples=6, batch=3)
+    real, zero = result["real"], result["zero"]
+    assert real["positions"] == zero["positions"] > 0  # the same anchors in both passes
+    assert all(math.isfinite(v) for v in (*real.values(), *zero.values()))
+    assert zero["ce"] != real["ce"]  # the features reach the draft's output
+    assert "gap (zero - real)" in table(result)
