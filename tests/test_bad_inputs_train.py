@@ -198,8 +198,8 @@ def test_truncated_rank_state_is_a_clear_error(base, done):
 @pytest.mark.parametrize(
     "damage, fragments",
     [
-        ("drop", ("do not fit this draft", "missing")),
-        ("extra", ("do not fit this draft", "unexpected")),
+        ("drop", ("does not match", "missing")),
+        ("extra", ("does not match", "unexpected")),
         ("nan", ("not finite",)),
     ],
 )

@@ -124,6 +124,38 @@ def check_finite_weights(model: torch.nn.Module, path: str) -> None:
             )
 
 
+def load_weights(model: DraftModel, path: str) -> None:
+    """``path``'s weights into ``model``: every key (a tied LM head is stored once), every
+    shape and every value (finite) must fit, else one-line :class:`DataError` s."""
+    state = _read_weights(path)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor shape that does not match config.json
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:3]) or (first[0] if first else "")
+        raise DataError(
+            f"draft checkpoint {path}: {WEIGHTS_NAME} does not match its {CONFIG_NAME} ({detail}); "
+            "copy the checkpoint again"
+        ) from None
+    missing = [m for m in missing if not (m == "lm_head.weight" and model.spec.tie_word_embeddings)]
+    if missing or unexpected:
+        raise DataError(
+            f"draft checkpoint {path} does not match {type(model).__name__}: missing {missing}, "
+            f"unexpected {unexpected}"
+        )
+    check_finite_weights(model, path)
+
+
+def weights_are_finite(path: str) -> bool:
+    """The checkpoint's weights can be read and hold no NaN or inf."""
+    try:
+        return all(
+            bool(torch.isfinite(t).all()) for t in _read_weights(path).values() if t.is_floating_point()
+        )
+    except DataError:
+        return False
+
+
 def load_draft(
     path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> DraftModel:
@@ -140,7 +172,6 @@ def load_draft(
         raise DataError(
             f"draft checkpoint {path}: unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}"
         )
-    state = _read_weights(path)
     try:
         model = algorithm.model_cls(config)
     except (TypeError, ValueError, KeyError) as exc:
@@ -148,21 +179,7 @@ def load_draft(
             f"draft checkpoint {path}: {CONFIG_NAME} does not describe a valid {arch} "
             f"({type(exc).__name__}: {exc}); use a checkpoint written by train.py"
         ) from None
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # a tensor shape that does not match config.json
-        first = str(exc).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[1:3]) or (first[0] if first else "")
-        raise DataError(
-            f"draft checkpoint {path}: {WEIGHTS_NAME} does not match its {CONFIG_NAME} ({detail}); "
-            "copy the checkpoint again"
-        ) from None
-    missing = [m for m in missing if not (m == "lm_head.weight" and model.spec.tie_word_embeddings)]
-    if missing or unexpected:
-        raise DataError(
-            f"draft checkpoint {path} does not match {arch}: missing {missing}, unexpected {unexpected}"
-        )
-    check_finite_weights(model, path)
+    load_weights(model, path)
     model = model.to(device=device)
     if dtype is not None:
         model = model.to(dtype=dtype)

@@ -23,7 +23,7 @@ from torch import nn
 from deepspec.config import save_config, validate_against_target
 from deepspec.drafts import build_draft, get_algorithm
 from deepspec.drafts.blocks import block_targets, sample_anchors
-from deepspec.drafts.checkpoint import write_draft_files
+from deepspec.drafts.checkpoint import load_weights, weights_are_finite, write_draft_files
 from deepspec.drafts.fused_head import check_compile_toolchain, use_compiled_vocab_rows
 from deepspec.drafts.losses import block_weights
 from deepspec.errors import DataError, DeepSpecError, Preempted, describe_os_error
@@ -337,18 +337,9 @@ class Trainer:
                     step_seconds=time.perf_counter() - t0,
                     samples_per_second=global_batch / max(time.perf_counter() - t0, 1e-9),
                 )
-                stop_flag, bad_weights = dist_utils.all_reduce_sum(
-                    [float(self.stop_requested), float(not _all_finite(params))]
-                )
-                if bad_weights > 0:
-                    good = _last_good(root, step)
-                    raise NonFiniteLoss(
-                        f"non-finite weights after the update of step {step} (not saved); last checkpoint "
-                        f"with finite weights: {good or 'none'} (lower train.lr or train.max_grad_norm, or "
-                        f"check the data)"
-                    )
                 logger.step(step, metrics)
-                stop = stop_flag > 0
+                # non-finite weights give a non-finite loss at the next step; a save checks them
+                stop = dist_utils.all_reduce_sum([float(self.stop_requested)])[0] > 0
                 if step % cfg.logging.checkpointing_steps == 0 or step == total or stop:
                     last_ckpt = self._save(
                         root, step, total, wrapped, draft, optimizer, scheduler, cursor, metrics, identity
@@ -408,7 +399,11 @@ class Trainer:
         # last line of defence for what is about to be called a checkpoint)
         finite = info.is_main and _all_finite(full_state.values())
         if dist_utils.all_reduce_sum([float(info.is_main and not finite)])[0] > 0:
-            raise NonFiniteLoss(f"the weights of step {step} are not finite; not saved (lower train.lr)")
+            raise NonFiniteLoss(
+                f"non-finite weights after the update of step {step} (not saved); last checkpoint with "
+                f"finite weights: {_last_good(root, step) or 'none'} (lower train.lr or train.max_grad_norm, "
+                f"or check the data)"
+            )
         tmp = error = None
         if info.is_main:
             try:
@@ -542,22 +537,11 @@ def _all_finite(tensors) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def _finite_checkpoint(path: str) -> bool:
-    """The checkpoint's weights can be read and are all finite (one tensor at a time)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as fh:
-            return all(bool(torch.isfinite(fh.get_tensor(k)).all()) for k in fh.keys())
-    except Exception:  # noqa: BLE001 - unreadable counts as not good
-        return False
-
-
 def _last_good(root: str, before: int) -> str | None:
     """The newest complete checkpoint under ``root`` from a step before ``before`` whose
     weights are finite: those weights gave a finite loss at the next step."""
     for step, path in reversed(ckpt.step_dirs(root)):
-        if step < before and _finite_checkpoint(path):
+        if step < before and weights_are_finite(path):
             return path
     return None
 
@@ -577,48 +561,15 @@ def _diverged(what: str, weights_step: int, root: str) -> NonFiniteLoss:
 
 
 def _load_draft_weights(draft: nn.Module, path: str) -> None:
-    """The checkpoint's weights into ``draft``: every key must match (a tied LM head is
-    stored once), shapes must fit and every value must be finite."""
-    from safetensors.torch import load_file
-
-    file = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(file):
-        raise ckpt.CheckpointError(
-            f"checkpoint {path} has no model.safetensors; delete that step directory to resume from the "
-            f"previous one, or start fresh with --opts train.resume=false"
-        )
+    """The checkpoint's weights into ``draft``, checked as ``load_draft`` checks them (every
+    key, every shape, finite values)."""
     try:
-        state = load_file(file)
-    except Exception as exc:  # noqa: BLE001 - safetensors' own error types
+        load_weights(draft, path)
+    except DataError as exc:
         raise ckpt.CheckpointError(
-            f"checkpoint {path}: model.safetensors is unreadable ({' '.join(str(exc).split())[:160]}); "
-            f"delete that step directory to resume from the previous one, or start fresh with "
-            f"--opts train.resume=false"
+            f"cannot resume: {exc}; delete that step directory to resume from the previous one, or "
+            f"start fresh with --opts train.resume=false"
         ) from None
-    tied = draft.spec.tie_word_embeddings
-    expected = {k for k in draft.state_dict() if not (tied and k == "lm_head.weight")}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - set(draft.state_dict()))
-    shapes = [
-        f"{k} {tuple(state[k].shape)} -> {tuple(v.shape)}"
-        for k, v in draft.state_dict().items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = [
-            f"{label} {items[:4]}{' ...' if len(items) > 4 else ''}"
-            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
-            if items
-        ]
-        raise ckpt.CheckpointError(
-            f"cannot resume from {path}: its weights do not fit this draft ({'; '.join(parts)}); start "
-            f"fresh with --opts train.resume=false or a new exp_name"
-        )
-    if not _all_finite(state.values()):
-        raise ckpt.CheckpointError(
-            f"cannot resume from {path}: its weights are not finite; delete that step directory to "
-            f"resume from the previous one, or start fresh with --opts train.resume=false"
-        )
-    draft.load_state_dict(state, strict=not tied)
 
 
 def _full_state_dict(wrapped: nn.Module, draft: nn.Module) -> dict[str, torch.Tensor]:
