@@ -39,7 +39,6 @@ def run_main(main: Callable[[], int | None]) -> None:
         user = as_user_error(exc)
         if user is None:
             raise
-        if not getattr(user, "reported", False):  # a worker printed its own line already
-            print(error_line(user), file=sys.stderr)
+        print(error_line(user), file=sys.stderr)
         sys.exit(user.exit_code if isinstance(user, DeepSpecError) else 2)
     sys.exit(code or 0)

@@ -14,13 +14,12 @@ the workers is printed once, by the launcher, as one ``error: [rank r] ...`` lin
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 from typing import Any
 
-from deepspec.errors import DeepSpecError, Preempted, as_user_error
+from deepspec.errors import Preempted, as_user_error
 from deepspec.utils import distributed as dist_utils
 
 
@@ -80,50 +79,10 @@ def _spawned(
         user = as_user_error(exc)
         if user is None:
             raise
-        # recorded for the launcher, which prints one line for the whole job (every rank
-        # usually meets the same problem); written before exiting, so a peer that fails
-        # because this process is gone cannot hide the root cause
-        record = {
-            "rank": int(os.environ["RANK"]),
-            "code": user.exit_code,
-            "preempted": isinstance(user, Preempted),
-            "message": " ".join(str(user).split()),
-        }
-        with open(os.path.join(errdir, f"rank{local_rank}.json"), "w", encoding="utf-8") as fh:
-            json.dump(record, fh)
-        sys.exit(user.exit_code)
-
-
-class WorkerError(DeepSpecError):
-    """A worker's own user error, reported once by the launcher."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+        sys.exit(dist_utils.record_worker_error(errdir, int(os.environ["RANK"]), user))
 
 
 _GRACE_S = 10  # after one worker stops, the others get this long to stop on their own
-
-
-def _recorded_failure(errdir: str) -> DeepSpecError | None:
-    """The job's user error from the workers' records: the lowest rank's real error, else
-    (every recorded worker was preempted) rank 0's :class:`Preempted`."""
-    records = []
-    for name in sorted(os.listdir(errdir)):
-        if not name.startswith("rank"):
-            continue
-        try:
-            with open(os.path.join(errdir, name), encoding="utf-8") as fh:
-                records.append(json.load(fh))
-        except (OSError, ValueError):
-            continue
-    errors = sorted((r for r in records if not r.get("preempted")), key=lambda r: r["rank"])
-    if errors:
-        first = errors[0]
-        return WorkerError(f"[rank {first['rank']}] {first['message']}", int(first["code"]))
-    if records:
-        return Preempted(min(records, key=lambda r: r["rank"])["message"])
-    return None
 
 
 def launch(config_path: str | None, opts: list[str], cfg: Any) -> Any:
@@ -175,7 +134,7 @@ def launch(config_path: str | None, opts: list[str], cfg: Any) -> Any:
             while not ctx.join(grace_period=_GRACE_S):
                 pass
         except (mp.ProcessExitedException, mp.ProcessRaisedException) as exc:
-            recorded = _recorded_failure(errdir)
+            recorded = dist_utils.recorded_failure(errdir)
             if recorded is not None:
                 raise recorded from None
             if received:  # stopped before the workers could save (still setting up)

@@ -49,15 +49,11 @@ STORE_FILE_ENV = "DEEPSPEC_STORE_FILE"  # set by local launchers: rendezvous thr
 
 
 class WorkerFailed(DeepSpecError):
-    """A spawned worker exited with an error.
+    """A spawned worker exited with an error; ``exit_code`` is the worker's."""
 
-    ``reported`` is true when the worker printed its own ``error:`` line; entry points then
-    exit with ``exit_code`` (the worker's) without a second line."""
-
-    def __init__(self, message: str, *, exit_code: int = 2, reported: bool = False) -> None:
+    def __init__(self, message: str, *, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-        self.reported = reported
 
 
 class PeerError(DeepSpecError):
@@ -298,35 +294,63 @@ def _spawned_worker(
         fn(*args)
     except PeerError as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # noqa: BLE001 - user errors become one line, bugs keep their trace
+    except Exception as exc:  # noqa: BLE001 - user errors are recorded, bugs keep their trace
         user = as_user_error(exc)
         if user is None:
             raise
-        exc = user
-        print(f"error: [rank {local_rank}] {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
-        # recorded before exiting: a peer blocked in a collective only fails once this
-        # process is gone, so the launcher always finds the root cause here
-        with open(os.path.join(errdir, f"rank{local_rank}"), "w", encoding="utf-8") as fh:
-            fh.write(str(exc.exit_code))
-        sys.exit(exc.exit_code)
+        sys.exit(record_worker_error(errdir, local_rank, user))
 
 
-def _first_recorded_failure(errdir: str) -> tuple[int, int] | None:
-    """(rank, exit code) of the lowest rank that stopped on a DeepSpecError, if any."""
-    found = []
-    for name in os.listdir(errdir):
-        if name.startswith("rank"):
-            with open(os.path.join(errdir, name), encoding="utf-8") as fh:
-                found.append((int(name[4:]), int(fh.read() or 1)))
-    return min(found) if found else None
+def record_worker_error(errdir: str, rank: int, error: DeepSpecError) -> int:
+    """Leave a worker's user error for its launcher (which prints one line for the job);
+    returns the exit code. Written before the worker exits: a peer blocked in a collective
+    only fails once this process is gone, so the launcher finds the root cause here."""
+    import json
+
+    from deepspec.errors import Preempted
+
+    record = {
+        "rank": rank,
+        "code": error.exit_code,
+        "preempted": isinstance(error, Preempted),
+        "message": " ".join(str(error).split()),
+    }
+    with open(os.path.join(errdir, f"rank{rank}.json"), "w", encoding="utf-8") as fh:
+        json.dump(record, fh)
+    return error.exit_code
+
+
+def recorded_failure(errdir: str) -> DeepSpecError | None:
+    """The job's error from its workers' records: the lowest rank's own error, else (every
+    recorded worker was preempted) the lowest rank's :class:`Preempted`, else None."""
+    import json
+
+    from deepspec.errors import Preempted
+
+    records = []
+    for name in sorted(os.listdir(errdir)):
+        if name.startswith("rank") and name.endswith(".json"):
+            try:
+                with open(os.path.join(errdir, name), encoding="utf-8") as fh:
+                    records.append(json.load(fh))
+            except (OSError, ValueError):
+                continue
+    errors = sorted((r for r in records if not r.get("preempted")), key=lambda r: r["rank"])
+    if errors:
+        return WorkerFailed(
+            f"[rank {errors[0]['rank']}] {errors[0]['message']}", exit_code=int(errors[0]["code"])
+        )
+    if records:
+        return Preempted(min(records, key=lambda r: r["rank"])["message"])
+    return None
 
 
 def spawn(fn: Callable[..., Any], nproc: int, *args: Any) -> None:
     """Run ``fn(*args)`` in ``nproc`` local processes with a torchrun-style environment.
 
-    ``fn`` must be importable (defined at module level). A worker's :class:`DeepSpecError`
-    is printed as one ``error: [rank r] ...`` line and the others are stopped; then this
-    raises :class:`WorkerFailed`. Refuses to nest inside an existing multi-process job.
+    ``fn`` must be importable (defined at module level). A worker's user error stops the
+    others and is raised here as :class:`WorkerFailed` (``[rank r] message``, the worker's
+    exit code): one line for the job. Refuses to nest inside an existing multi-process job.
     """
     import tempfile
 
@@ -349,16 +373,12 @@ def spawn(fn: Callable[..., Any], nproc: int, *args: Any) -> None:
             )
             return
         except (mp.ProcessExitedException, mp.ProcessRaisedException) as exc:
-            failure, error = _first_recorded_failure(errdir), exc
+            failure, error = recorded_failure(errdir), exc
     if failure is not None:  # a worker's own error, not a peer's reaction to it
-        raise WorkerFailed(
-            f"worker {failure[0]} of {nproc} exited with code {failure[1]}; see its error above",
-            exit_code=failure[1],
-            reported=True,
-        )
+        raise failure
     if isinstance(error, mp.ProcessExitedException):
         raise WorkerFailed(
-            f"worker {error.error_index} of {nproc} exited with code {error.exit_code}; see its error above"
+            f"worker {error.error_index} of {nproc} exited with code {error.exit_code} (killed, or see its output above)"
         )
     print(str(error), file=sys.stderr, flush=True)
     first = str(error).strip().splitlines()
