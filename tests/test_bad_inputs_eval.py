@@ -160,12 +160,11 @@ def test_eval_overflowing_draft_stops_every_worker_with_one_line(world):
     state["norm.weight"].fill_(3e38)
     save_file(state, weights, metadata={"format": "pt"})
     before = digest_tree(copy, world["earlier"])
-    line = assert_one_error(
+    assert_one_error(
         _eval(world, "--num-workers", "2", "--max-samples", "2", draft=copy),
-        "eval worker",
+        "[rank ",
         "non-finite scores (its training diverged); use an earlier checkpoint",
     )
-    assert "of 2" in line
     assert_unchanged(before, copy, world["earlier"])
 
 

@@ -379,9 +379,10 @@ def main() -> int:
     if args.full:
         cache.verify_shards(progress=show)
     for i in tqdm(range(len(cache)), desc="samples", disable=not show):
-        cache.check_sample(i)
         if args.full:
-            cache.check_decoded(i)
+            cache.check_decoded(i)  # reads sample i, verified like every read
+        else:
+            cache.check_sample(i)
     checked = (
         "checksums and token ids"
         if cache.vocab_size

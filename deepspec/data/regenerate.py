@@ -131,29 +131,16 @@ def read_done_ids(path: str, *, repair: bool) -> set[str]:
     return ids
 
 
-def _repair_tail(path: str, chunk: int = 1 << 16) -> None:
-    """Remove a last line without its newline (a write cut by a kill), reading only the tail."""
+def _repair_tail(path: str) -> None:
+    """Remove a last line without its newline (a write cut by a kill)."""
     if not os.path.exists(path):
         return
     with open(path, "r+b") as fh:
-        size = fh.seek(0, os.SEEK_END)
-        if size == 0:
+        data = fh.read()
+        end = data.rfind(b"\n") + 1
+        if end == len(data):
             return
-        fh.seek(size - 1)
-        if fh.read(1) == b"\n":
-            return
-        pos = size
-        while pos > 0:
-            start = max(0, pos - chunk)
-            fh.seek(start)
-            block = fh.read(pos - start)
-            cut = block.rfind(b"\n")
-            if cut >= 0:
-                fh.truncate(start + cut + 1)
-                break
-            pos = start
-        else:
-            fh.truncate(0)
+        fh.truncate(end)
     print(f"note: removed an incomplete last line from {path} (a killed write)", flush=True)
 
 

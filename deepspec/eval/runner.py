@@ -23,7 +23,7 @@ from tqdm import tqdm
 from deepspec.config.schema import DEFAULT_EVAL_TASKS
 from deepspec.data.chat import ChatTokenizer
 from deepspec.data.eval_prompts import load_eval_prompts
-from deepspec.errors import ConfigError, DataError, DeepSpecError, as_user_error
+from deepspec.errors import ConfigError, DataError, as_user_error
 from deepspec.eval.decode import DecodeResult, plain_generate, speculative_generate
 from deepspec.eval.metrics import acceptance_stats, calibration_stats, macro_average, threshold_sweep
 from deepspec.eval.settings import (  # noqa: F401 - re-exported: the runner's public names
@@ -36,6 +36,7 @@ from deepspec.eval.settings import (  # noqa: F401 - re-exported: the runner's p
     resolve_settings,
 )
 from deepspec.eval.target import HFTarget
+from deepspec.utils.distributed import record_worker_error, recorded_failure
 from deepspec.utils.io import atomic_open, atomic_write_json
 
 MACRO_KEYS = ("acceptance_length", "speedup", "verify_rate", "draft_tokens_per_proposal")
@@ -218,28 +219,7 @@ def _spawned_worker(
         user = as_user_error(exc)
         if user is None:
             raise
-        atomic_write_json(
-            os.path.join(result_dir, f"worker{worker}.error.json"),
-            {"type": type(user).__name__, "message": str(user), "exit_code": user.exit_code},
-        )
-        sys.exit(user.exit_code)
-
-
-def _recorded_worker_error(result_dir: str, workers: int) -> DeepSpecError | None:
-    """The user error the lowest-numbered failed worker recorded, as a :class:`DeepSpecError`."""
-    import deepspec.errors as errors
-
-    for w in range(workers):
-        path = os.path.join(result_dir, f"worker{w}.error.json")
-        if not os.path.isfile(path):
-            continue
-        with open(path, encoding="utf-8") as fh:
-            found = json.load(fh)
-        cls = getattr(errors, str(found.get("type")), None)
-        if not (isinstance(cls, type) and issubclass(cls, DeepSpecError)):
-            cls = DeepSpecError
-        return cls(f"eval worker {w} of {workers}: {found.get('message', '')}")
-    return None
+        sys.exit(record_worker_error(result_dir, worker, user))
 
 
 def _worker_count(num_workers: int | None) -> int:
@@ -291,7 +271,7 @@ def evaluate(
                     start_method="spawn",
                 )
             except (mp.ProcessExitedException, mp.ProcessRaisedException):
-                recorded = _recorded_worker_error(result_dir, workers)
+                recorded = recorded_failure(result_dir)
                 if recorded is None:
                     raise
                 raise recorded from None
