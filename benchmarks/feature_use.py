@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-REPORTED = ("ce", "accept_rate@1", "tau_probabilistic")
+REPORTED = ("ce", "accuracy@1", "accept_rate@1", "tau_probabilistic")
 
 
 def measure(draft_dir: str, cache_dir: str, *, samples: int, batch: int) -> dict[str, dict[str, float]]:

@@ -23,9 +23,20 @@ VARIANTS = [
     ("dspark", {"model.markov_head_type": "gated"}),
     ("dspark", {"model.markov_head_type": "rnn"}),
     ("dspark", {"model.markov_head_type": "vanilla", "model.confidence_head_with_markov": False}),
+    ("dspark", {"model.context_window": 6, "model.qk_norm": True}),
+    ("dflash", {"model.context_window": 3, "model.qk_norm": False}),
     ("eagle3", {}),
 ]
-IDS = ["dflash", "dspark-vanilla", "dspark-gated", "dspark-rnn", "dspark-conf-no-markov", "eagle3"]
+IDS = [
+    "dflash",
+    "dspark-vanilla",
+    "dspark-gated",
+    "dspark-rnn",
+    "dspark-conf-no-markov",
+    "dspark-window-qknorm",
+    "dflash-window-no-qknorm",
+    "eagle3",
+]
 
 
 def make_cfg(algo: str, **overrides):
@@ -181,6 +192,117 @@ def test_flex_equals_dense_block_attention():
     )
 
 
+def _reference_block_attention(q, kb, vb, kc, vc, anchors, scale, window):
+    """One block at a time, with its visible keys gathered explicitly."""
+    B, N, H, G, hd = q.shape
+    groups = H // kc.shape[1]
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for n in range(N):
+            a = int(anchors[b, n])
+            lo = max(0, a - window) if window > 0 else 0
+            k = torch.cat([kc[b, :, lo:a], kb[b, n]], 1).repeat_interleave(groups, 0)  # [H, T, hd]
+            v = torch.cat([vc[b, :, lo:a], vb[b, n]], 1).repeat_interleave(groups, 0)
+            w = torch.softmax(q[b, n] @ k.transpose(-1, -2) * scale, -1)  # [H, G, T]
+            out[b, n] = w @ v
+    return out
+
+
+@pytest.mark.parametrize("window", [0, 1, 3, 7])
+def test_windowed_block_attention_equals_reference(window):
+    g = torch.Generator().manual_seed(window)
+    B, N, H, G, hd, KVH, S = 2, 6, 4, 3, 16, 2, 24
+    q = torch.randn(B, N, H, G, hd, generator=g)
+    kb, vb = torch.randn(2, B, N, KVH, G, hd, generator=g)
+    kc, vc = torch.randn(2, B, KVH, S, hd, generator=g)
+    anchors = torch.sort(torch.randint(0, S, (B, N), generator=g), 1).values
+    anchors[0, 0] = 0  # a block with no context at all
+    ref = _reference_block_attention(q, kb, vb, kc, vc, anchors, 0.25, window)
+    for chunk in (1, 4, 64):
+        dense = block_attention(q, kb, vb, kc, vc, anchors, 0.25, backend="sdpa", chunk=chunk, window=window)
+        torch.testing.assert_close(dense, ref, atol=1e-5, rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flex = block_attention(q, kb, vb, kc, vc, anchors, 0.25, backend="flex", window=window)
+    torch.testing.assert_close(flex, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("algo", ["dflash", "dspark"])
+def test_context_window_hides_older_context_in_training_and_inference(algo):
+    W, a = 5, 20
+    _, model = make_draft(algo, **{"model.context_window": W})
+    model.eval()
+    ids, loss_mask, feats, last = random_batch(1, 40)
+    older = feats.clone()
+    older[:, : a - W] += torch.randn_like(older[:, : a - W])  # outside the window
+    inside = feats.clone()
+    inside[:, a - W] += 1.0  # the oldest position inside it
+    anchors = torch.tensor([[a]])
+    with torch.no_grad():
+        hidden = {
+            n: model(ids, loss_mask, f, last, anchors=anchors).hidden
+            for n, f in (("base", feats), ("older", older), ("inside", inside))
+        }
+    proposals = {
+        n: infer(model, ids, f, a) for n, f in (("base", feats), ("older", older), ("inside", inside))
+    }
+    torch.testing.assert_close(hidden["older"], hidden["base"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(proposals["older"].logits, proposals["base"].logits, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(hidden["inside"], hidden["base"])
+    assert not torch.allclose(proposals["inside"].logits, proposals["base"].logits)
+
+
+@pytest.mark.parametrize("algo", ["dflash", "dspark"])
+def test_windowed_cache_trims_and_still_equals_training(algo):
+    """A long incremental decode: the cache drops positions no row can see (offset > 0,
+    small buffers), and every proposal equals the packed training forward at that anchor."""
+    W = 6
+    _, model = make_draft(algo, **{"model.context_window": W})
+    model.eval()
+    S = 260
+    ids, loss_mask, feats, last = random_batch(2, S)
+    state = model.new_state(2)
+    lengths = torch.tensor([0, 0])
+    checked = 0
+    for step in range(40):
+        counts = torch.tensor([7, 5]) if step % 2 else torch.tensor([3, 6])
+        counts = torch.minimum(counts, S - 10 - lengths)
+        T = int(counts.max())
+        rows = torch.stack([feats[b, int(lengths[b]) : int(lengths[b]) + T] for b in range(2)])
+        if rows.shape[1] < T:
+            break
+        model.extend(state, rows, counts)
+        lengths = lengths + counts
+        if step % 10 == 9:
+            prop = model.propose(state, ids[torch.arange(2), lengths], temperature=0.0)
+            for b in range(2):
+                seq = ids[b : b + 1].clone()
+                seq[0, int(lengths[b]) + 1 : int(lengths[b]) + 1 + prop.tokens.shape[1]] = prop.tokens[b]
+                with torch.no_grad():
+                    out = model(seq, loss_mask[:1], feats[b : b + 1], last[:1], anchors=lengths[b].view(1, 1))
+                markov = None if out.markov is None else out.markov[0, 0]
+                torch.testing.assert_close(
+                    model.block_logits(out.hidden[0, 0], markov).float(), prop.logits[b], atol=1e-5, rtol=1e-5
+                )
+                checked += 1
+    assert checked >= 6
+    assert state.offset > 64  # trimmed
+    assert state.k[0].shape[1] < int(lengths.min())  # the buffers hold less than the context
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("qk_norm", [None, True, False])
+def test_qk_norm_switch(tmp_path, family, qk_norm):
+    _, model = make_draft("dspark", family, **{"model.qk_norm": qk_norm})
+    expected = (family == "qwen3") if qk_norm is None else qk_norm
+    attn = model.layers[0].self_attn
+    assert (attn.q_norm is not None) == expected and (attn.k_norm is not None) == expected
+    model.save_pretrained(str(tmp_path / "d"))
+    loaded = load_draft(str(tmp_path / "d"))
+    assert (loaded.layers[0].self_attn.q_norm is not None) == expected
+    assert loaded.config.qk_norm == qk_norm
+
+
 def test_anchor_sampling():
     loss_mask = torch.zeros(3, 20, dtype=torch.long)
     loss_mask[0, 5:15] = 1  # valid anchors 5..13 (9)
@@ -327,20 +449,55 @@ def test_checkpoint_records_conventions_and_loads_embedded_target_embeddings(tmp
 
 def test_fresh_draft_logits_start_near_uniform(smollm2_dir):
     """The calibrated final norm gives a fresh draft logits of std ~1 through the target's
-    head (CE near ln V); without it the head's own scale (~3.2 on SmolLM2) applies."""
+    head (CE near ln V); with weight 1 the head's own scale (~3.2 on SmolLM2) applies."""
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(512, 576, generator=gen)
     for algo in ("dflash", "eagle3"):
         stds = {}
-        for calibrate in (True, False):
-            cfg = load_config(
-                f"config/{algo}/{algo}_smollm2_135m.py", [f"model.calibrate_output_norm={calibrate}"]
-            )
+        for init in ("calibrated", "ones"):
+            cfg = load_config(f"config/{algo}/{algo}_smollm2_135m.py", [f"model.output_norm_init={init}"])
             model = build_draft(cfg, smollm2_dir)
             with torch.no_grad():
-                stds[calibrate] = model.lm_logits(model.norm(h)).std().item()
-        assert 0.9 < stds[True] < 1.1, stds
-        assert stds[False] > 3.0, stds
+                stds[init] = model.lm_logits(model.norm(h)).std().item()
+        assert 0.9 < stds["calibrated"] < 1.1, stds
+        assert stds["ones"] > 3.0, stds
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("algo", ["dspark", "eagle3"])
+def test_target_output_norm_reproduces_the_target_distribution(tmp_path, family, algo):
+    """With ``output_norm_init=target``, a draft whose last pre-norm state equals the
+    target's gives exactly the target's logits (including Gemma's (1 + w) norm offset)."""
+    from transformers import AutoModelForCausalLM
+
+    from deepspec.targets.tiny import build_tiny_target
+
+    target_dir = build_tiny_target(family, tmp_path / "t", seed=3)
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        target.model.norm.weight.uniform_(0.5, 2.0)  # far from the calibrated weight
+    target.save_pretrained(target_dir)
+    ids = torch.randint(0, target.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    captured = {}  # the last decoder layer's output: the state before the final norm
+    hook = target.model.layers[-1].register_forward_hook(
+        lambda m, i, o: captured.update(h=o[0] if isinstance(o, tuple) else o)
+    )
+    with torch.no_grad():
+        logits = target(ids).logits
+    hook.remove()
+    pre_norm = captured["h"]
+    cfg = load_config(
+        opts=[f"algorithm={algo}", "model.target_layer_ids=[0]", "model.output_norm_init=target"]
+    )
+    draft = build_draft(cfg, target_dir)
+    with torch.no_grad():
+        drafted = draft.lm_logits(draft.norm(pre_norm))
+    torch.testing.assert_close(drafted, logits, atol=1e-4, rtol=1e-4)
+    calibrated = build_draft(
+        load_config(opts=[f"algorithm={algo}", "model.target_layer_ids=[0]"]), target_dir
+    )
+    with torch.no_grad():
+        assert not torch.allclose(calibrated.lm_logits(calibrated.norm(pre_norm)), logits, atol=1e-2)
 
 
 @pytest.mark.parametrize("algo", ["dflash", "dspark", "eagle3"])

@@ -445,3 +445,56 @@ def test_feature_use_benchmark_scores_the_same_positions_with_real_and_zeroed_fe
     assert all(math.isfinite(v) for v in (*real.values(), *zero.values()))
     assert zero["ce"] != real["ce"]  # the features reach the draft's output
     assert "gap (zero - real)" in table(result)
+
+
+def test_lr_schedules():
+    from deepspec.train.schedule import lr_factor
+
+    total, warmup = 10, 2
+    f = {
+        s: [lr_factor(i, total, warmup, s, decay_ratio=0.3) for i in range(total)]
+        for s in ("cosine", "constant", "wsd")
+    }
+    for s in f:
+        assert f[s][:2] == [0.5, 1.0]  # linear warmup
+    assert f["constant"][2:] == [1.0] * 8
+    cos = f["cosine"][2:]
+    assert cos[0] == 1.0 and all(a > b for a, b in zip(cos, cos[1:])) and cos[-1] < 0.05
+    assert f["wsd"][2:7] == [1.0] * 5  # stable
+    assert f["wsd"][7:] == pytest.approx([1.0, 2 / 3, 1 / 3])  # linear decay over the last 30%
+    with pytest.raises(ValueError, match="unknown LR schedule"):
+        lr_factor(5, total, warmup, "linear")
+
+
+def test_max_samples_and_feature_use_metrics_are_logged(setup, tmp_path):
+    """``data.max_samples`` trains on the cache's first N samples; every logged step of a block
+    drafter records block slot 0's attention on the newest context next to the uniform share."""
+    opts = opts_for(
+        setup, tmp_path, **{"data.max_samples": 4, "model.context_window": 6, "train.max_train_steps": 2}
+    )
+    proc = run_train(opts)
+    assert "offline: 4 samples" in proc.stdout
+    with open(tmp_path / "ck" / "deepspec" / "run" / "metrics.jsonl") as fh:
+        rows = [json.loads(line) for line in fh]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert 0.0 < row["attn_recent8/layer0"] <= 1.0
+        # a window of 6 context positions + a block of 4: uniform attention puts 6/10 there
+        assert row["attn_recent8/uniform"] == pytest.approx(0.6)
+        assert 0.0 <= row["accuracy@1"] <= 1.0
+    with open(tmp_path / "ck" / "deepspec" / "run" / "step_2" / "config.json") as fh:
+        assert json.load(fh)["context_window"] == 6
+
+
+def test_tv_ramp_moves_weight_from_ce_to_tv():
+    from deepspec.config import load_config
+    from deepspec.drafts.registry import get_algorithm
+
+    alg = get_algorithm("dspark")
+    fixed = load_config("config/dspark/dspark_smollm2_135m.py", ["model.tv_ramp_ratio=0"])
+    ramped = load_config("config/dspark/dspark_smollm2_135m.py", ["model.tv_ramp_ratio=0.5"])
+    assert alg.loss_kwargs(fixed, 0.0) == alg.loss_kwargs(fixed, 1.0)
+    start, middle, end = (alg.loss_kwargs(ramped, p) for p in (0.0, 0.25, 0.5))
+    assert (start["ce_alpha"], start["l1_alpha"]) == pytest.approx((1.0, 0.0))
+    assert (middle["ce_alpha"], middle["l1_alpha"]) == pytest.approx((0.55, 0.45))
+    assert end == alg.loss_kwargs(fixed, 0.3) == alg.loss_kwargs(ramped, 0.9)

@@ -84,6 +84,22 @@ FIELDS: tuple[Field, ...] = (
         optional=True,
         minimum=0,
     ),
+    _f(
+        "model.context_window",
+        0,
+        "int",
+        "DFlash/DSpark: a block sees only the last W target positions before its anchor (training "
+        "mask and the draft's KV cache); 0 = all of them.",
+        minimum=0,
+    ),
+    _f(
+        "model.qk_norm",
+        None,
+        "bool",
+        "DFlash/DSpark: RMSNorm on per-head queries and keys in the draft layers; null = as the "
+        "target family does (Qwen3, Gemma: yes; Llama: no).",
+        optional=True,
+    ),
     _f("model.num_anchors", 512, "int", "Anchors (blocks) sampled per training sequence.", minimum=1),
     _f("model.markov_rank", 256, "int", "Rank r of the DSpark sequential head; 0 disables it.", minimum=0),
     _f(
@@ -115,6 +131,15 @@ FIELDS: tuple[Field, ...] = (
     ),
     _f("model.ce_loss_alpha", 0.1, "float", "Weight of the cross-entropy loss.", minimum=0.0),
     _f("model.l1_loss_alpha", 0.9, "float", "Weight of the total-variation (L1) loss.", minimum=0.0),
+    _f(
+        "model.tv_ramp_ratio",
+        0.0,
+        "float",
+        "DFlash/DSpark curriculum: over this fraction of the steps the TV (L1) weight ramps from 0 "
+        "to l1_loss_alpha while the CE weight falls from ce+l1 to ce_loss_alpha; 0 = fixed weights.",
+        minimum=0.0,
+        maximum=1.0,
+    ),
     _f("model.ttt_length", 7, "int", "Eagle3 training-time-test unroll length.", minimum=1),
     _f(
         "model.eagle3_num_positions",
@@ -134,11 +159,13 @@ FIELDS: tuple[Field, ...] = (
         maximum=1.0,
     ),
     _f(
-        "model.calibrate_output_norm",
-        True,
-        "bool",
-        "Start the draft's final norm at 1/rms(LM-head row norm) so fresh logits have std ~1 "
-        "(near-uniform CE) instead of the target head's scale; false = norm weight 1.",
+        "model.output_norm_init",
+        "calibrated",
+        "str",
+        "Start of the draft's final norm weight: calibrated = 1/rms(LM-head row norm), so fresh "
+        "logits have std ~1 (near-uniform CE); target = the target's own final norm (a draft state "
+        "equal to the target's gives its exact logits); ones = weight 1.",
+        choices=("calibrated", "target", "ones"),
     ),
     _f(
         "model.attention_backend",
@@ -151,6 +178,22 @@ FIELDS: tuple[Field, ...] = (
     _f("train.lr", 6e-4, "float", "Peak learning rate (AdamW).", exclusive_minimum=0.0),
     _f(
         "train.warmup_ratio", 0.04, "float", "Fraction of steps with linear warmup.", minimum=0.0, maximum=1.0
+    ),
+    _f(
+        "train.lr_scheduler",
+        "cosine",
+        "str",
+        "After warmup: cosine decay to 0, constant, or wsd (constant, then linear decay to 0 over "
+        "the last train.decay_ratio of the steps).",
+        choices=("cosine", "constant", "wsd"),
+    ),
+    _f(
+        "train.decay_ratio",
+        0.2,
+        "float",
+        "wsd: fraction of all steps spent decaying to 0.",
+        minimum=0.0,
+        maximum=1.0,
     ),
     _f("train.weight_decay", 0.0, "float", "AdamW weight decay.", minimum=0.0),
     _f("train.adam_beta1", 0.9, "float", "AdamW beta1 (in [0, 1)).", minimum=0.0, exclusive_maximum=1.0),
@@ -207,6 +250,14 @@ FIELDS: tuple[Field, ...] = (
     _f("data.min_loss_tokens", 14, "int", "Drop samples with fewer supervised tokens.", minimum=0),
     _f("data.num_workers", 4, "int", "DataLoader worker processes.", minimum=0),
     _f("data.shuffle", True, "bool", "Shuffle samples each epoch (seeded)."),
+    _f(
+        "data.max_samples",
+        None,
+        "int",
+        "Train on the first N samples of the cache only (overfit checks, quick trials); null = all.",
+        optional=True,
+        minimum=1,
+    ),
     # ---- logging ---------------------------------------------------------------------
     _f("logging.logging_steps", 10, "int", "Log metrics every N optimizer steps.", minimum=1),
     _f("logging.checkpointing_steps", 3000, "int", "Save a checkpoint every N optimizer steps.", minimum=1),

@@ -24,8 +24,7 @@ def build_draft(cfg: Any, target_dir: str | None = None, spec: Any = None) -> Dr
     model.attention_backend = getattr(cfg.model, "attention_backend", "auto")
     if target_dir is not None:
         model.load_target_embeddings(target_dir)
-        if getattr(cfg.model, "calibrate_output_norm", True):
-            model.calibrate_output_norm()
+        model.init_output_norm(cfg.model.output_norm_init, target_dir)
     return model
 
 

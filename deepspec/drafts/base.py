@@ -44,6 +44,8 @@ class DraftConfig:
     confidence_head_with_markov: bool = True
     ttt_length: int = 7
     draft_num_hidden_layers: int = 1
+    context_window: int = 0
+    qk_norm: bool | None = None  # block drafters: None = the target family's choice
     layer_id_convention: str = LAYER_ID_CONVENTION
     anchor_convention: str = ANCHOR_CONVENTION
     extra: dict[str, Any] = field(default_factory=dict)
@@ -70,6 +72,8 @@ class DraftConfig:
             confidence_head_with_markov=m.confidence_head_with_markov,
             ttt_length=m.ttt_length,
             draft_num_hidden_layers=m.draft_num_hidden_layers,
+            context_window=m.context_window if cfg.algorithm in ("dspark", "dflash") else 0,
+            qk_norm=m.qk_norm if cfg.algorithm in ("dspark", "dflash") else None,
         )
 
     def to_json(self, architecture: str) -> dict[str, Any]:
@@ -81,7 +85,12 @@ class KVCache:
 
     Rows may hold different numbers of positions (batched decoding accepts different
     numbers of tokens per row); position ``j`` of row ``b`` is valid iff
-    ``min_position <= j < lengths[b]``.
+    ``min_position <= j < lengths[b]`` and, with a ``window`` ``W > 0``,
+    ``j >= lengths[b] - W``.
+
+    With a window the cache keeps only what some row can still see: :meth:`trim` drops
+    positions below ``min(lengths) - W`` and buffer index ``i`` then holds position
+    ``offset + i``. :meth:`view` and :meth:`mask` cover positions ``offset .. upto-1``.
     """
 
     def __init__(
@@ -93,6 +102,7 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
         min_position: int = 0,
+        window: int = 0,
     ) -> None:
         self.k = [
             torch.zeros(batch, 0, num_kv_heads, head_dim, dtype=dtype, device=device)
@@ -101,8 +111,11 @@ class KVCache:
         self.v = [t.clone() for t in self.k]
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.min_position = min_position
+        self.window = window
+        self.offset = 0
 
     def _ensure(self, capacity: int) -> None:
+        capacity -= self.offset
         have = self.k[0].shape[1]
         if capacity <= have:
             return
@@ -122,19 +135,39 @@ class KVCache:
         valid = torch.arange(T, device=k.device)[None] < counts[:, None]
         self._ensure(int(pos[valid].max()) + 1 if valid.any() else 0)
         rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(pos)
-        self.k[layer][rows[valid], pos[valid]] = k[valid].to(self.k[layer].dtype)
-        self.v[layer][rows[valid], pos[valid]] = v[valid].to(self.v[layer].dtype)
+        at = pos[valid] - self.offset
+        if valid.any() and int(at.min()) < 0:
+            raise ValueError(f"position {int(pos[valid].min())} was trimmed from the cache (window)")
+        self.k[layer][rows[valid], at] = k[valid].to(self.k[layer].dtype)
+        self.v[layer][rows[valid], at] = v[valid].to(self.v[layer].dtype)
+
+    def trim(self) -> None:
+        """Drop the positions no row can see any more (only with a window); amortised: the
+        buffers move once at least ``max(W, 64)`` positions can go."""
+        if self.window <= 0 or self.lengths.numel() == 0:
+            return
+        drop = int(self.lengths.min()) - self.window - self.offset
+        if drop < max(self.window, 64):
+            return
+        for store in (self.k, self.v):
+            for i, t in enumerate(store):
+                store[i] = t[:, drop:].clone()
+        self.offset += drop
 
     def view(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``k, v`` as ``[B, KVH, upto, hd]`` for attention."""
+        """``k, v`` as ``[B, KVH, upto - offset, hd]`` (positions ``offset .. upto-1``)."""
         self._ensure(upto)
-        return (self.k[layer][:, :upto].transpose(1, 2), self.v[layer][:, :upto].transpose(1, 2))
+        n = upto - self.offset
+        return (self.k[layer][:, :n].transpose(1, 2), self.v[layer][:, :n].transpose(1, 2))
 
     def mask(self, upto: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, upto]`` bool: which cached positions are visible."""
+        """``[B, upto - offset]`` bool: which cached positions ``offset .. upto-1`` are visible."""
         lengths = self.lengths if lengths is None else lengths
-        j = torch.arange(upto, device=lengths.device)[None]
-        return (j >= self.min_position) & (j < lengths[:, None])
+        j = torch.arange(self.offset, upto, device=lengths.device)[None]
+        visible = (j >= self.min_position) & (j < lengths[:, None])
+        if self.window > 0:
+            visible &= j >= lengths[:, None] - self.window
+        return visible
 
 
 def sample_tokens(
@@ -180,6 +213,22 @@ def find_target_tensor(target_dir: str, suffixes: tuple[str, ...]) -> torch.Tens
     return None
 
 
+def find_target_final_norm(target_dir: str) -> torch.Tensor | None:
+    """The target's final norm weight (``model.norm.weight``, ``model.language_model.norm.weight``
+    ...): a ``norm.weight`` outside the decoder layers and any vision/audio tower."""
+    files = sorted(f for f in os.listdir(target_dir) if f.endswith(".safetensors"))
+    for name in files:
+        with safe_open(os.path.join(target_dir, name), framework="pt") as fh:
+            for key in fh.keys():
+                parts = key.split(".")
+                if parts[-2:] != ["norm", "weight"] or "layers" in parts:
+                    continue
+                if any(t in key for t in ("vision", "audio", "mtp")):
+                    continue
+                return fh.get_tensor(key)
+    return None
+
+
 class DraftModel(nn.Module):
     """Base class: frozen target embedding + LM head, the ``fc`` over target features.
 
@@ -221,6 +270,30 @@ class DraftModel(nn.Module):
                 if head is None:
                     raise TargetError(f"no lm_head.weight in the safetensors of {target_dir}")
                 self.lm_head.weight.copy_(head)
+
+    def init_output_norm(self, mode: str, target_dir: str | None = None) -> float:
+        """Set the final norm's weight: ``calibrated`` (:meth:`calibrate_output_norm`),
+        ``target`` (the target's own final-norm weight, so a draft state equal to the
+        target's last pre-norm state gives exactly the target's logits) or ``ones``.
+        Returns the weight's RMS (with the family's offset)."""
+        norm = getattr(self, "norm", None)
+        if norm is None or getattr(norm, "weight", None) is None or mode == "ones":
+            return 1.0
+        if mode == "calibrated":
+            return self.calibrate_output_norm()
+        if mode != "target":
+            raise ValueError(f"unknown output norm init {mode!r}; choose calibrated, target or ones")
+        if target_dir is None:
+            raise TargetError("output norm init 'target' needs the target's weights")
+        weight = find_target_final_norm(target_dir)
+        if weight is None or tuple(weight.shape) != tuple(norm.weight.shape):
+            raise TargetError(
+                f"no final norm weight of shape {tuple(norm.weight.shape)} in the safetensors of "
+                f"{target_dir}; use --opts model.output_norm_init=calibrated"
+            )
+        with torch.no_grad():
+            norm.weight.copy_(weight)
+        return float((norm.weight.detach().float() + norm.offset).pow(2).mean().sqrt())
 
     def calibrate_output_norm(self) -> float:
         """Scale the final norm so a random unit-RMS draft state gives logits of std ~1.

@@ -1,8 +1,9 @@
 """Anchors and block-sparse attention for block drafters (DFlash, DSpark).
 
 A block for anchor ``a`` holds positions ``a .. a+gamma-1``; its position ``k`` predicts
-token ``a+1+k``. A block position attends to context positions ``j < a`` (target features)
-and to every position of its own block. All blocks of a sequence go through the draft in
+token ``a+1+k``. A block position attends to context positions ``j < a`` (target features;
+with a context window ``W > 0`` only ``a - W <= j < a``) and to every position of its own
+block. All blocks of a sequence go through the draft in
 one pass:
 
 * ``flex``: ``torch.nn.attention.flex_attention`` with a block mask (CUDA);
@@ -77,28 +78,75 @@ def block_targets(
     return prev_tokens, targets, pos.clamp(max=S - 1), eval_mask
 
 
-def _dense_block_attention(q, kb, vb, kc, vc, anchors, scale, chunk):
+def context_visible(j: torch.Tensor, anchors: torch.Tensor, window: int) -> torch.Tensor:
+    """May a block at ``anchors`` see context position ``j``? (broadcasting; ``window`` 0 = all)."""
+    visible = j < anchors
+    if window > 0:
+        visible = visible & (j >= anchors - window)
+    return visible
+
+
+def _dense_block_attention(q, kb, vb, kc, vc, anchors, scale, chunk, window):
     B, N, H, G, hd = q.shape
     S = kc.shape[-2]
     outs = []
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
         c = n1 - n0
-        # context keys beyond the chunk's largest anchor are invisible to all its queries
-        ctx_len = max(1, min(S, int(anchors[:, n0:n1].max())))
+        # context keys outside [smallest anchor - window, largest anchor) are invisible to
+        # all of the chunk's queries
+        ctx_end = max(1, min(S, int(anchors[:, n0:n1].max())))
+        ctx_start = min(ctx_end - 1, max(0, int(anchors[:, n0:n1].min()) - window)) if window > 0 else 0
         Q = q[:, n0:n1].permute(0, 2, 1, 3, 4).reshape(B, H, c * G, hd)
         Kb = kb[:, n0:n1].permute(0, 2, 1, 3, 4).reshape(B, -1, c * G, hd)
         Vb = vb[:, n0:n1].permute(0, 2, 1, 3, 4).reshape(B, -1, c * G, hd)
-        K = torch.cat([kc[..., :ctx_len, :], Kb], dim=-2)
-        V = torch.cat([vc[..., :ctx_len, :], Vb], dim=-2)
-        j = torch.arange(ctx_len, device=q.device)
-        ctx_mask = (j[None, None] < anchors[:, n0:n1, None]).repeat_interleave(G, dim=1)  # [B, cG, ctx]
+        K = torch.cat([kc[..., ctx_start:ctx_end, :], Kb], dim=-2)
+        V = torch.cat([vc[..., ctx_start:ctx_end, :], Vb], dim=-2)
+        j = torch.arange(ctx_start, ctx_end, device=q.device)
+        ctx_mask = context_visible(j[None, None], anchors[:, n0:n1, None], window)
+        ctx_mask = ctx_mask.repeat_interleave(G, dim=1)  # [B, cG, ctx]
         blk = torch.arange(c, device=q.device).repeat_interleave(G)
         blk_mask = (blk[:, None] == blk[None, :]).expand(B, -1, -1)  # [B, cG, cG]
         mask = torch.cat([ctx_mask, blk_mask], dim=-1)[:, None]
         o = attend(Q, K, V, mask, scale)  # [B, H, cG, hd]
         outs.append(o.reshape(B, H, c, G, hd).permute(0, 2, 1, 3, 4))
     return torch.cat(outs, dim=1)
+
+
+def recent_context_attention(
+    q: torch.Tensor,
+    kb: torch.Tensor,
+    kc: torch.Tensor,
+    anchors: torch.Tensor,
+    keep: torch.Tensor,
+    scale: float,
+    window: int = 0,
+    recent: int = 8,
+    max_blocks: int = 16,
+) -> tuple[float, float]:
+    """Does block slot 0 look at the newest context? For up to ``max_blocks`` kept blocks of
+    the first sequence: slot 0's attention mass on the last ``recent`` visible context
+    positions (mean over heads and blocks), and the mass uniform attention would put there.
+
+    Shapes as in :func:`block_attention`. A draft that reads the target concentrates far
+    above the uniform share; one that ignores it stays at or below it.
+    """
+    H, G = q.shape[2], q.shape[3]
+    groups = H // kc.shape[1]
+    masses, uniforms = [], []
+    for i in range(min(max_blocks, q.shape[1])):
+        a = int(anchors[0, i])
+        lo = max(0, a - window) if window > 0 else 0
+        n_ctx = a - lo
+        if not bool(keep[0, i]) or n_ctx < 1:
+            continue
+        k = torch.cat([kc[0, :, lo:a], kb[0, i]], 1).repeat_interleave(groups, 0).float()  # [H, T, hd]
+        p = torch.softmax(q[0, i, :, :1].float() @ k.transpose(-1, -2) * scale, -1)  # [H, 1, T]
+        masses.append(float(p[..., max(0, n_ctx - recent) : n_ctx].sum(-1).mean()))
+        uniforms.append(min(recent, n_ctx) / (n_ctx + G))
+    if not masses:  # no kept block with context in this batch
+        return 0.0, 0.0
+    return sum(masses) / len(masses), sum(uniforms) / len(uniforms)
 
 
 _COMPILED_FLEX = None
@@ -116,7 +164,7 @@ def _flex_fn(cuda: bool):
     return _COMPILED_FLEX
 
 
-def _flex_block_attention(q, kb, vb, kc, vc, anchors, scale):
+def _flex_block_attention(q, kb, vb, kc, vc, anchors, scale, window):
     from torch.nn.attention.flex_attention import create_block_mask
 
     B, N, H, G, hd = q.shape
@@ -127,7 +175,7 @@ def _flex_block_attention(q, kb, vb, kc, vc, anchors, scale):
 
     def mask_mod(b, h, qi, ki):
         block = qi // G
-        ctx_visible = (ki < S) & (ki < anchors[b, block])
+        ctx_visible = (ki < S) & context_visible(ki, anchors[b, block], window)
         same_block = (ki >= S) & ((ki - S) // G == block)
         return ctx_visible | same_block
 
@@ -146,14 +194,16 @@ def block_attention(
     scale: float,
     backend: str = "auto",
     chunk: int = 64,
+    window: int = 0,
 ) -> torch.Tensor:
     """Attention of every block over its visible context and its own block.
 
     ``q`` [B, N, H, G, hd] (block queries), ``kb/vb`` [B, N, KVH, G, hd] (block keys),
-    ``kc/vc`` [B, KVH, S, hd] (context keys), ``anchors`` [B, N]. Returns [B, N, H, G, hd].
+    ``kc/vc`` [B, KVH, S, hd] (context keys), ``anchors`` [B, N]; ``window`` > 0 limits the
+    context to the last ``window`` positions before each anchor. Returns [B, N, H, G, hd].
     """
     if backend == "auto":
         backend = "flex" if q.is_cuda else "sdpa"
     if backend == "flex":
-        return _flex_block_attention(q, kb, vb, kc, vc, anchors, scale)
-    return _dense_block_attention(q, kb, vb, kc, vc, anchors, scale, chunk)
+        return _flex_block_attention(q, kb, vb, kc, vc, anchors, scale, window)
+    return _dense_block_attention(q, kb, vb, kc, vc, anchors, scale, chunk, window)

@@ -6,6 +6,8 @@ Architecture choices:
   queries come from the block only, keys/values are ``W_k/W_v`` applied to the context
   *and* to the block (same projections), so a block position sees context ``< anchor``
   and its whole block (bidirectionally);
+- per-head q/k norms as the target family has them, or as ``model.qk_norm`` says
+  (llama.cpp's DFlash/DSpark graph needs them);
 - RoPE: context position ``j`` keeps index ``j``, block position ``k`` has ``a + k``;
 - block input: the anchor's embedding, then ``block_size - 1`` mask embeddings (the
   configured ``mask_token_id``'s embedding, or a learned vector when the target has no
@@ -16,13 +18,13 @@ Architecture choices:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from deepspec.drafts.base import DraftConfig, DraftModel, KVCache, Proposal, sample_tokens
-from deepspec.drafts.blocks import block_attention, block_targets, sample_anchors
+from deepspec.drafts.blocks import block_attention, block_targets, recent_context_attention, sample_anchors
 from deepspec.drafts.layers import DecoderLayer, RotaryEmbedding, attend, init_weights, norm_for
 
 
@@ -60,12 +62,19 @@ class DFlashDraft(DraftModel):
         spec = self.spec
         d = spec.hidden_size
         self.context_norm = norm_for(spec, d)
-        self.layers = nn.ModuleList(DecoderLayer(spec, layer_idx=i) for i in range(config.num_draft_layers))
+        layer_spec = spec
+        if config.qk_norm is not None and config.qk_norm != spec.rule.qk_norm:
+            layer_spec = replace(spec, rule=replace(spec.rule, qk_norm=config.qk_norm))
+        self.layers = nn.ModuleList(
+            DecoderLayer(layer_spec, layer_idx=i) for i in range(config.num_draft_layers)
+        )
         self.norm = norm_for(spec, d)
         self.rotary = RotaryEmbedding(spec)
         self.mask_embedding = nn.Parameter(torch.zeros(d)) if config.mask_token_id is None else None
         self.attention_backend = "auto"
         self.anchor_chunk = 64
+        self.probe_attention = False  # set for one forward to fill ``attention_probe``
+        self.attention_probe: dict[str, float] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -134,8 +143,18 @@ class DFlashDraft(DraftModel):
         ctx_cos, ctx_sin = self.rotary(torch.arange(S, device=ctx.device))
         positions = anchors[..., None] + torch.arange(G, device=anchors.device)
 
+        probe = self.probe_attention
+        self.attention_probe = {}
+
         def attn(layer, q, kb, vb):
             kc, vc = layer.self_attn.project_kv(ctx, ctx_cos, ctx_sin)
+            if probe:
+                with torch.no_grad():
+                    recent, uniform = recent_context_attention(
+                        q, kb, kc, anchors, keep, layer.self_attn.scale, self.config.context_window
+                    )
+                self.attention_probe[f"attn_recent8/layer{layer.layer_idx}"] = recent
+                self.attention_probe["attn_recent8/uniform"] = uniform
             return block_attention(
                 q,
                 kb,
@@ -146,6 +165,7 @@ class DFlashDraft(DraftModel):
                 layer.self_attn.scale,
                 backend=self.attention_backend,
                 chunk=self.anchor_chunk,
+                window=self.config.context_window,
             )
 
         hidden = self._layers(self.block_inputs(prev_tokens[..., 0]), positions, attn)
@@ -178,6 +198,7 @@ class DFlashDraft(DraftModel):
             spec.head_dim,
             self.fc.weight.dtype,
             torch.device(device),
+            window=self.config.context_window,
         )
 
     @torch.no_grad()
@@ -193,6 +214,7 @@ class DFlashDraft(DraftModel):
             k, v = layer.self_attn.project_kv(ctx, cos, sin)  # [B, KVH, T, hd]
             state.write(i, k.transpose(1, 2), v.transpose(1, 2), state.lengths, counts)
         state.lengths += counts
+        state.trim()
 
     @torch.no_grad()
     def backbone(self, state: KVCache, anchor_tokens: torch.Tensor) -> torch.Tensor:
@@ -200,7 +222,7 @@ class DFlashDraft(DraftModel):
         G = self.block_size
         positions = state.lengths[:, None] + torch.arange(G, device=anchor_tokens.device)
         upto = int(state.lengths.max())
-        visible = state.mask(upto)[:, None, :].expand(-1, G, -1)  # [B, G, upto]
+        visible = state.mask(upto)[:, None, :].expand(-1, G, -1)  # [B, G, upto - offset]
         mask = torch.cat([visible, visible.new_ones(visible.shape[0], G, G)], -1)[:, None]
 
         def attn(layer, q, kb, vb):

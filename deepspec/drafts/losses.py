@@ -83,7 +83,7 @@ def block_loss(
         softcap=model.spec.final_logit_softcapping,
     )
     loss = rows.loss
-    ce, l1, accept = (t.view(-1, G) for t in (rows.ce, rows.l1, rows.overlap))
+    ce, l1, accept, hit = (t.view(-1, G) for t in (rows.ce, rows.l1, rows.overlap, rows.hit))
     metrics: dict[str, float] = {}
     ws = w.sum().clamp(min=1e-12)
     if out.confidence_logits is not None:
@@ -100,7 +100,9 @@ def block_loss(
     metrics["ce"] = float((w * ce).sum() / ws)
     metrics["l1"] = float((w * l1).sum() / ws)
     per_pos = (accept * mask).sum(0) / mask.sum(0).clamp(min=1)  # [G] exact acceptance probability
+    acc = (hit * mask).sum(0) / mask.sum(0).clamp(min=1)  # [G] argmax == label (teacher-forced)
     for k in range(G):
+        metrics[f"accuracy@{k + 1}"] = float(acc[k])
         metrics[f"accept_rate@{k + 1}"] = float(per_pos[k])
     metrics["tau_probabilistic"] = float(1 + torch.cumprod(per_pos, 0).sum())
     metrics["supervised_positions"] = float(mask.sum())

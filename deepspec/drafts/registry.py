@@ -18,20 +18,27 @@ class Algorithm:
     name: str
     model_cls: type[DraftModel]
     loss: Callable[..., LossOutput]
-    loss_kwargs: Callable[[Any], dict[str, Any]]  # training config → loss keyword arguments
+    # (training config, progress = step / total steps in [0, 1]) → loss keyword arguments
+    loss_kwargs: Callable[..., dict[str, Any]]
 
 
-def _block_kwargs(cfg: Any) -> dict[str, Any]:
+def _block_kwargs(cfg: Any, progress: float = 1.0) -> dict[str, Any]:
+    """The block loss weights at ``progress``. With ``model.tv_ramp_ratio`` r > 0 the TV
+    weight ramps linearly from 0 to ``l1_loss_alpha`` over the first r of training while the
+    CE weight gives up the same amount (CE first: the TV term has almost no gradient while
+    the draft's distribution is flat)."""
     m = cfg.model
+    ramp = getattr(m, "tv_ramp_ratio", 0.0)
+    f = 1.0 if ramp <= 0 else min(1.0, max(0.0, progress) / ramp)
     return dict(
-        ce_alpha=m.ce_loss_alpha,
-        l1_alpha=m.l1_loss_alpha,
+        ce_alpha=m.ce_loss_alpha + (1.0 - f) * m.l1_loss_alpha,
+        l1_alpha=f * m.l1_loss_alpha,
         conf_alpha=m.confidence_head_alpha,
         decay_gamma=m.loss_decay_gamma,
     )
 
 
-def _eagle_kwargs(cfg: Any) -> dict[str, Any]:
+def _eagle_kwargs(cfg: Any, progress: float = 1.0) -> dict[str, Any]:
     return dict(step_loss_decay=cfg.model.step_loss_decay)
 
 

@@ -228,7 +228,8 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 #     ``model.target_layer_ids``, ``model.block_size``, ``model.num_draft_layers``,
 #     ``model.draft_num_hidden_layers``, ``model.mask_token_id``, ``model.markov_rank``,
 #     ``model.markov_head_type``, ``model.confidence_head_alpha`` being 0 or not,
-#     ``model.confidence_head_with_markov``, ``model.ttt_length``, the target's family spec);
+#     ``model.confidence_head_with_markov``, ``model.ttt_length``, ``model.context_window``, the
+#     target's family spec);
 #   * the target's identity (fingerprint of its config and weights; the path may move);
 #   * the data: ``DATA_KEYS`` below, the number of samples and, offline, the cache's content
 #     checksum (the cache directory may move);
@@ -237,7 +238,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # precision, sharding, torch_compile), ``logging.*``, ``eval.*``, the loss weights and
 # sampling (``model.num_anchors``, ``model.eagle3_num_positions``, ``model.loss_decay_gamma``,
 # ``model.ce_loss_alpha``, ``model.l1_loss_alpha``, ``model.step_loss_decay``, a non-zero
-# ``model.confidence_head_alpha``), ``model.attention_backend``, ``model.calibrate_output_norm``
+# ``model.confidence_head_alpha``), ``model.attention_backend``, ``model.output_norm_init``
 # (initialisation only), ``data.num_workers`` and the paths of the target and the cache.
 ORDER_KEYS = ("seed", "data.shuffle", "data.mode")
 DATA_KEYS = {

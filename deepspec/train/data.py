@@ -69,6 +69,23 @@ class OnlineSamples(torch.utils.data.Dataset):
         }
 
 
+class FirstSamples:
+    """The first ``n`` samples of a dataset (``data.max_samples``); keeps its ``manifest``."""
+
+    def __init__(self, dataset: Any, n: int) -> None:
+        self.dataset = dataset
+        self.n = min(n, len(dataset))
+        self.manifest = getattr(dataset, "manifest", None)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.dataset[i]
+
+
 class EpochOrder:
     """Deterministic, rank-sharded sample order with a resumable cursor."""
 

@@ -28,7 +28,7 @@ from deepspec.drafts.fused_head import check_compile_toolchain, use_compiled_voc
 from deepspec.drafts.losses import block_weights
 from deepspec.errors import DataError, DeepSpecError, Preempted, describe_os_error
 from deepspec.train import checkpoint as ckpt
-from deepspec.train.data import DataCursor, EpochOrder, FeatureSource, OnlineSamples, collate
+from deepspec.train.data import DataCursor, EpochOrder, FeatureSource, FirstSamples, OnlineSamples, collate
 from deepspec.train.schedule import build_scheduler, warmup_steps
 from deepspec.utils import distributed as dist_utils
 
@@ -126,8 +126,14 @@ class Trainer:
                     "scripts/data/prepare_target_cache.py), or use data.mode=online"
                 )
             # samples are verified as they are read (the cache reader's default)
-            return validate_cache_for_config(os.path.expanduser(cfg.data.target_cache_path), cfg, target_dir)
-        return OnlineSamples(cfg, target_dir)
+            dataset = validate_cache_for_config(
+                os.path.expanduser(cfg.data.target_cache_path), cfg, target_dir
+            )
+        else:
+            dataset = OnlineSamples(cfg, target_dir)
+        if cfg.data.max_samples is not None and cfg.data.max_samples < len(dataset):
+            dataset = FirstSamples(dataset, cfg.data.max_samples)
+        return dataset
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         if not self.info.distributed:
@@ -260,7 +266,9 @@ class Trainer:
             weight_decay=cfg.train.weight_decay,
             betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
         )
-        scheduler = build_scheduler(optimizer, total, cfg.train.warmup_ratio)
+        scheduler = build_scheduler(
+            optimizer, total, cfg.train.warmup_ratio, cfg.train.lr_scheduler, cfg.train.decay_ratio
+        )
         if shared is not None:
             try:
                 _load_optimizer_state(wrapped, optimizer, shared["optimizer"])
@@ -304,13 +312,21 @@ class Trainer:
                 ).reshape(local.shape)
                 step_metrics: dict[str, float] = {}
                 loss_sum = 0.0
+                logged = (step + 1) % cfg.logging.logging_steps == 0 or step == 0
+                module.loss_kwargs = alg.loss_kwargs(cfg, step / max(1, total))
                 for i, (batch, extra, _) in enumerate(micro):
                     sync = contextlib.nullcontext()
                     if i < accum - 1 and hasattr(wrapped, "no_sync"):
                         sync = wrapped.no_sync()
+                    probe = logged and i == 0 and hasattr(draft, "probe_attention")
+                    if probe:  # where block slot 0 looks, on the first micro-batch of a logged step
+                        draft.probe_attention = True
                     with sync, autocast:
                         res = wrapped(batch, extra, normalizer)
                         (res.loss * world).backward()
+                    if probe:
+                        draft.probe_attention = False
+                        step_metrics.update(draft.attention_probe)
                     loss_sum += float(res.loss.detach())
                     for k, v in res.metrics.items():
                         step_metrics[k] = step_metrics.get(k, 0.0) + v / accum
