@@ -12,7 +12,8 @@ the target's final state, which defines the TV term's target distribution, stays
 A draft that reads the target shows a clear gap: higher CE and a lower first-slot accept
 rate with zeroed features. With no gap, the draft is a language model of its own inputs.
 
-The samples are the cache's first ``--samples`` (pass a held-out cache for a held-out gap).
+The samples are the cache's first ``--samples`` after ``--skip`` (a run trained with
+``data.max_samples=N`` is held out from samples N onwards: ``--skip N``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ if ROOT not in sys.path:
 REPORTED = ("ce", "accuracy@1", "accept_rate@1", "tau_probabilistic")
 
 
-def measure(draft_dir: str, cache_dir: str, *, samples: int, batch: int) -> dict[str, dict[str, float]]:
+def measure(
+    draft_dir: str, cache_dir: str, *, samples: int, batch: int, skip: int = 0
+) -> dict[str, dict[str, float]]:
     """``{"real": metrics, "zero": metrics}``, each averaged over supervised positions."""
     import torch
 
@@ -45,7 +48,7 @@ def measure(draft_dir: str, cache_dir: str, *, samples: int, batch: int) -> dict
     alg = get_algorithm(cfg.algorithm)
     module = TrainModule(draft, alg.loss, alg.loss_kwargs(cfg))
     dataset = CacheDataset(cache_dir)
-    indices = list(range(min(samples, len(dataset))))
+    indices = list(range(skip, min(skip + samples, len(dataset))))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     out: dict[str, dict[str, float]] = {}
     for name in ("real", "zero"):
@@ -87,10 +90,11 @@ def main() -> None:
     parser.add_argument("--draft", required=True, help="a training checkpoint directory (step_N)")
     parser.add_argument("--cache", required=True, help="a target cache built for the draft's config")
     parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--skip", type=int, default=0, help="score samples from this index on")
     parser.add_argument("--batch", type=int, default=4)
     args = parser.parse_args()
     start = time.perf_counter()
-    result = measure(args.draft, args.cache, samples=args.samples, batch=args.batch)
+    result = measure(args.draft, args.cache, samples=args.samples, batch=args.batch, skip=args.skip)
     print(f"draft {args.draft}; {int(result['real']['positions'])} supervised positions per pass")
     print(table(result))
     print(f"({time.perf_counter() - start:.1f}s)")

@@ -24,8 +24,10 @@ from tests.conftest import ROOT
 DRAFTS = [
     ("dflash", []),
     ("dspark", ["model.markov_head_type=rnn"]),
+    ("dspark", ["model.context_window=2", "model.qk_norm=true"]),
     ("eagle3", []),
 ]
+DRAFT_IDS = ["dflash", "dspark-rnn", "dspark-window-qknorm", "eagle3"]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,7 @@ def draft_for(target_dir: str, algo: str, extra: list[str], layer_ids=(0, 1), bl
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize("algo, extra", DRAFTS, ids=[a for a, _ in DRAFTS])
+@pytest.mark.parametrize("algo, extra", DRAFTS, ids=DRAFT_IDS)
 def test_greedy_equals_transformers_generate(tmp_path_factory, single_thread, family, algo, extra):
     target_dir, model = tiny_model(tmp_path_factory, family, vocab=96)
     target = HFTarget(model, [0, 1])
@@ -299,10 +301,10 @@ def small_target(tmp_path_factory):
     [
         ("dflash", [], 0.0),
         ("dspark", [], 0.0),
-        ("dspark", ["model.markov_head_type=gated"], 0.3),
+        ("dspark", ["model.markov_head_type=gated", "model.context_window=1", "model.qk_norm=true"], 0.3),
         ("eagle3", [], 0.0),
     ],
-    ids=["dflash", "dspark", "dspark-threshold", "eagle3"],
+    ids=["dflash", "dspark", "dspark-threshold-window-qknorm", "eagle3"],
 )
 def test_speculative_sampling_is_lossless(small_target, single_thread, algo, extra, threshold):
     target_dir, model, exact = small_target

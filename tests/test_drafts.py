@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from deepspec.config import load_config
 from deepspec.drafts import build_draft, get_algorithm, load_draft
 from deepspec.drafts.blocks import block_attention, sample_anchors
+from deepspec.drafts.layers import init_weights
 from deepspec.drafts.losses import position_weights
 from deepspec.targets.family import family_spec_from_config
 from deepspec.targets.tiny import TINY_FAMILIES, tiny_config
@@ -454,13 +455,14 @@ def test_fresh_draft_logits_start_near_uniform(smollm2_dir):
     h = torch.randn(512, 576, generator=gen)
     for algo in ("dflash", "eagle3"):
         stds = {}
-        for init in ("calibrated", "ones"):
-            cfg = load_config(f"config/{algo}/{algo}_smollm2_135m.py", [f"model.output_norm_init={init}"])
-            model = build_draft(cfg, smollm2_dir)
+        for init, scale in (("calibrated", 1.0), ("ones", 1.0), ("calibrated", 2.5)):
+            opts = [f"model.output_norm_init={init}", f"model.output_norm_scale={scale}"]
+            model = build_draft(load_config(f"config/{algo}/{algo}_smollm2_135m.py", opts), smollm2_dir)
             with torch.no_grad():
-                stds[init] = model.lm_logits(model.norm(h)).std().item()
-        assert 0.9 < stds["calibrated"] < 1.1, stds
-        assert stds["ones"] > 3.0, stds
+                stds[init, scale] = model.lm_logits(model.norm(h)).std().item()
+        assert 0.9 < stds["calibrated", 1.0] < 1.1, stds
+        assert stds["ones", 1.0] > 3.0, stds
+        assert stds["calibrated", 2.5] == pytest.approx(2.5 * stds["calibrated", 1.0], rel=1e-3)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
@@ -632,3 +634,52 @@ def test_compiled_vocab_kernel_equals_eager(monkeypatch):
             torch.testing.assert_close(getattr(fast, name), getattr(eager, name), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(g_fast, g_eager, rtol=1e-4, atol=1e-6)
     assert fused_head._use_compiled is False
+
+
+@pytest.mark.parametrize("algo", ["dflash", "dspark"])
+def test_overfit_six_sequences_with_the_cpu_recipe(algo):
+    """The memorization check: 6 random sequences, 60 steps of batch 2 with the SmolLM2
+    config's recipe (optimizer, LR schedule, loss weights and curriculum, anchors, context
+    window, qk-norm, output-norm init and scale, and the same initial weight gain
+    ``init_std * sqrt(hidden)``). Every position is a unique random key, so the draft must
+    look up its context features to memorize; then, on those sequences, teacher-forced
+    acc@1 > 0.6 and tau_prob > 2.5 (block size 5)."""
+    from deepspec.train.schedule import build_scheduler
+
+    recipe = load_config(f"config/{algo}/{algo}_smollm2_135m.py")
+    m, t = recipe.model, recipe.train
+    keys = (
+        "context_window qk_norm ce_loss_alpha l1_loss_alpha confidence_head_alpha tv_ramp_ratio "
+        "loss_decay_gamma num_anchors"
+    ).split()
+    cfg, model = make_draft(algo, "llama", seed=0, **{f"model.{k}": getattr(m, k) for k in keys})
+    init_weights(model.layers, std=m.init_std * (576 / D) ** 0.5)  # SmolLM2's hidden size is 576
+    model.init_output_norm(m.output_norm_init, scale=m.output_norm_scale)
+    g = torch.Generator().manual_seed(7)
+    N, S, steps = 6, 48, 60
+    ids = torch.randint(3, V, (N, S), generator=g)
+    loss_mask = torch.ones(N, S, dtype=torch.long)
+    feats = torch.randn(N, S, len(LAYER_IDS) * D, generator=g)
+    with torch.no_grad():  # a target whose next-token distribution is peaked on the true token
+        last = torch.zeros(N, S, D)
+        last[:, :-1] = 60.0 * model.embed_tokens.weight[ids[:, 1:]]
+    params = model.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+    sched = build_scheduler(opt, steps, t.warmup_ratio, t.lr_scheduler, t.decay_ratio)
+    alg = get_algorithm(algo)
+    for step in range(steps):
+        rows = [(2 * step) % N, (2 * step + 1) % N]
+        gens = [torch.Generator().manual_seed(1000 * step + r) for r in rows]
+        anchors, keep = sample_anchors(loss_mask[rows], m.num_anchors, gens)
+        out = model(ids[rows], loss_mask[rows], feats[rows], last[rows], anchors=anchors, keep=keep)
+        res = alg.loss(model, out, **alg.loss_kwargs(cfg, step / steps))
+        opt.zero_grad()
+        res.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        opt.step()
+        sched.step()
+    every = torch.arange(S - 1).expand(N, -1)  # every position is an anchor
+    with torch.no_grad():
+        res = alg.loss(model, model(ids, loss_mask, feats, last, anchors=every), **alg.loss_kwargs(cfg))
+    assert res.metrics["accuracy@1"] > 0.6, res.metrics
+    assert res.metrics["tau_probabilistic"] > 2.5, res.metrics

@@ -168,6 +168,21 @@ FIELDS: tuple[Field, ...] = (
         choices=("calibrated", "target", "ones"),
     ),
     _f(
+        "model.output_norm_scale",
+        1.0,
+        "float",
+        "Multiplies the initial final-norm weight (after model.output_norm_init): > 1 starts the "
+        "draft with sharper distributions.",
+        exclusive_minimum=0.0,
+    ),
+    _f(
+        "model.init_std",
+        0.02,
+        "float",
+        "Std of the normal initialisation of the draft decoder layers' weights.",
+        exclusive_minimum=0.0,
+    ),
+    _f(
         "model.attention_backend",
         "auto",
         "str",

@@ -271,28 +271,35 @@ class DraftModel(nn.Module):
                     raise TargetError(f"no lm_head.weight in the safetensors of {target_dir}")
                 self.lm_head.weight.copy_(head)
 
-    def init_output_norm(self, mode: str, target_dir: str | None = None) -> float:
+    def init_output_norm(self, mode: str, target_dir: str | None = None, scale: float = 1.0) -> float:
         """Set the final norm's weight: ``calibrated`` (:meth:`calibrate_output_norm`),
         ``target`` (the target's own final-norm weight, so a draft state equal to the
-        target's last pre-norm state gives exactly the target's logits) or ``ones``.
-        Returns the weight's RMS (with the family's offset)."""
+        target's last pre-norm state gives exactly the target's logits) or ``ones``; then
+        multiply the effective weight (with the family's offset) by ``scale``. Returns the
+        effective weight's RMS."""
         norm = getattr(self, "norm", None)
-        if norm is None or getattr(norm, "weight", None) is None or mode == "ones":
+        if norm is None or getattr(norm, "weight", None) is None:
             return 1.0
         if mode == "calibrated":
-            return self.calibrate_output_norm()
-        if mode != "target":
+            self.calibrate_output_norm()
+        elif mode == "target":
+            if target_dir is None:
+                raise TargetError("output norm init 'target' needs the target's weights")
+            weight = find_target_final_norm(target_dir)
+            if weight is None or tuple(weight.shape) != tuple(norm.weight.shape):
+                raise TargetError(
+                    f"no final norm weight of shape {tuple(norm.weight.shape)} in the safetensors of "
+                    f"{target_dir}; use --opts model.output_norm_init=calibrated"
+                )
+            with torch.no_grad():
+                norm.weight.copy_(weight)
+        elif mode == "ones":
+            with torch.no_grad():
+                norm.weight.fill_(1.0 - norm.offset)
+        else:
             raise ValueError(f"unknown output norm init {mode!r}; choose calibrated, target or ones")
-        if target_dir is None:
-            raise TargetError("output norm init 'target' needs the target's weights")
-        weight = find_target_final_norm(target_dir)
-        if weight is None or tuple(weight.shape) != tuple(norm.weight.shape):
-            raise TargetError(
-                f"no final norm weight of shape {tuple(norm.weight.shape)} in the safetensors of "
-                f"{target_dir}; use --opts model.output_norm_init=calibrated"
-            )
         with torch.no_grad():
-            norm.weight.copy_(weight)
+            norm.weight.copy_((norm.weight.float() + norm.offset) * scale - norm.offset)
         return float((norm.weight.detach().float() + norm.offset).pow(2).mean().sqrt())
 
     def calibrate_output_norm(self) -> float:
