@@ -28,51 +28,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-REPORTED = ("ce", "accuracy@1", "accept_rate@1", "tau_probabilistic")
-
 
 def measure(
     draft_dir: str, cache_dir: str, *, samples: int, batch: int, skip: int = 0
 ) -> dict[str, dict[str, float]]:
     """``{"real": metrics, "zero": metrics}``, each averaged over supervised positions."""
-    import torch
-
     from deepspec.config import load_config
     from deepspec.data.cache_reader import CacheDataset
     from deepspec.drafts import get_algorithm, load_draft
-    from deepspec.train.data import collate
-    from deepspec.train.trainer import TrainModule, prepare_micro_batch, sample_generators
+    from deepspec.train.heldout import score
+    from deepspec.train.trainer import TrainModule
 
     cfg = load_config(os.path.join(draft_dir, "trainer_state", "config.yaml"))
-    draft = load_draft(draft_dir).eval()
+    draft = load_draft(draft_dir)
     alg = get_algorithm(cfg.algorithm)
-    module = TrainModule(draft, alg.loss, alg.loss_kwargs(cfg))
     dataset = CacheDataset(cache_dir)
     indices = list(range(skip, min(skip + samples, len(dataset))))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
-    out: dict[str, dict[str, float]] = {}
-    for name in ("real", "zero"):
-        sums: dict[str, float] = {}
-        total = 0.0
-        for start in range(0, len(indices), batch):
-            chunk = indices[start : start + batch]
-            data = collate([dataset[i] for i in chunk])
-            if name == "zero":
-                data["hidden_states"] = torch.zeros_like(data["hidden_states"])
-            extra, weight = prepare_micro_batch(cfg, data, sample_generators(cfg.seed, 0, chunk))
-            with torch.no_grad(), autocast:
-                res = module(data, extra, weight)
-            n = res.metrics.get("supervised_positions", 1.0)
-            total += n
-            for key in REPORTED:
-                if key in res.metrics:
-                    sums[key] = sums.get(key, 0.0) + res.metrics[key] * n
-        out[name] = {k: v / max(total, 1.0) for k, v in sums.items()}
-        out[name]["positions"] = total
-    return out
+    return score(TrainModule(draft, alg.loss, alg.loss_kwargs(cfg)), cfg, dataset, indices, batch=batch)
 
 
 def table(result: dict[str, dict[str, Any]]) -> str:
+    from deepspec.train.heldout import REPORTED
+
     keys = [k for k in REPORTED if k in result["real"]]
     lines = ["| features | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     for name in ("real", "zero"):

@@ -498,3 +498,32 @@ def test_tv_ramp_moves_weight_from_ce_to_tv():
     assert (start["ce_alpha"], start["l1_alpha"]) == pytest.approx((1.0, 0.0))
     assert (middle["ce_alpha"], middle["l1_alpha"]) == pytest.approx((0.55, 0.45))
     assert end == alg.loss_kwargs(fixed, 0.3) == alg.loss_kwargs(ramped, 0.9)
+
+
+def test_heldout_scoring_is_logged_and_leaves_training_unchanged(setup, tmp_path):
+    """``data.heldout_samples`` holds the cache's last samples out and scores them with real
+    and zeroed features every ``logging.heldout_steps``; training is the same as a run on the
+    same training samples without held-out scoring (it uses no global RNG)."""
+    from deepspec.data.cache_reader import CacheDataset
+
+    n = len(CacheDataset(setup["cache"]))
+    common = {"train.max_train_steps": 4, "model.context_window": 5}
+    held = tmp_path / "held"
+    proc = run_train(
+        opts_for(setup, held, **common, **{"data.heldout_samples": 4, "logging.heldout_steps": 2})
+    )
+    assert f"offline: {n - 4} samples, 4 held out" in proc.stdout
+    plain = tmp_path / "plain"
+    run_train(opts_for(setup, plain, **common, **{"data.max_samples": n - 4}))
+    assert losses(held) == losses(plain)
+    with open(held / "ck" / "deepspec" / "run" / "metrics.jsonl") as fh:
+        rows = {r["step"]: r for r in map(json.loads, fh)}
+    for step in (2, 4):
+        row = rows[step]
+        assert row["heldout/ce"] > 0 and row["heldout/ce_zeroed"] > 0
+        assert row["heldout/ce_gap"] == pytest.approx(row["heldout/ce_zeroed"] - row["heldout/ce"])
+        assert 1.0 <= row["heldout/tau_probabilistic"] <= 5.0
+    assert "heldout/ce" not in rows[1] and "heldout/ce" not in rows[3]
+    assert rows[2]["heldout/ce"] != rows[4]["heldout/ce"]  # the draft changed in between
+    too_many = run_train(opts_for(setup, tmp_path / "bad", **{"data.heldout_samples": n}), check=False)
+    assert too_many.returncode != 0 and "data.heldout_samples" in too_many.stderr

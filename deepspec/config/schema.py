@@ -266,6 +266,14 @@ FIELDS: tuple[Field, ...] = (
     _f("data.num_workers", 4, "int", "DataLoader worker processes.", minimum=0),
     _f("data.shuffle", True, "bool", "Shuffle samples each epoch (seeded)."),
     _f(
+        "data.heldout_samples",
+        0,
+        "int",
+        "Hold out the last N samples of the cache from training and score them (real and zeroed "
+        "features) every logging.heldout_steps steps and at the end; 0 = none.",
+        minimum=0,
+    ),
+    _f(
         "data.max_samples",
         None,
         "int",
@@ -275,6 +283,13 @@ FIELDS: tuple[Field, ...] = (
     ),
     # ---- logging ---------------------------------------------------------------------
     _f("logging.logging_steps", 10, "int", "Log metrics every N optimizer steps.", minimum=1),
+    _f(
+        "logging.heldout_steps",
+        0,
+        "int",
+        "Score the held-out samples (data.heldout_samples) every N steps; 0 = at the last step only.",
+        minimum=0,
+    ),
     _f("logging.checkpointing_steps", 3000, "int", "Save a checkpoint every N optimizer steps.", minimum=1),
     _f("logging.keep_last_checkpoints", 3, "int", "Keep the newest K step checkpoints; 0 = all.", minimum=0),
     _f("logging.checkpoint_root", "~/checkpoints", "str", "Root of checkpoint directories."),

@@ -69,21 +69,22 @@ class OnlineSamples(torch.utils.data.Dataset):
         }
 
 
-class FirstSamples:
-    """The first ``n`` samples of a dataset (``data.max_samples``); keeps its ``manifest``."""
+class SampleRange:
+    """Samples ``start .. stop-1`` of a dataset as their own dataset (``data.max_samples``,
+    ``data.heldout_samples``); keeps its ``manifest``."""
 
-    def __init__(self, dataset: Any, n: int) -> None:
+    def __init__(self, dataset: Any, start: int, stop: int) -> None:
         self.dataset = dataset
-        self.n = min(n, len(dataset))
+        self.start, self.stop = max(0, start), min(stop, len(dataset))
         self.manifest = getattr(dataset, "manifest", None)
 
     def __len__(self) -> int:
-        return self.n
+        return max(0, self.stop - self.start)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if not 0 <= i < self.n:
+        if not 0 <= i < len(self):
             raise IndexError(i)
-        return self.dataset[i]
+        return self.dataset[self.start + i]
 
 
 class EpochOrder:

@@ -28,7 +28,7 @@ from deepspec.drafts.fused_head import check_compile_toolchain, use_compiled_voc
 from deepspec.drafts.losses import block_weights
 from deepspec.errors import DataError, DeepSpecError, Preempted, describe_os_error
 from deepspec.train import checkpoint as ckpt
-from deepspec.train.data import DataCursor, EpochOrder, FeatureSource, FirstSamples, OnlineSamples, collate
+from deepspec.train.data import DataCursor, EpochOrder, FeatureSource, OnlineSamples, SampleRange, collate
 from deepspec.train.schedule import build_scheduler, warmup_steps
 from deepspec.utils import distributed as dist_utils
 
@@ -115,7 +115,8 @@ class Trainer:
         if self.info.is_main:
             print(message, flush=True)
 
-    def _dataset(self, target_dir: str):
+    def _dataset(self, target_dir: str) -> tuple[Any, Any]:
+        """(training samples, held-out samples or None)."""
         cfg = self.cfg
         if cfg.data.mode == "offline":
             from deepspec.data.cache_reader import validate_cache_for_config
@@ -131,9 +132,7 @@ class Trainer:
             )
         else:
             dataset = OnlineSamples(cfg, target_dir)
-        if cfg.data.max_samples is not None and cfg.data.max_samples < len(dataset):
-            dataset = FirstSamples(dataset, cfg.data.max_samples)
-        return dataset
+        return split_heldout(dataset, cfg.data.max_samples, cfg.data.heldout_samples)
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         if not self.info.distributed:
@@ -209,7 +208,7 @@ class Trainer:
             cfg.train.local_batch_size,
             cfg.train.global_batch_size,
         )
-        dataset = self._dataset(target_dir)
+        dataset, heldout = self._dataset(target_dir)
         order = EpochOrder(
             len(dataset),
             global_batch=global_batch,
@@ -353,6 +352,9 @@ class Trainer:
                     step_seconds=time.perf_counter() - t0,
                     samples_per_second=global_batch / max(time.perf_counter() - t0, 1e-9),
                 )
+                every = cfg.logging.heldout_steps
+                if heldout is not None and ((every and step % every == 0) or step == total):
+                    metrics.update(self._score_heldout(module, heldout, features, pad_id, device))
                 logger.step(step, metrics)
                 # non-finite weights give a non-finite loss at the next step; a save checks them
                 stop = dist_utils.all_reduce_sum([float(self.stop_requested)])[0] > 0
@@ -371,6 +373,24 @@ class Trainer:
             logger.close()
             use_compiled_vocab_rows(compiled_before)
         return RunResult(step, metrics, last_ckpt)
+
+    def _score_heldout(self, module, heldout, features, pad_id: int, device) -> dict[str, float]:
+        """Held-out CE, acc@1, accept@1 and tau_prob with real and zeroed features. Every rank
+        scores all held-out samples (the same inputs, so the same numbers; FSDP needs every
+        rank in each forward). Uses no global RNG: training continues exactly as without it."""
+        from deepspec.train.heldout import flat_metrics, score
+
+        scores = score(
+            module,
+            self.cfg,
+            heldout,
+            range(len(heldout)),
+            batch=self.cfg.train.local_batch_size,
+            pad_id=pad_id,
+            features=features,
+            device=device,
+        )
+        return flat_metrics(scores)
 
     def _identity(self, dataset, target_dir: str) -> dict[str, Any]:
         """What a resumed run must read again: the target's fingerprint, the sample count
@@ -393,7 +413,8 @@ class Trainer:
         lines = [
             f"algorithm        {cfg.algorithm} on {cfg.model.target_model_name_or_path} (layers "
             f"{list(cfg.model.target_layer_ids)})",
-            f"data             {cfg.data.mode}: {len(dataset)} samples",
+            f"data             {cfg.data.mode}: {len(dataset)} samples"
+            + (f", {cfg.data.heldout_samples} held out" if cfg.data.heldout_samples else ""),
             f"workers          {self.info.world_size} ({self.info.device}, {cfg.train.sharding_strategy}), "
             f"{cfg.train.precision}",
             f"batch            global {cfg.train.global_batch_size} = {self.info.world_size} x "
@@ -506,6 +527,22 @@ def _describe_write_error(exc: BaseException) -> str:
         return describe_os_error(exc)
     text = " ".join(str(exc).split())[:200] or type(exc).__name__
     return f"{text}; is the disk full?"
+
+
+def split_heldout(dataset: Any, max_samples: int | None, heldout: int) -> tuple[Any, Any]:
+    """(training samples, held-out samples or None): the last ``heldout`` samples are held
+    out; training uses the first ``max_samples`` of the rest (all when None)."""
+    n = len(dataset)
+    if heldout >= n:
+        raise DataError(
+            f"data.heldout_samples={heldout} leaves no training samples of the {n} there are; "
+            f"hold out fewer (e.g. --opts data.heldout_samples={max(0, n // 10)})"
+        )
+    stop = n - heldout
+    if max_samples is not None:
+        stop = min(stop, max_samples)
+    train = dataset if stop == n else SampleRange(dataset, 0, stop)
+    return train, (SampleRange(dataset, n - heldout, n) if heldout else None)
 
 
 def flat_config(cfg: Any) -> dict[str, Any]:
@@ -653,7 +690,7 @@ class _Logger:
             lr=f"{metrics['lr']:.2e}",
             sps=f"{metrics['samples_per_second']:.2f}",
         )
-        if step % self.every == 0 or step == 1:
+        if step % self.every == 0 or step == 1 or any(k.startswith("heldout/") for k in metrics):
             self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
             self.jsonl.flush()
             if self.writer is not None:
