@@ -4,7 +4,7 @@
 # same budget -> evaluate each (temperature 1 and 0) -> one comparison table + a report.
 #
 #   bash scripts/quickstart.sh --fast   # 64 prompts, 40 steps per draft, 2 prompts per benchmark (~13 min)
-#   bash scripts/quickstart.sh          # 400 prompts (all of mini.jsonl), 160 steps, 4 prompts (~55 min)
+#   bash scripts/quickstart.sh          # 400 prompts (all of mini.jsonl), 160 steps, 4 prompts (~60 min)
 #   bash scripts/quickstart.sh --gpu    # Qwen/Qwen3-4B on one GPU node (see README)
 #
 # A re-run reuses finished stages (answers, cache, checkpoints, evaluations). Ctrl-C stops
