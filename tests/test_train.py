@@ -132,9 +132,10 @@ def test_two_gloo_ranks_equal_one_rank(setup, tmp_path, algo, sharding):
     assert wa.keys() == wb.keys()
     for k in wa:
         # gradients are summed in another order across ranks; Adam's m/sqrt(v) can turn a
-        # 1e-7 difference of a near-zero gradient into a fraction of one lr-sized update
+        # 1e-7 difference of a near-zero gradient into a fraction of one lr-sized update,
+        # and a large weight (the final norm starts above 16 here) differs by its float ulp
         torch.testing.assert_close(wa[k], wb[k], atol=3e-4, rtol=1e-3)
-        assert (wa[k] - wb[k]).abs().mean() < 1e-6, k
+        assert (wa[k] - wb[k]).abs().mean() < 1e-6 * max(1.0, float(wa[k].abs().mean())), k
 
 
 def wait_for(path, timeout=300):
