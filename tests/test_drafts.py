@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from deepspec.config import load_config
 from deepspec.drafts import build_draft, get_algorithm, load_draft
 from deepspec.drafts.blocks import block_attention, sample_anchors
-from deepspec.drafts.layers import init_weights
 from deepspec.drafts.losses import position_weights
 from deepspec.targets.family import family_spec_from_config
 from deepspec.targets.tiny import TINY_FAMILIES, tiny_config
@@ -226,6 +225,32 @@ def test_windowed_block_attention_equals_reference(window):
         warnings.simplefilter("ignore")
         flex = block_attention(q, kb, vb, kc, vc, anchors, 0.25, backend="flex", window=window)
     torch.testing.assert_close(flex, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_recent_context_attention_probe(window):
+    """Zero queries attend uniformly: the probe returns exactly the uniform share. Queries
+    aligned with the newest context key put nearly all their mass there."""
+    from deepspec.drafts.blocks import recent_context_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, N, H, G, hd, KVH, S = 1, 4, 2, 3, 8, 1, 30
+    kb = torch.randn(B, N, KVH, G, hd, generator=g)
+    kc = torch.randn(B, KVH, S, hd, generator=g)
+    anchors = torch.tensor([[0, 6, 15, 29]])  # the first has no context: skipped
+    keep = torch.ones(B, N, dtype=torch.bool)
+    mass, uniform = recent_context_attention(torch.zeros(B, N, H, G, hd), kb, kc, anchors, keep, 1.0, window)
+    visible = [min(a, window) if window else a for a in (6, 15, 29)]
+    expected = sum(min(8, n) / (n + G) for n in visible) / 3
+    assert mass == pytest.approx(expected) and uniform == pytest.approx(expected)
+    q = torch.zeros(B, N, H, G, hd)
+    for n, a in enumerate(anchors[0].tolist()):
+        if a:
+            q[0, n, :, 0] = 50.0 * kc[0, 0, a - 1] / kc[0, 0, a - 1].norm()
+    kc[0, 0] = kc[0, 0] / kc[0, 0].norm(dim=-1, keepdim=True)  # unit keys: the match wins
+    kb = kb / kb.norm(dim=-1, keepdim=True)
+    mass, _ = recent_context_attention(q, kb, kc, anchors, keep, 1.0, window)
+    assert mass > 0.95
 
 
 @pytest.mark.parametrize("algo", ["dflash", "dspark"])
@@ -653,7 +678,7 @@ def test_overfit_six_sequences_with_the_cpu_recipe(algo):
         "loss_decay_gamma num_anchors"
     ).split()
     cfg, model = make_draft(algo, "llama", seed=0, **{f"model.{k}": getattr(m, k) for k in keys})
-    init_weights(model.layers, std=m.init_std * (576 / D) ** 0.5)  # SmolLM2's hidden size is 576
+    model.reset_parameters(std=m.init_std * (576 / D) ** 0.5)  # the same gain: SmolLM2's d is 576
     model.init_output_norm(m.output_norm_init, scale=m.output_norm_scale)
     g = torch.Generator().manual_seed(7)
     N, S, steps = 6, 48, 60

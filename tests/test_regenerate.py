@@ -394,7 +394,7 @@ def test_resume_repairs_a_cut_line_and_retry_errors(tmp_path):
     err = tmp_path / "out_error.jsonl"
     out.write_text(json.dumps({"id": "p0", "conversations": []}) + "\n" + '{"id": "p1", "conv')
     err.write_text(json.dumps({"id": "p2", "error": "x"}) + "\n")
-    assert read_done_ids(str(out), repair=False) == {"p0"}
+    assert read_done_ids(str(out)) == {"p0"}
     before = out.read_bytes()
     assert count_pending(_opts(tmp_path / "in.jsonl", out)) == 4  # p1 (cut), p3, p4, p5
     assert count_pending(_opts(tmp_path / "in.jsonl", out, num_samples=2)) == 12  # ids p<i>#<k>

@@ -103,18 +103,21 @@ class RegenSummary:
         )
 
 
-def read_done_ids(path: str, *, repair: bool) -> set[str]:
-    """Ids of the complete rows of an output/error file.
+def read_done_ids(path: str) -> set[str]:
+    """Ids of the complete rows of an output/error file (see :func:`_scan_rows`)."""
+    return _scan_rows(path)[0]
 
-    A last line without its newline (a write cut by a kill) is removed when ``repair``;
-    any other malformed line is an error, since the file is then not ours.
-    """
+
+def _scan_rows(path: str) -> tuple[set[str], int, int]:
+    """``(ids of the complete rows, bytes of complete lines, file size)`` of an output/error
+    file. A last line without its newline is a write cut by a kill (:func:`_cut_tail`);
+    any other malformed line is an error, since the file is then not ours."""
     if not os.path.exists(path):
-        return set()
+        return set(), 0, 0
     ids: set[str] = set()
     with open(path, "rb") as fh:
         data = fh.read()
-    end = data.rfind(b"\n") + 1  # a last line without its newline is a write cut by a kill
+    end = data.rfind(b"\n") + 1
     for lineno, raw in enumerate(data[:end].splitlines(), start=1):
         if not raw.strip():
             continue
@@ -126,20 +129,14 @@ def read_done_ids(path: str, *, repair: bool) -> set[str]:
                 f"{path}:{lineno}: not a row written by the generator (no JSON object with an id); "
                 "choose another output path, or move this file away"
             ) from None
-    if end < len(data) and repair:
-        _repair_tail(path)
-    return ids
+    return ids, end, len(data)
 
 
-def _repair_tail(path: str) -> None:
-    """Remove a last line without its newline (a write cut by a kill)."""
-    if not os.path.exists(path):
+def _cut_tail(path: str, end: int, size: int) -> None:
+    """Remove the incomplete last line (bytes ``end .. size``) that :func:`_scan_rows` found."""
+    if end == size:
         return
     with open(path, "r+b") as fh:
-        data = fh.read()
-        end = data.rfind(b"\n") + 1
-        if end == len(data):
-            return
         fh.truncate(end)
     print(f"note: removed an incomplete last line from {path} (a killed write)", flush=True)
 
@@ -167,7 +164,7 @@ def count_pending(options: RegenOptions) -> int:
     conversations, _ = load_input(options)
     tasks = _tasks(conversations, options.num_samples)
     out_path, err_path = options.write_paths()
-    done = read_done_ids(out_path, repair=False) | read_done_ids(err_path, repair=False)
+    done = read_done_ids(out_path) | read_done_ids(err_path)
     return sum(1 for row_id, _, _ in tasks if row_id not in done)
 
 
@@ -296,10 +293,10 @@ async def _regenerate(
         for path in (out_path, err_path):  # a stopped --overwrite run's leftovers
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-    done = read_done_ids(out_path, repair=False)  # both files checked before either is repaired
-    failed_before = read_done_ids(err_path, repair=False)
-    for path in (out_path, err_path):
-        _repair_tail(path)
+    scans = {path: _scan_rows(path) for path in (out_path, err_path)}  # both checked before either is cut
+    done, failed_before = scans[out_path][0], scans[err_path][0]
+    for path, (_, end, size) in scans.items():
+        _cut_tail(path, end, size)
     if options.retry_errors and failed_before:
         _rewrite_without(err_path, failed_before - done)
         failed_before = set()

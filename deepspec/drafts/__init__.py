@@ -16,15 +16,13 @@ from deepspec.drafts.registry import ALGORITHMS, Algorithm, get_algorithm
 
 def build_draft(cfg: Any, target_dir: str | None = None, spec: Any = None) -> DraftModel:
     """A new draft for a training config; embedding + LM head copied from ``target_dir``."""
-    from deepspec.drafts.layers import init_weights
     from deepspec.targets.family import load_family_spec
 
     if spec is None:
         spec = load_family_spec(target_dir)
     model = get_algorithm(cfg.algorithm).model_cls(DraftConfig.from_cfg(cfg, spec))
     model.attention_backend = getattr(cfg.model, "attention_backend", "auto")
-    if cfg.model.init_std != 0.02:
-        init_weights(model.layers, std=cfg.model.init_std)
+    model.reset_parameters(std=cfg.model.init_std)
     if target_dir is not None:
         model.load_target_embeddings(target_dir)
         model.init_output_norm(cfg.model.output_norm_init, target_dir, scale=cfg.model.output_norm_scale)

@@ -12,6 +12,7 @@ Conventions recorded in every checkpoint (``config.json``):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 from deepspec import __version__
+from deepspec.drafts.layers import init_weights
 from deepspec.errors import TargetError
 from deepspec.targets.family import FamilySpec
 
@@ -58,6 +60,7 @@ class DraftConfig:
     def from_cfg(cls, cfg: Any, spec: FamilySpec) -> DraftConfig:
         """Build from a validated training config (``deepspec.config``) and the target spec."""
         m = cfg.model
+        block = cfg.algorithm in ("dspark", "dflash")
         return cls(
             algorithm=cfg.algorithm,
             target=spec.to_dict(),
@@ -72,8 +75,8 @@ class DraftConfig:
             confidence_head_with_markov=m.confidence_head_with_markov,
             ttt_length=m.ttt_length,
             draft_num_hidden_layers=m.draft_num_hidden_layers,
-            context_window=m.context_window if cfg.algorithm in ("dspark", "dflash") else 0,
-            qk_norm=m.qk_norm if cfg.algorithm in ("dspark", "dflash") else None,
+            context_window=m.context_window if block else 0,
+            qk_norm=m.qk_norm if block else None,
         )
 
     def to_json(self, architecture: str) -> dict[str, Any]:
@@ -200,33 +203,32 @@ class Proposal:
     confidence: torch.Tensor | None = None
 
 
-def find_target_tensor(target_dir: str, suffixes: tuple[str, ...]) -> torch.Tensor | None:
-    """Read the first tensor whose name ends with one of ``suffixes`` from the target's
-    safetensors files, without loading the others."""
+def find_target_tensor(
+    target_dir: str, suffixes: tuple[str, ...] = (), match: Callable[[str], bool] | None = None
+) -> torch.Tensor | None:
+    """Read one tensor from the target's safetensors files, without loading the others: the
+    first whose name ends with one of ``suffixes`` (tried in order), or the first for which
+    ``match(name)`` holds."""
     files = sorted(f for f in os.listdir(target_dir) if f.endswith(".safetensors"))
-    for suffix in suffixes:
+    tests = [lambda key, s=s: key.endswith(s) for s in suffixes] + ([match] if match else [])
+    for test in tests:
         for name in files:
             with safe_open(os.path.join(target_dir, name), framework="pt") as fh:
                 for key in fh.keys():
-                    if key.endswith(suffix):
+                    if test(key):
                         return fh.get_tensor(key)
     return None
 
 
-def find_target_final_norm(target_dir: str) -> torch.Tensor | None:
-    """The target's final norm weight (``model.norm.weight``, ``model.language_model.norm.weight``
-    ...): a ``norm.weight`` outside the decoder layers and any vision/audio tower."""
-    files = sorted(f for f in os.listdir(target_dir) if f.endswith(".safetensors"))
-    for name in files:
-        with safe_open(os.path.join(target_dir, name), framework="pt") as fh:
-            for key in fh.keys():
-                parts = key.split(".")
-                if parts[-2:] != ["norm", "weight"] or "layers" in parts:
-                    continue
-                if any(t in key for t in ("vision", "audio", "mtp")):
-                    continue
-                return fh.get_tensor(key)
-    return None
+def is_final_norm(key: str) -> bool:
+    """``model.norm.weight``, ``model.language_model.norm.weight`` ...: a ``norm.weight``
+    outside the decoder layers and any vision/audio/MTP tower."""
+    parts = key.split(".")
+    return (
+        parts[-2:] == ["norm", "weight"]
+        and "layers" not in parts
+        and not any(t in key for t in ("vision", "audio", "mtp"))
+    )
 
 
 class DraftModel(nn.Module):
@@ -271,21 +273,18 @@ class DraftModel(nn.Module):
                     raise TargetError(f"no lm_head.weight in the safetensors of {target_dir}")
                 self.lm_head.weight.copy_(head)
 
-    def init_output_norm(self, mode: str, target_dir: str | None = None, scale: float = 1.0) -> float:
+    def init_output_norm(self, mode: str, target_dir: str | None = None, scale: float = 1.0) -> None:
         """Set the final norm's weight: ``calibrated`` (:meth:`calibrate_output_norm`),
         ``target`` (the target's own final-norm weight, so a draft state equal to the
         target's last pre-norm state gives exactly the target's logits) or ``ones``; then
-        multiply the effective weight (with the family's offset) by ``scale``. Returns the
-        effective weight's RMS."""
+        multiply the effective weight (with the family's offset) by ``scale``."""
         norm = getattr(self, "norm", None)
         if norm is None or getattr(norm, "weight", None) is None:
-            return 1.0
+            return
         if mode == "calibrated":
             self.calibrate_output_norm()
         elif mode == "target":
-            if target_dir is None:
-                raise TargetError("output norm init 'target' needs the target's weights")
-            weight = find_target_final_norm(target_dir)
+            weight = find_target_tensor(target_dir, match=is_final_norm) if target_dir else None
             if weight is None or tuple(weight.shape) != tuple(norm.weight.shape):
                 raise TargetError(
                     f"no final norm weight of shape {tuple(norm.weight.shape)} in the safetensors of "
@@ -300,7 +299,6 @@ class DraftModel(nn.Module):
             raise ValueError(f"unknown output norm init {mode!r}; choose calibrated, target or ones")
         with torch.no_grad():
             norm.weight.copy_((norm.weight.float() + norm.offset) * scale - norm.offset)
-        return float((norm.weight.detach().float() + norm.offset).pow(2).mean().sqrt())
 
     def calibrate_output_norm(self) -> float:
         """Scale the final norm so a random unit-RMS draft state gives logits of std ~1.
@@ -331,6 +329,11 @@ class DraftModel(nn.Module):
         return torch.tanh(logits / cap) * cap if cap else logits
 
     # -- parameters --------------------------------------------------------------------
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Fresh ``fc`` (std 0.02) and decoder layers (normal with ``std``; norms keep 1)."""
+        init_weights(self.fc)
+        init_weights(self.layers, std=std)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

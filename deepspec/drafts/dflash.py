@@ -18,14 +18,14 @@ Architecture choices:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from deepspec.drafts.base import DraftConfig, DraftModel, KVCache, Proposal, sample_tokens
 from deepspec.drafts.blocks import block_attention, block_targets, recent_context_attention, sample_anchors
-from deepspec.drafts.layers import DecoderLayer, RotaryEmbedding, attend, init_weights, norm_for
+from deepspec.drafts.layers import DecoderLayer, RotaryEmbedding, attend, norm_for
 
 
 @dataclass
@@ -41,6 +41,7 @@ class BlockTrainOutput:
     anchors:       [B, N]
     markov:        [B, N, G, r] teacher-forced pre-W2 head vectors (DSpark) or None
     confidence_logits: [B, N, G] (DSpark with a confidence head) or None
+    attention_probe: per layer, block slot 0's attention on the newest context (when asked)
     """
 
     hidden: torch.Tensor
@@ -52,6 +53,7 @@ class BlockTrainOutput:
     anchors: torch.Tensor
     markov: torch.Tensor | None = None
     confidence_logits: torch.Tensor | None = None
+    attention_probe: dict[str, float] = field(default_factory=dict)
 
 
 class DFlashDraft(DraftModel):
@@ -73,13 +75,10 @@ class DFlashDraft(DraftModel):
         self.mask_embedding = nn.Parameter(torch.zeros(d)) if config.mask_token_id is None else None
         self.attention_backend = "auto"
         self.anchor_chunk = 64
-        self.probe_attention = False  # set for one forward to fill ``attention_probe``
-        self.attention_probe: dict[str, float] = {}
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        init_weights(self.fc)
-        init_weights(self.layers)
+    def reset_parameters(self, std: float = 0.02) -> None:
+        super().reset_parameters(std)
         if self.mask_embedding is not None:
             nn.init.normal_(self.mask_embedding, std=0.02)
 
@@ -126,11 +125,13 @@ class DFlashDraft(DraftModel):
         keep: torch.Tensor | None = None,
         num_anchors: int = 512,
         generator: torch.Generator | None = None,
+        probe_attention: bool = False,
     ) -> BlockTrainOutput:
         """All blocks of each sequence in one pass.
 
         ``input_ids``/``loss_mask`` [B, S]; ``hidden_states`` [B, S, L*d] target features;
         ``last_hidden_states`` [B, S, d] target final states. Anchors are sampled unless given.
+        ``probe_attention`` also measures where block slot 0 looks (``attention_probe``).
         """
         if anchors is None:
             anchors, keep = sample_anchors(loss_mask, num_anchors, generator)
@@ -143,18 +144,17 @@ class DFlashDraft(DraftModel):
         ctx_cos, ctx_sin = self.rotary(torch.arange(S, device=ctx.device))
         positions = anchors[..., None] + torch.arange(G, device=anchors.device)
 
-        probe = self.probe_attention
-        self.attention_probe = {}
+        probe: dict[str, float] = {}
 
         def attn(layer, q, kb, vb):
             kc, vc = layer.self_attn.project_kv(ctx, ctx_cos, ctx_sin)
-            if probe:
+            if probe_attention:
                 with torch.no_grad():
                     recent, uniform = recent_context_attention(
                         q, kb, kc, anchors, keep, layer.self_attn.scale, self.config.context_window
                     )
-                self.attention_probe[f"attn_recent8/layer{layer.layer_idx}"] = recent
-                self.attention_probe["attn_recent8/uniform"] = uniform
+                probe[f"attn_recent8/layer{layer.layer_idx}"] = recent
+                probe["attn_recent8/uniform"] = uniform
             return block_attention(
                 q,
                 kb,
@@ -181,6 +181,7 @@ class DFlashDraft(DraftModel):
             eval_mask=eval_mask,
             keep=keep,
             anchors=anchors,
+            attention_probe=probe,
         )
         return self._add_heads(out)
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepspec.drafts.base import DraftConfig, DraftModel, KVCache, Proposal, sample_tokens
-from deepspec.drafts.layers import DecoderLayer, RotaryEmbedding, attend, init_weights, norm_for
+from deepspec.drafts.layers import DecoderLayer, RotaryEmbedding, attend, norm_for
 
 
 @dataclass
@@ -110,8 +110,7 @@ class Eagle3Draft(DraftModel):
         self.embed_norm = norm_for(spec, d)
         self.norm = norm_for(spec, d)
         self.rotary = RotaryEmbedding(spec)
-        init_weights(self.fc)
-        init_weights(self.layers)
+        self.reset_parameters()
 
     @property
     def ttt_length(self) -> int:

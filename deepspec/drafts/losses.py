@@ -106,6 +106,7 @@ def block_loss(
         metrics[f"accept_rate@{k + 1}"] = float(per_pos[k])
     metrics["tau_probabilistic"] = float(1 + torch.cumprod(per_pos, 0).sum())
     metrics["supervised_positions"] = float(mask.sum())
+    metrics.update(out.attention_probe)
     return LossOutput(loss, W, metrics)
 
 

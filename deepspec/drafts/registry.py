@@ -28,7 +28,7 @@ def _block_kwargs(cfg: Any, progress: float = 1.0) -> dict[str, Any]:
     CE weight gives up the same amount (CE first: the TV term has almost no gradient while
     the draft's distribution is flat)."""
     m = cfg.model
-    ramp = getattr(m, "tv_ramp_ratio", 0.0)
+    ramp = m.tv_ramp_ratio
     f = 1.0 if ramp <= 0 else min(1.0, max(0.0, progress) / ramp)
     return dict(
         ce_alpha=m.ce_loss_alpha + (1.0 - f) * m.l1_loss_alpha,

@@ -69,22 +69,22 @@ class OnlineSamples(torch.utils.data.Dataset):
         }
 
 
-class SampleRange:
-    """Samples ``start .. stop-1`` of a dataset as their own dataset (``data.max_samples``,
+class FirstSamples:
+    """The first ``n`` samples of a dataset as their own dataset (``data.max_samples``,
     ``data.heldout_samples``); keeps its ``manifest``."""
 
-    def __init__(self, dataset: Any, start: int, stop: int) -> None:
+    def __init__(self, dataset: Any, n: int) -> None:
         self.dataset = dataset
-        self.start, self.stop = max(0, start), min(stop, len(dataset))
+        self.n = min(n, len(dataset))
         self.manifest = getattr(dataset, "manifest", None)
 
     def __len__(self) -> int:
-        return max(0, self.stop - self.start)
+        return self.n
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if not 0 <= i < len(self):
+        if not 0 <= i < self.n:
             raise IndexError(i)
-        return self.dataset[self.start + i]
+        return self.dataset[i]
 
 
 class EpochOrder:

@@ -71,12 +71,26 @@ def score(
     return out
 
 
-def flat_metrics(scores: dict[str, dict[str, float]], prefix: str = "heldout/") -> dict[str, float]:
-    """Scores as log scalars: ``heldout/ce``, ``heldout/ce_zeroed``, ``heldout/ce_gap`` ..."""
-    out = {}
+PREFIX = "heldout/"
+
+
+def flat_metrics(scores: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Scores as log scalars: ``heldout/ce``, ``heldout/ce_zeroed``, ``heldout/ce_gap`` ...
+    and ``heldout/positions``."""
+    out = {f"{PREFIX}positions": scores["real"]["positions"]}
     for key in REPORTED:
         if key in scores["real"]:
-            out[f"{prefix}{key}"] = scores["real"][key]
-            out[f"{prefix}{key}_zeroed"] = scores["zero"][key]
-            out[f"{prefix}{key}_gap"] = scores["zero"][key] - scores["real"][key]
+            out[f"{PREFIX}{key}"] = scores["real"][key]
+            out[f"{PREFIX}{key}_zeroed"] = scores["zero"][key]
+            out[f"{PREFIX}{key}_gap"] = scores["zero"][key] - scores["real"][key]
     return out
+
+
+def scores_from_metrics(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """The ``{"real", "zero"}`` scores back from logged :func:`flat_metrics`."""
+    positions = metrics[f"{PREFIX}positions"]
+    keys = [k for k in REPORTED if f"{PREFIX}{k}" in metrics]
+    return {
+        "real": {**{k: metrics[f"{PREFIX}{k}"] for k in keys}, "positions": positions},
+        "zero": {**{k: metrics[f"{PREFIX}{k}_zeroed"] for k in keys}, "positions": positions},
+    }

@@ -28,7 +28,7 @@ from deepspec.drafts.fused_head import check_compile_toolchain, use_compiled_voc
 from deepspec.drafts.losses import block_weights
 from deepspec.errors import DataError, DeepSpecError, Preempted, describe_os_error
 from deepspec.train import checkpoint as ckpt
-from deepspec.train.data import DataCursor, EpochOrder, FeatureSource, OnlineSamples, SampleRange, collate
+from deepspec.train.data import DataCursor, EpochOrder, FeatureSource, FirstSamples, OnlineSamples, collate
 from deepspec.train.schedule import build_scheduler, warmup_steps
 from deepspec.utils import distributed as dist_utils
 
@@ -68,8 +68,9 @@ def sample_generators(seed: int, epoch: int, indices: list[int]) -> list[torch.G
     return [torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + i) for i in indices]
 
 
-def prepare_micro_batch(cfg: Any, batch: dict[str, torch.Tensor], generator):
-    """Sample what the forward needs (anchors) and the batch's local loss normalizer."""
+def prepare_micro_batch(cfg: Any, batch: dict[str, torch.Tensor], generator, probe: bool = False):
+    """Sample what the forward needs (anchors) and the batch's local loss normalizer;
+    ``probe`` asks a block drafter to measure where it looks (logged steps)."""
     if cfg.algorithm == "eagle3" and cfg.model.eagle3_num_positions:
         anchors, keep = sample_anchors(batch["loss_mask"], cfg.model.eagle3_num_positions, generator)
         S = batch["input_ids"].shape[1]
@@ -92,7 +93,7 @@ def prepare_micro_batch(cfg: Any, batch: dict[str, torch.Tensor], generator):
     anchors, keep = sample_anchors(batch["loss_mask"], cfg.model.num_anchors, generator)
     *_, eval_mask = block_targets(batch["input_ids"], batch["loss_mask"], anchors, keep, cfg.model.block_size)
     weight = block_weights(eval_mask, cfg.model.loss_decay_gamma, torch.float64).sum()
-    return {"anchors": anchors, "keep": keep}, weight
+    return {"anchors": anchors, "keep": keep, "probe_attention": probe}, weight
 
 
 @dataclass
@@ -115,8 +116,8 @@ class Trainer:
         if self.info.is_main:
             print(message, flush=True)
 
-    def _dataset(self, target_dir: str) -> tuple[Any, Any]:
-        """(training samples, held-out samples or None)."""
+    def _dataset(self, target_dir: str) -> tuple[Any, Any, range | None]:
+        """(all samples, the training samples, the held-out sample indices or None)."""
         cfg = self.cfg
         if cfg.data.mode == "offline":
             from deepspec.data.cache_reader import validate_cache_for_config
@@ -132,7 +133,7 @@ class Trainer:
             )
         else:
             dataset = OnlineSamples(cfg, target_dir)
-        return split_heldout(dataset, cfg.data.max_samples, cfg.data.heldout_samples)
+        return (dataset, *split_heldout(dataset, cfg.data.max_samples, cfg.data.heldout_samples))
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         if not self.info.distributed:
@@ -208,7 +209,7 @@ class Trainer:
             cfg.train.local_batch_size,
             cfg.train.global_batch_size,
         )
-        dataset, heldout = self._dataset(target_dir)
+        dataset_all, dataset, heldout = self._dataset(target_dir)
         order = EpochOrder(
             len(dataset),
             global_batch=global_batch,
@@ -297,13 +298,15 @@ class Trainer:
         try:
             while step < total:
                 t0 = time.perf_counter()
+                logged = logger.due(step + 1)  # logged steps also measure where block slot 0 looks
                 micro = []
                 for _ in range(accum):
                     epoch = cursor.epoch  # the position before this micro-batch
                     idx, cursor = next(batches)
                     batch = features(collate([dataset[i] for i in idx], pad_id))
                     batch = {k: v.to(device) for k, v in batch.items()}
-                    extra, weight = prepare_micro_batch(cfg, batch, sample_generators(cfg.seed, epoch, idx))
+                    gens = sample_generators(cfg.seed, epoch, idx)
+                    extra, weight = prepare_micro_batch(cfg, batch, gens, probe=logged)
                     micro.append((batch, extra, weight))
                 local = torch.stack([w for *_, w in micro]).sum(0)  # scalar, or [K] for Eagle3
                 normalizer = torch.tensor(
@@ -311,21 +314,14 @@ class Trainer:
                 ).reshape(local.shape)
                 step_metrics: dict[str, float] = {}
                 loss_sum = 0.0
-                logged = (step + 1) % cfg.logging.logging_steps == 0 or step == 0
                 module.loss_kwargs = alg.loss_kwargs(cfg, step / max(1, total))
                 for i, (batch, extra, _) in enumerate(micro):
                     sync = contextlib.nullcontext()
                     if i < accum - 1 and hasattr(wrapped, "no_sync"):
                         sync = wrapped.no_sync()
-                    probe = logged and i == 0 and hasattr(draft, "probe_attention")
-                    if probe:  # where block slot 0 looks, on the first micro-batch of a logged step
-                        draft.probe_attention = True
                     with sync, autocast:
                         res = wrapped(batch, extra, normalizer)
                         (res.loss * world).backward()
-                    if probe:
-                        draft.probe_attention = False
-                        step_metrics.update(draft.attention_probe)
                     loss_sum += float(res.loss.detach())
                     for k, v in res.metrics.items():
                         step_metrics[k] = step_metrics.get(k, 0.0) + v / accum
@@ -353,9 +349,12 @@ class Trainer:
                     samples_per_second=global_batch / max(time.perf_counter() - t0, 1e-9),
                 )
                 every = cfg.logging.heldout_steps
-                if heldout is not None and ((every and step % every == 0) or step == total):
-                    metrics.update(self._score_heldout(module, heldout, features, pad_id, device))
-                logger.step(step, metrics)
+                scored = heldout is not None and ((every and step % every == 0) or step == total)
+                if scored:
+                    metrics.update(
+                        self._score_heldout(module, dataset_all, heldout, features, pad_id, device)
+                    )
+                logger.step(step, metrics, force=scored)
                 # non-finite weights give a non-finite loss at the next step; a save checks them
                 stop = dist_utils.all_reduce_sum([float(self.stop_requested)])[0] > 0
                 if step % cfg.logging.checkpointing_steps == 0 or step == total or stop:
@@ -374,7 +373,9 @@ class Trainer:
             use_compiled_vocab_rows(compiled_before)
         return RunResult(step, metrics, last_ckpt)
 
-    def _score_heldout(self, module, heldout, features, pad_id: int, device) -> dict[str, float]:
+    def _score_heldout(
+        self, module, dataset, heldout: range, features, pad_id: int, device
+    ) -> dict[str, float]:
         """Held-out CE, acc@1, accept@1 and tau_prob with real and zeroed features. Every rank
         scores all held-out samples (the same inputs, so the same numbers; FSDP needs every
         rank in each forward). Uses no global RNG: training continues exactly as without it."""
@@ -383,8 +384,8 @@ class Trainer:
         scores = score(
             module,
             self.cfg,
+            dataset,
             heldout,
-            range(len(heldout)),
             batch=self.cfg.train.local_batch_size,
             pad_id=pad_id,
             features=features,
@@ -529,9 +530,10 @@ def _describe_write_error(exc: BaseException) -> str:
     return f"{text}; is the disk full?"
 
 
-def split_heldout(dataset: Any, max_samples: int | None, heldout: int) -> tuple[Any, Any]:
-    """(training samples, held-out samples or None): the last ``heldout`` samples are held
-    out; training uses the first ``max_samples`` of the rest (all when None)."""
+def split_heldout(dataset: Any, max_samples: int | None, heldout: int) -> tuple[Any, range | None]:
+    """(training samples, held-out sample indices or None): the last ``heldout`` samples are
+    held out; training uses the first ``max_samples`` of the rest (all when None). Held-out
+    samples keep their cache indices, which seed their anchors."""
     n = len(dataset)
     if heldout >= n:
         raise DataError(
@@ -541,8 +543,8 @@ def split_heldout(dataset: Any, max_samples: int | None, heldout: int) -> tuple[
     stop = n - heldout
     if max_samples is not None:
         stop = min(stop, max_samples)
-    train = dataset if stop == n else SampleRange(dataset, 0, stop)
-    return train, (SampleRange(dataset, n - heldout, n) if heldout else None)
+    train = dataset if stop == n else FirstSamples(dataset, stop)
+    return train, (range(n - heldout, n) if heldout else None)
 
 
 def flat_config(cfg: Any) -> dict[str, Any]:
@@ -680,7 +682,12 @@ class _Logger:
             self.writer = SummaryWriter(cfg.logging.tensorboard_dir, purge_step=start + 1)
         self.bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not progress)
 
-    def step(self, step: int, metrics: dict[str, float]) -> None:
+    def due(self, step: int) -> bool:
+        """Is optimizer step ``step`` (1-based) one whose metrics are written?"""
+        return step % self.every == 0 or step == 1
+
+    def step(self, step: int, metrics: dict[str, float], force: bool = False) -> None:
+        """Advance the bar; write ``metrics`` when the step is :meth:`due` or ``force``."""
         if not self.enabled:
             return
         self.bar.update(1)
@@ -690,7 +697,7 @@ class _Logger:
             lr=f"{metrics['lr']:.2e}",
             sps=f"{metrics['samples_per_second']:.2f}",
         )
-        if step % self.every == 0 or step == 1 or any(k.startswith("heldout/") for k in metrics):
+        if self.due(step) or force:
             self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
             self.jsonl.flush()
             if self.writer is not None:
