@@ -18,6 +18,7 @@ from deepspec.config import load_config
 from deepspec.drafts import Proposal, build_draft
 from deepspec.eval.decode import plain_generate, speculative_generate
 from deepspec.eval.target import HFTarget
+from deepspec.targets.family import load_family_spec
 from deepspec.targets.tiny import build_tiny_target
 from tests.conftest import ROOT
 
@@ -25,9 +26,11 @@ DRAFTS = [
     ("dflash", []),
     ("dspark", ["model.markov_head_type=rnn"]),
     ("dspark", ["model.context_window=2", "model.qk_norm=true"]),
+    ("dspark", ["model.draft_vocab_size=40"]),
     ("eagle3", []),
+    ("eagle3", ["model.draft_vocab_size=40"]),
 ]
-DRAFT_IDS = ["dflash", "dspark-rnn", "dspark-window-qknorm", "eagle3"]
+DRAFT_IDS = ["dflash", "dspark-rnn", "dspark-window-qknorm", "dspark-pruned", "eagle3", "eagle3-pruned"]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +78,12 @@ def draft_for(target_dir: str, algo: str, extra: list[str], layer_ids=(0, 1), bl
         ]
     )
     torch.manual_seed(seed)
-    return build_draft(cfg, target_dir).eval()
+    draft_ids = None
+    if cfg.model.draft_vocab_size:  # a scattered draft vocabulary: index != target id
+        vocab = load_family_spec(target_dir).vocab_size
+        pick = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed + 5))
+        draft_ids = pick[: cfg.model.draft_vocab_size].sort().values
+    return build_draft(cfg, target_dir, draft_ids=draft_ids).eval()
 
 
 # ---- greedy ---------------------------------------------------------------------------------
@@ -302,9 +310,10 @@ def small_target(tmp_path_factory):
         ("dflash", [], 0.0),
         ("dspark", [], 0.0),
         ("dspark", ["model.markov_head_type=gated", "model.context_window=1", "model.qk_norm=true"], 0.3),
+        ("dspark", ["model.draft_vocab_size=3"], 0.0),
         ("eagle3", [], 0.0),
     ],
-    ids=["dflash", "dspark", "dspark-threshold-window-qknorm", "eagle3"],
+    ids=["dflash", "dspark", "dspark-threshold-window-qknorm", "dspark-pruned", "eagle3"],
 )
 def test_speculative_sampling_is_lossless(small_target, single_thread, algo, extra, threshold):
     target_dir, model, exact = small_target

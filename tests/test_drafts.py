@@ -25,6 +25,9 @@ VARIANTS = [
     ("dspark", {"model.markov_head_type": "vanilla", "model.confidence_head_with_markov": False}),
     ("dspark", {"model.context_window": 6, "model.qk_norm": True}),
     ("dflash", {"model.context_window": 3, "model.qk_norm": False}),
+    ("dspark", {"model.draft_vocab_size": 48}),
+    ("dflash", {"model.draft_vocab_size": 48}),
+    ("eagle3", {"model.draft_vocab_size": 48}),
     ("eagle3", {}),
 ]
 IDS = [
@@ -35,6 +38,9 @@ IDS = [
     "dspark-conf-no-markov",
     "dspark-window-qknorm",
     "dflash-window-no-qknorm",
+    "dspark-pruned",
+    "dflash-pruned",
+    "eagle3-pruned",
     "eagle3",
 ]
 
@@ -59,6 +65,11 @@ def make_draft(algo: str, family: str = "qwen3", dtype=torch.float32, seed: int 
     model = build_draft(cfg, spec=spec).to(dtype)
     with torch.no_grad():  # stand-in for the target's embedding (rows of norm ~0.8)
         model.embed_tokens.weight.normal_(std=0.1)
+    if model.pruned:  # a scattered vocabulary, so draft index and target id differ
+        ids = torch.randperm(V, generator=torch.Generator().manual_seed(seed + 7))[
+            : cfg.model.draft_vocab_size
+        ]
+        model.set_draft_vocab(ids.sort().values)
     return cfg, model
 
 
@@ -217,10 +228,16 @@ def test_windowed_block_attention_equals_reference(window):
     kc, vc = torch.randn(2, B, KVH, S, hd, generator=g)
     anchors = torch.sort(torch.randint(0, S, (B, N), generator=g), 1).values
     anchors[0, 0] = 0  # a block with no context at all
+    inputs = [t.requires_grad_() for t in (q, kb, vb, kc, vc)]
     ref = _reference_block_attention(q, kb, vb, kc, vc, anchors, 0.25, window)
+    w = torch.randn(ref.shape, generator=g)
+    ref_grads = torch.autograd.grad((ref * w).sum(), inputs)
     for chunk in (1, 4, 64):
         dense = block_attention(q, kb, vb, kc, vc, anchors, 0.25, backend="sdpa", chunk=chunk, window=window)
         torch.testing.assert_close(dense, ref, atol=1e-5, rtol=1e-5)
+        for got, want in zip(torch.autograd.grad((dense * w).sum(), inputs), ref_grads):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    ref, q, kb, vb, kc, vc = (t.detach() for t in (ref, q, kb, vb, kc, vc))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         flex = block_attention(q, kb, vb, kc, vc, anchors, 0.25, backend="flex", window=window)
@@ -628,7 +645,8 @@ def test_eagle3_sampled_positions_equal_the_full_unroll_at_those_positions():
 def test_compiled_vocab_kernel_equals_eager(monkeypatch):
     """``train.torch_compile`` routes the LM-head loss's vocabulary work through
     torch.compile: the same losses, statistics and input gradients as eager, for ragged
-    chunks, with and without softcap and soft CE; the switch restores eager afterwards."""
+    chunks, with and without softcap and soft CE, and for a pruned draft vocabulary (labels
+    outside it, the target's normaliser given); the switch restores eager afterwards."""
     from deepspec.drafts import fused_head
 
     gen = torch.Generator().manual_seed(0)
@@ -637,8 +655,12 @@ def test_compiled_vocab_kernel_equals_eager(monkeypatch):
     y = torch.randint(0, V, (R,), generator=gen)
     th = torch.randn(R, d, generator=gen)
     a = {k: torch.rand(R, generator=gen) for k in ("a_ce", "a_l1", "a_soft")}
-    for cap, soft in ((None, False), (30.0, True)):
+    y_pruned = torch.where(torch.rand(R, generator=gen) < 0.3, -1, y)
+    lse = torch.logsumexp(th @ W.T, -1) + 0.5  # the target's mass outside the draft vocabulary
+    for cap, soft, pruned in ((None, False, False), (30.0, True, False), (None, False, True)):
         coeffs = {**a, "a_soft": a["a_soft"] if soft else torch.zeros(R)}
+        if pruned:
+            coeffs["target_lse"] = lse
         runs = []
         for compiled in (False, True):
             before = fused_head.use_compiled_vocab_rows(compiled)  # builds the compiled kernel
@@ -648,7 +670,8 @@ def test_compiled_vocab_kernel_equals_eager(monkeypatch):
                 fused_head, "vocab_rows", lambda *x, calls=eager_calls, f=eager: calls.append(1) or f(*x)
             )
             h = torch.randn(R, d, generator=torch.Generator().manual_seed(1), requires_grad=True)
-            rows = fused_head.head_loss_rows(h, th, y, W, softcap=cap, max_chunk_elements=32 * V, **coeffs)
+            labels = y_pruned if pruned else y
+            rows = fused_head.head_loss_rows(h, th, labels, W, softcap=cap, max_chunk_elements=32 * V, **coeffs)
             rows.loss.backward()
             runs.append((rows, h.grad))
             monkeypatch.setattr(fused_head, "vocab_rows", eager)
@@ -658,6 +681,10 @@ def test_compiled_vocab_kernel_equals_eager(monkeypatch):
         for name in ("loss", "ce", "l1", "soft_ce", "overlap", "hit"):
             torch.testing.assert_close(getattr(fast, name), getattr(eager, name), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(g_fast, g_eager, rtol=1e-4, atol=1e-6)
+    eager_lse = fused_head.target_lse(th, W, 30.0)
+    before = fused_head.use_compiled_vocab_rows(True)
+    torch.testing.assert_close(fused_head.target_lse(th, W, 30.0), eager_lse, rtol=1e-5, atol=1e-5)
+    fused_head.use_compiled_vocab_rows(before)
     assert fused_head._use_compiled is False
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -528,3 +529,29 @@ def test_heldout_scoring_is_logged_and_leaves_training_unchanged(setup, tmp_path
     assert rows[2]["heldout/ce"] != rows[4]["heldout/ce"]  # the draft changed in between
     too_many = run_train(opts_for(setup, tmp_path / "bad", **{"data.heldout_samples": n}), check=False)
     assert too_many.returncode != 0 and "data.heldout_samples" in too_many.stderr
+
+
+def test_pruned_draft_vocabulary_is_built_from_the_cache_saved_and_resumed(setup, tmp_path):
+    """``model.draft_vocab_size``: the vocabulary is the most frequent supervised tokens of the
+    training samples, it goes into every checkpoint, and a resumed run keeps it."""
+    from deepspec.data.cache_reader import CacheDataset
+    from deepspec.drafts.vocab import select_draft_vocab
+
+    extra = {"model.draft_vocab_size": 300, "train.max_train_steps": 2}
+    first = run_train(opts_for(setup, tmp_path, **extra))
+    assert re.search(r"draft vocabulary: 300 of the target's tokens cover \d+\.\d+% of", first.stdout)
+    cache = CacheDataset(setup["cache"])
+    counts = np.zeros(cache.vocab_size, dtype=np.int64)
+    for i in range(len(cache)):  # counted independently, through the decoded samples
+        s = cache[i]
+        counts += np.bincount(s["input_ids"][s["loss_mask"].bool()].numpy(), minlength=cache.vocab_size)
+    expected = select_draft_vocab(counts, 300).draft_ids
+    saved = weights(tmp_path)
+    assert torch.equal(saved["d2t"] + torch.arange(300), expected)
+    assert saved["lm_head.weight"].shape[0] == 300
+    with open(tmp_path / "ck" / "deepspec" / "run" / "metrics.jsonl") as fh:
+        rows = [json.loads(line) for line in fh]
+    assert all(0.0 <= r["draft_vocab_miss"] < 1.0 for r in rows)
+    resumed = run_train(opts_for(setup, tmp_path, **{**extra, "train.max_train_steps": 4}))
+    assert "resumed from" in resumed.stdout
+    assert torch.equal(weights(tmp_path)["d2t"], saved["d2t"])

@@ -484,4 +484,10 @@ def validate_against_target(cfg: CfgNode, spec: Any) -> None:
         problems.add(
             "model.mask_token_id", f"{mask_id} is outside the target vocabulary of {spec.vocab_size} tokens"
         )
+    if cfg.model.draft_vocab_size > spec.vocab_size:
+        problems.add(
+            "model.draft_vocab_size",
+            f"{cfg.model.draft_vocab_size} is larger than the target vocabulary of {spec.vocab_size} "
+            "tokens (use 0 for the full vocabulary)",
+        )
     problems.raise_if_any()

@@ -93,6 +93,15 @@ FIELDS: tuple[Field, ...] = (
         minimum=0,
     ),
     _f(
+        "model.draft_vocab_size",
+        0,
+        "int",
+        "Pruned draft vocabulary: the draft scores only the N most frequent supervised tokens of "
+        "the training data (d2t/t2d in the checkpoint, as vLLM, SGLang and llama.cpp read them); "
+        "0 = the target's whole vocabulary.",
+        minimum=0,
+    ),
+    _f(
         "model.qk_norm",
         None,
         "bool",

@@ -257,6 +257,15 @@ class CacheDataset(torch.utils.data.Dataset):
             if not bool(torch.isfinite(sample[key]).all()):
                 raise self._fail(f"{self._where(i)} holds non-finite {key}", fix=REBUILD_HINT)
 
+    def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(input_ids, loss_mask)`` of sample ``i`` without decoding its hidden states
+        (int64 and uint8 ``[S]``; not checksum-verified)."""
+        S = int(self._seq[i])
+        block = np.frombuffer(self.raw_block(int(i)), dtype=np.uint8)
+        sec = self.layout.sections(S)
+        (io, inb), (mo, mnb) = sec["input_ids"], sec["loss_mask"]
+        return block[io : io + inb].view("<i4").astype(np.int64), block[mo : mo + mnb].copy()
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} out of range for a cache of {len(self)} samples")

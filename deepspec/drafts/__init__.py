@@ -14,8 +14,12 @@ from deepspec.drafts.checkpoint import load_draft, read_draft_config, save_draft
 from deepspec.drafts.registry import ALGORITHMS, Algorithm, get_algorithm
 
 
-def build_draft(cfg: Any, target_dir: str | None = None, spec: Any = None) -> DraftModel:
-    """A new draft for a training config; embedding + LM head copied from ``target_dir``."""
+def build_draft(
+    cfg: Any, target_dir: str | None = None, spec: Any = None, draft_ids: Any = None
+) -> DraftModel:
+    """A new draft for a training config; embedding + LM head copied from ``target_dir``.
+    ``draft_ids`` [N]: the pruned draft vocabulary (``model.draft_vocab_size`` N > 0; see
+    :func:`deepspec.drafts.vocab.build_draft_vocab`), else the first N ids."""
     from deepspec.targets.family import load_family_spec
 
     if spec is None:
@@ -23,6 +27,8 @@ def build_draft(cfg: Any, target_dir: str | None = None, spec: Any = None) -> Dr
     model = get_algorithm(cfg.algorithm).model_cls(DraftConfig.from_cfg(cfg, spec))
     model.attention_backend = getattr(cfg.model, "attention_backend", "auto")
     model.reset_parameters(std=cfg.model.init_std)
+    if draft_ids is not None:
+        model.set_draft_vocab(draft_ids)
     if target_dir is not None:
         model.load_target_embeddings(target_dir)
         model.init_output_norm(cfg.model.output_norm_init, target_dir, scale=cfg.model.output_norm_scale)

@@ -22,6 +22,7 @@ from torch import nn
 
 from deepspec import __version__
 from deepspec.drafts.layers import init_weights
+from deepspec.drafts.vocab import check_vocab_maps, d2t_from_ids, t2d_from_ids
 from deepspec.errors import TargetError
 from deepspec.targets.family import FamilySpec
 
@@ -48,6 +49,7 @@ class DraftConfig:
     draft_num_hidden_layers: int = 1
     context_window: int = 0
     qk_norm: bool | None = None  # block drafters: None = the target family's choice
+    draft_vocab_size: int = 0  # 0 = the target's vocabulary; N = a pruned head (d2t / t2d)
     layer_id_convention: str = LAYER_ID_CONVENTION
     anchor_convention: str = ANCHOR_CONVENTION
     extra: dict[str, Any] = field(default_factory=dict)
@@ -77,6 +79,7 @@ class DraftConfig:
             draft_num_hidden_layers=m.draft_num_hidden_layers,
             context_window=m.context_window if block else 0,
             qk_norm=m.qk_norm if block else None,
+            draft_vocab_size=m.draft_vocab_size,
         )
 
     def to_json(self, architecture: str) -> dict[str, Any]:
@@ -193,9 +196,10 @@ def sample_tokens(
 
 @dataclass
 class Proposal:
-    """A drafted block. ``tokens`` [B, k]; ``probs`` [B, k, V] the draft distribution each
-    token was sampled from; ``logits`` [B, k, V] raw draft logits; ``confidence`` [B, k]
-    (DSpark: P(token k survives | tokens < k did)) or None."""
+    """A drafted block. ``tokens`` [B, k] target ids; ``probs`` [B, k, V] the draft
+    distribution each token was sampled from, over the *target* vocabulary (zero outside a
+    pruned draft vocabulary); ``logits`` [B, k, V_draft] raw draft logits over the draft
+    vocabulary; ``confidence`` [B, k] (DSpark: P(token k survives | tokens < k did)) or None."""
 
     tokens: torch.Tensor
     probs: torch.Tensor
@@ -234,6 +238,13 @@ def is_final_norm(key: str) -> bool:
 class DraftModel(nn.Module):
     """Base class: frozen target embedding + LM head, the ``fc`` over target features.
 
+    With ``config.draft_vocab_size`` N > 0 the head scores N target tokens only: ``lm_head``
+    holds those rows of the target's head ([N, d], frozen, stored in the checkpoint) and the
+    buffers ``d2t`` / ``t2d`` (:mod:`deepspec.drafts.vocab`) map draft indices to target ids.
+    Training then needs the target's full head once per position, for the normaliser of its
+    distribution (:meth:`target_logsumexp`): the tied embedding, or ``full_head`` (loaded
+    from the target, never saved) for untied targets.
+
     Subclasses set ``algorithm`` and implement the training forward and the proposer
     protocol (``new_state``, ``extend``, ``propose``).
     """
@@ -245,14 +256,139 @@ class DraftModel(nn.Module):
         self.config = config
         self.spec = spec = config.spec
         d, V = spec.hidden_size, spec.vocab_size
+        Vd = config.draft_vocab_size
+        if not 0 <= Vd <= V:
+            raise ValueError(f"draft_vocab_size {Vd} must be in 0..{V} (the target vocabulary)")
+        self.pruned = Vd > 0
         self.embed_tokens = nn.Embedding(V, d)
-        self.lm_head = nn.Linear(d, V, bias=False)
+        self.lm_head = nn.Linear(d, Vd or V, bias=False)
         nn.init.normal_(self.embed_tokens.weight, std=0.02)  # replaced by the target's
-        if spec.tie_word_embeddings:
+        if self.head_is_tied:
             self.lm_head.weight = self.embed_tokens.weight
         for p in (self.embed_tokens.weight, self.lm_head.weight):
             p.requires_grad_(False)
         self.fc = nn.Linear(len(config.target_layer_ids) * d, d, bias=False)
+        if self.pruned:
+            ids = torch.arange(Vd)
+            self.register_buffer("d2t", d2t_from_ids(ids))
+            self.register_buffer("t2d", t2d_from_ids(ids, V))
+            self.register_buffer("draft_ids", ids.clone(), persistent=False)
+            self.register_buffer("target_to_draft", torch.full((V,), -1, dtype=torch.long), persistent=False)
+            self.register_buffer("full_head", None, persistent=False)
+            self._refresh_vocab()
+            self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh_vocab())
+
+    @property
+    def head_is_tied(self) -> bool:
+        """The LM head is the embedding itself (a tied target, full vocabulary)."""
+        return self.spec.tie_word_embeddings and not self.pruned
+
+    # -- the draft vocabulary ----------------------------------------------------------
+    def _refresh_vocab(self) -> None:
+        """Derive ``draft_ids`` / ``target_to_draft`` from ``d2t`` / ``t2d`` (checked)."""
+        ids = check_vocab_maps(self.d2t, self.t2d)
+        self.draft_ids = ids
+        mapping = torch.full_like(self.target_to_draft, -1)
+        mapping[ids] = torch.arange(ids.numel(), device=ids.device)
+        self.target_to_draft = mapping
+
+    def set_draft_vocab(self, draft_ids: torch.Tensor) -> None:
+        """Use the ascending target ids ``draft_ids`` [N] as the draft vocabulary; the head
+        rows follow when the target's head is known (:meth:`load_target_embeddings`)."""
+        if not self.pruned or draft_ids.numel() != self.lm_head.weight.shape[0]:
+            raise ValueError(
+                f"a draft vocabulary of {draft_ids.numel()} ids does not fit draft_vocab_size "
+                f"{self.config.draft_vocab_size}"
+            )
+        with torch.no_grad():
+            self.d2t.copy_(d2t_from_ids(draft_ids.to(self.d2t.device)))
+            self.t2d.copy_(t2d_from_ids(draft_ids.to(self.t2d.device), self.spec.vocab_size))
+        self._refresh_vocab()
+        self._slice_head()
+
+    def _full_head_weight(self) -> torch.Tensor:
+        if self.spec.tie_word_embeddings:
+            return self.embed_tokens.weight
+        if getattr(self, "full_head", None) is None:
+            raise TargetError(
+                "this pruned draft needs the target's full LM head for training; call "
+                "load_target_embeddings(target_dir) first"
+            )
+        return self.full_head
+
+    def _slice_head(self) -> None:
+        if self.pruned and (self.spec.tie_word_embeddings or self.full_head is not None):
+            with torch.no_grad():
+                self.lm_head.weight.copy_(self._full_head_weight()[self.draft_ids])
+
+    def draft_index(self, target_ids: torch.Tensor) -> torch.Tensor:
+        """Target ids → draft indices (-1 outside the draft vocabulary); identity when unpruned."""
+        return self.target_to_draft[target_ids] if self.pruned else target_ids
+
+    def target_ids(self, draft_index: torch.Tensor) -> torch.Tensor:
+        """Draft indices → target ids; identity when unpruned."""
+        return self.draft_ids[draft_index] if self.pruned else draft_index
+
+    def target_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        """A distribution over the draft vocabulary [..., N] as one over the target's [..., V]
+        (zero outside); unchanged when unpruned."""
+        if not self.pruned:
+            return probs
+        full = probs.new_zeros(*probs.shape[:-1], self.spec.vocab_size)
+        return full.index_copy_(-1, self.draft_ids, probs)
+
+    def sample(
+        self, logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`sample_tokens` on draft logits [..., N]: target ids [...] and the sampling
+        distribution over the target vocabulary [..., V]."""
+        index, probs = sample_tokens(logits, temperature, generator)
+        return self.target_ids(index), self.target_probs(probs)
+
+    @torch.no_grad()
+    def target_logsumexp(
+        self,
+        last_hidden: torch.Tensor,
+        needed: torch.Tensor | None = None,
+        max_chunk_elements: int = 16 * 2**20,
+    ) -> torch.Tensor | None:
+        """log Σ_v exp(target logit v) over the full target vocabulary for target final states
+        ``last_hidden`` [..., d] → fp32 (fp64 for an fp64 head) [...]; +inf where ``needed`` [...] is False (a target
+        distribution of zero mass on the draft vocabulary, so unused rows stay finite). None
+        when the draft vocabulary is not pruned (the loss then normalises over the whole head)."""
+        if not self.pruned:
+            return None
+        from deepspec.drafts.fused_head import target_lse
+
+        W = self._full_head_weight()
+        work = torch.float64 if W.dtype == torch.float64 else torch.float32
+        out = torch.full(last_hidden.shape[:-1], float("inf"), dtype=work, device=last_hidden.device)
+        rows = last_hidden.reshape(-1, last_hidden.shape[-1])
+        where = torch.arange(rows.shape[0], device=rows.device)
+        if needed is not None:
+            where = where[needed.reshape(-1).bool()]
+        flat = out.view(-1)
+        chunk = max(1, max_chunk_elements // W.shape[0])
+        for r0 in range(0, where.numel(), chunk):
+            idx = where[r0 : r0 + chunk]
+            flat[idx] = target_lse(rows[idx], W, self.spec.final_logit_softcapping).to(work)
+        return out
+
+    def rows_lse(
+        self, last_hidden_states: torch.Tensor, positions: torch.Tensor, used: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The target's log-normaliser for training rows: ``last_hidden_states`` [B, S, d],
+        each row's target position ``positions`` [B, ...] and whether it counts ``used``
+        [B, ...] → [B, ...]. Each position is computed once however many rows (overlapping
+        blocks, TTT steps) read it; unused rows get +inf. None when not pruned."""
+        if not self.pruned:
+            return None
+        B, S = last_hidden_states.shape[:2]
+        pos = positions.reshape(B, -1)
+        hits = torch.zeros(B, S, dtype=torch.int32, device=pos.device)
+        hits.scatter_add_(1, pos, used.reshape(B, -1).to(torch.int32))
+        lse = self.target_logsumexp(last_hidden_states, hits > 0)
+        return torch.gather(lse, 1, pos).view(positions.shape)
 
     # -- frozen target pieces ----------------------------------------------------------
     def load_target_embeddings(self, target_dir: str) -> None:
@@ -271,7 +407,11 @@ class DraftModel(nn.Module):
                 head = find_target_tensor(target_dir, ("lm_head.weight",))
                 if head is None:
                     raise TargetError(f"no lm_head.weight in the safetensors of {target_dir}")
-                self.lm_head.weight.copy_(head)
+                if self.pruned:
+                    self.full_head = head.to(self.lm_head.weight)
+                else:
+                    self.lm_head.weight.copy_(head)
+        self._slice_head()
 
     def init_output_norm(self, mode: str, target_dir: str | None = None, scale: float = 1.0) -> None:
         """Set the final norm's weight: ``calibrated`` (:meth:`calibrate_output_norm`),

@@ -9,7 +9,9 @@ one pass:
 * ``flex``: ``torch.nn.attention.flex_attention`` with a block mask (CUDA);
 * ``sdpa``: exact dense boolean masks through SDPA, processed in chunks of anchors so the
   score tensor stays ``[chunk*gamma, S + chunk*gamma]`` per head (4k-token sequences with
-  512 anchors fit in a few hundred MB).
+  512 anchors fit in a few hundred MB). With a window the context keys of each block are
+  gathered instead (``W`` of them, then its ``gamma`` block keys): a ``[gamma, W + gamma]``
+  score tile per block, exact, and far smaller than the dense mask.
 """
 
 from __future__ import annotations
@@ -86,24 +88,21 @@ def context_visible(j: torch.Tensor, anchors: torch.Tensor, window: int) -> torc
     return visible
 
 
-def _dense_block_attention(q, kb, vb, kc, vc, anchors, scale, chunk, window):
+def _dense_block_attention(q, kb, vb, kc, vc, anchors, scale, chunk):
     B, N, H, G, hd = q.shape
     S = kc.shape[-2]
     outs = []
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
         c = n1 - n0
-        # context keys outside [smallest anchor - window, largest anchor) are invisible to
-        # all of the chunk's queries
-        ctx_end = max(1, min(S, int(anchors[:, n0:n1].max())))
-        ctx_start = min(ctx_end - 1, max(0, int(anchors[:, n0:n1].min()) - window)) if window > 0 else 0
+        ctx_start, ctx_end = 0, max(1, min(S, int(anchors[:, n0:n1].max())))  # later keys: invisible
         Q = q[:, n0:n1].permute(0, 2, 1, 3, 4).reshape(B, H, c * G, hd)
         Kb = kb[:, n0:n1].permute(0, 2, 1, 3, 4).reshape(B, -1, c * G, hd)
         Vb = vb[:, n0:n1].permute(0, 2, 1, 3, 4).reshape(B, -1, c * G, hd)
         K = torch.cat([kc[..., ctx_start:ctx_end, :], Kb], dim=-2)
         V = torch.cat([vc[..., ctx_start:ctx_end, :], Vb], dim=-2)
         j = torch.arange(ctx_start, ctx_end, device=q.device)
-        ctx_mask = context_visible(j[None, None], anchors[:, n0:n1, None], window)
+        ctx_mask = context_visible(j[None, None], anchors[:, n0:n1, None], 0)
         ctx_mask = ctx_mask.repeat_interleave(G, dim=1)  # [B, cG, ctx]
         blk = torch.arange(c, device=q.device).repeat_interleave(G)
         blk_mask = (blk[:, None] == blk[None, :]).expand(B, -1, -1)  # [B, cG, cG]
@@ -111,6 +110,22 @@ def _dense_block_attention(q, kb, vb, kc, vc, anchors, scale, chunk, window):
         o = attend(Q, K, V, mask, scale)  # [B, H, cG, hd]
         outs.append(o.reshape(B, H, c, G, hd).permute(0, 2, 1, 3, 4))
     return torch.cat(outs, dim=1)
+
+
+def _windowed_block_attention(q, kb, vb, kc, vc, anchors, scale, window):
+    B, N, H, G, hd = q.shape
+    KVH = kc.shape[1]
+    pos = anchors[..., None] - window + torch.arange(window, device=q.device)  # [B, N, W]
+    visible = pos >= 0  # j >= a - W and j < a by construction
+    idx = pos.clamp(min=0).reshape(B, 1, N * window, 1).expand(B, KVH, N * window, hd)
+
+    def keys(ctx, blk):  # [B, KVH, S, hd], [B, N, KVH, G, hd] -> [B*N, KVH, W + G, hd]
+        near = torch.gather(ctx, 2, idx).view(B, KVH, N, window, hd).permute(0, 2, 1, 3, 4)
+        return torch.cat([near, blk], dim=3).reshape(B * N, KVH, window + G, hd)
+
+    mask = torch.cat([visible[:, :, None].expand(B, N, G, window), visible.new_ones(B, N, G, G)], -1)
+    o = attend(q.reshape(B * N, H, G, hd), keys(kc, kb), keys(vc, vb), mask.view(B * N, 1, G, -1), scale)
+    return o.view(B, N, H, G, hd)
 
 
 def recent_context_attention(
@@ -206,4 +221,6 @@ def block_attention(
         backend = "flex" if q.is_cuda else "sdpa"
     if backend == "flex":
         return _flex_block_attention(q, kb, vb, kc, vc, anchors, scale, window)
-    return _dense_block_attention(q, kb, vb, kc, vc, anchors, scale, chunk, window)
+    if window > 0:
+        return _windowed_block_attention(q, kb, vb, kc, vc, anchors, scale, window)
+    return _dense_block_attention(q, kb, vb, kc, vc, anchors, scale, chunk)

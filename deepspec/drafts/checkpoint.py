@@ -2,7 +2,8 @@
 the target's family spec and the layer-id / anchor conventions) and ``model.safetensors``.
 
 The frozen target embedding and LM head are included, so a checkpoint loads and drafts
-without the training config or the target's weights.
+without the training config or the target's weights. A pruned draft vocabulary adds
+``d2t`` [N] and ``t2d`` [V] and stores its own ``lm_head.weight`` [N, d].
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def write_draft_files(
     state of a sharded model). A tied LM head is stored once, as ``embed_tokens.weight``.
     """
     state = model.state_dict() if state is None else state
-    tied = model.spec.tie_word_embeddings
+    tied = model.head_is_tied
     tensors = {
         k: v.detach().contiguous().cpu() for k, v in state.items() if not (tied and k == "lm_head.weight")
     }
@@ -130,6 +131,11 @@ def load_weights(model: DraftModel, path: str) -> None:
     state = _read_weights(path)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
+    except ValueError as exc:  # d2t / t2d that do not describe one draft vocabulary
+        raise DataError(
+            f"draft checkpoint {path}: its draft vocabulary maps are inconsistent ({exc}); copy the "
+            "checkpoint again"
+        ) from None
     except RuntimeError as exc:  # a tensor shape that does not match config.json
         first = str(exc).strip().splitlines()
         detail = " ".join(line.strip() for line in first[1:3]) or (first[0] if first else "")
@@ -137,7 +143,7 @@ def load_weights(model: DraftModel, path: str) -> None:
             f"draft checkpoint {path}: {WEIGHTS_NAME} does not match its {CONFIG_NAME} ({detail}); "
             "copy the checkpoint again"
         ) from None
-    missing = [m for m in missing if not (m == "lm_head.weight" and model.spec.tie_word_embeddings)]
+    missing = [m for m in missing if not (m == "lm_head.weight" and model.head_is_tied)]
     if missing or unexpected:
         raise DataError(
             f"draft checkpoint {path} does not match {type(model).__name__}: missing {missing}, "

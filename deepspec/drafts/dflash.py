@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from deepspec.drafts.base import DraftConfig, DraftModel, KVCache, Proposal, sample_tokens
+from deepspec.drafts.base import DraftConfig, DraftModel, KVCache, Proposal
 from deepspec.drafts.blocks import block_attention, block_targets, recent_context_attention, sample_anchors
 from deepspec.drafts.layers import DecoderLayer, RotaryEmbedding, attend, norm_for
 
@@ -41,6 +41,8 @@ class BlockTrainOutput:
     anchors:       [B, N]
     markov:        [B, N, G, r] teacher-forced pre-W2 head vectors (DSpark) or None
     confidence_logits: [B, N, G] (DSpark with a confidence head) or None
+    target_lse:    [B, N, G] the target's full-vocabulary log-normaliser at a+k (pruned
+                   draft vocabulary) or None
     attention_probe: per layer, block slot 0's attention on the newest context (when asked)
     """
 
@@ -53,6 +55,7 @@ class BlockTrainOutput:
     anchors: torch.Tensor
     markov: torch.Tensor | None = None
     confidence_logits: torch.Tensor | None = None
+    target_lse: torch.Tensor | None = None
     attention_probe: dict[str, float] = field(default_factory=dict)
 
 
@@ -181,6 +184,7 @@ class DFlashDraft(DraftModel):
             eval_mask=eval_mask,
             keep=keep,
             anchors=anchors,
+            target_lse=self.rows_lse(last_hidden_states, target_pos, eval_mask & keep[..., None]),
             attention_probe=probe,
         )
         return self._add_heads(out)
@@ -243,5 +247,5 @@ class DFlashDraft(DraftModel):
         """Draft ``block_size`` tokens after ``anchor_tokens`` [B] (one backbone pass)."""
         hidden = self.backbone(state, anchor_tokens)
         logits = self.block_logits(hidden).float()
-        tokens, probs = sample_tokens(logits, temperature, generator)
+        tokens, probs = self.sample(logits, temperature, generator)
         return Proposal(tokens=tokens, probs=probs, logits=logits)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from deepspec.drafts.base import DraftConfig, KVCache, Proposal, sample_tokens
+from deepspec.drafts.base import DraftConfig, KVCache, Proposal
 from deepspec.drafts.dflash import BlockTrainOutput, DFlashDraft
 from deepspec.drafts.heads import ConfidenceHead, SequentialHead
 from deepspec.drafts.layers import init_weights
@@ -24,7 +24,13 @@ class DSparkDraft(DFlashDraft):
         spec = self.spec
         rank = config.markov_rank
         self.markov_head = (
-            SequentialHead(config.markov_head_type, spec.vocab_size, rank, spec.hidden_size)
+            SequentialHead(
+                config.markov_head_type,
+                spec.vocab_size,
+                rank,
+                spec.hidden_size,
+                out_size=self.lm_head.weight.shape[0],
+            )
             if rank > 0
             else None
         )
@@ -65,7 +71,7 @@ class DSparkDraft(DFlashDraft):
         hidden = self.backbone(state, anchor_tokens)  # [B, G, d]
         base = self.lm_logits(hidden).float()  # U_k
         if self.markov_head is None:
-            tokens, probs = sample_tokens(base, temperature, generator)
+            tokens, probs = self.sample(base, temperature, generator)
             conf = self._confidence(hidden, torch.cat([anchor_tokens[:, None], tokens[:, :-1]], 1))
             return Proposal(tokens, probs, base, None if conf is None else torch.sigmoid(conf.float()))
         prev = anchor_tokens
@@ -74,7 +80,7 @@ class DSparkDraft(DFlashDraft):
         for k in range(self.block_size):
             bias, state_h = self.markov_head.step(hidden[:, k], prev, state_h)
             logit = base[:, k] + bias.float()
-            token, prob = sample_tokens(logit, temperature, generator)
+            token, prob = self.sample(logit, temperature, generator)
             prevs.append(prev)
             tokens.append(token)
             probs.append(prob)

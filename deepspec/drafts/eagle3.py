@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepspec.drafts.base import DraftConfig, DraftModel, KVCache, Proposal, sample_tokens
+from deepspec.drafts.base import DraftConfig, DraftModel, KVCache, Proposal
 from deepspec.drafts.layers import DecoderLayer, RotaryEmbedding, attend, norm_for
 
 
@@ -37,12 +37,17 @@ class Eagle3TrainOutput:
     targets:       [B, K, T] ground-truth token t+2+s
     target_hidden: [B, K, T, d] target final hidden state at t+1+s (gives p_t)
     mask:          [B, K, T] supervised and in range
+    target_pos:    [B, K, T] position of that target state (t+1+s, clamped)
+    target_lse:    [B, K, T] the target's full-vocabulary log-normaliser there (pruned
+                   draft vocabulary) or None
     """
 
     hidden: torch.Tensor
     targets: torch.Tensor
     target_hidden: torch.Tensor
     mask: torch.Tensor
+    target_pos: torch.Tensor
+    target_lse: torch.Tensor | None = None
 
 
 def ttt_attention(q, k0, v0, extra_k, extra_v, scale, chunk: int = 1024) -> torch.Tensor:
@@ -87,6 +92,7 @@ def select_positions(
         targets=pick(out.targets),
         target_hidden=pick(out.target_hidden),
         mask=pick(out.mask) & valid[:, None, :],
+        target_pos=pick(out.target_pos),
     )
 
 
@@ -188,9 +194,11 @@ class Eagle3Draft(DraftModel):
             targets=torch.stack(targets, 1),
             target_hidden=last_hidden_states[:, target_pos_t],
             mask=torch.stack(masks, 1),
+            target_pos=target_pos_t.expand(B, -1, -1),
         )
         if anchors is not None:  # supervise only the sampled positions (draft index a - 1)
             out = select_positions(out, anchors, keep)
+        out.target_lse = self.rows_lse(last_hidden_states, out.target_pos, out.mask)
         return out
 
     # -- inference (proposer protocol) -------------------------------------------------
@@ -266,7 +274,7 @@ class Eagle3Draft(DraftModel):
         for _ in range(n):
             h = self._step(h, token[:, None], cur[:, None], self._cached_attn(cache, cur, ones))
             logit = self.lm_logits(self.norm(h))[:, 0].float()
-            token, prob = sample_tokens(logit, temperature, generator)
+            token, prob = self.sample(logit, temperature, generator)
             tokens.append(token)
             probs.append(prob)
             logits.append(logit)

@@ -9,6 +9,17 @@ activation recompute, no ``[rows, V]`` tensor kept for backward.
 Loss per row ``i`` (``z`` = draft logits, ``p = softmax(z)``, ``q`` = target distribution):
 ``a_ce[i]·(−log p[y_i]) + a_l1[i]·‖p − q‖₁ + a_soft[i]·(−Σ q log p)``.
 Gradient in ``z``: ``a_ce (p − e_y) + a_l1 p ⊙ (s − Σ s p) + a_soft (p − q)``, ``s = sign(p − q)``.
+
+A pruned draft vocabulary (N of the target's V tokens) changes three things, given the
+target's log-normaliser over all V tokens per row (``target_lse``):
+
+* ``q`` is the target's true probability of each draft-vocabulary token (not renormalised);
+  its mass outside, ``q_out = 1 − Σ q``, counts fully in ``‖p − q‖₁`` because ``p`` is 0
+  there. So ``1 − ½‖p − q‖₁ = Σ min(p, q)`` stays the exact acceptance probability; ``q_out``
+  adds no gradient.
+* A label outside the draft vocabulary (``y = −1``) has no cross-entropy: its CE term and
+  gradient are 0 and it never counts as a hit; the TV term still trains the row.
+* The soft cross-entropy sums over the draft vocabulary only.
 """
 
 from __future__ import annotations
@@ -47,9 +58,12 @@ def vocab_rows(
     a_soft: torch.Tensor,
     cap: float,
     use_soft: bool,
+    lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The vocabulary-sized part of one chunk: raw draft logits ``z`` and target logits
     ``zt`` [R, V] → per-row ``(loss, ce, l1, soft_ce, hit)`` [R] and ``d loss / d z`` [R, V].
+    ``lse`` [R]: the target's log-normaliser over its whole vocabulary when ``z`` covers a
+    pruned draft vocabulary (labels outside it are ``-1``); None = ``logsumexp(zt)``.
 
     Element-wise over the vocabulary, so ``torch.compile`` fuses it into a few passes
     (``train.torch_compile``); fp32 math, fp64 when ``z`` is fp64.
@@ -58,10 +72,18 @@ def vocab_rows(
     z, dcap = _softcap(z.to(work), cap)
     logp = torch.log_softmax(z, dim=-1)
     p = logp.exp()
-    q = torch.softmax(_softcap(zt.to(work), cap)[0], dim=-1)
-    ce = -logp.gather(-1, y[:, None])[:, 0]
+    zt = _softcap(zt.to(work), cap)[0]
+    if lse is None:
+        q = torch.softmax(zt, dim=-1)
+        outside = torch.zeros_like(z[:, 0])
+    else:
+        q = torch.exp(zt - lse.to(work)[:, None])
+        outside = (1 - q.sum(-1)).clamp(min=0)
+    labelled = y >= 0
+    a_ce = a_ce * labelled
+    ce = torch.where(labelled, -logp.gather(-1, y.clamp(min=0)[:, None])[:, 0], 0.0)
     diff = p - q
-    l1 = diff.abs().sum(-1)
+    l1 = diff.abs().sum(-1) + outside
     soft_ce = -(q * logp).sum(-1) if use_soft else torch.zeros_like(ce)
     loss = a_ce * ce + a_l1 * l1 + a_soft * soft_ce
     s = diff.sign()
@@ -69,7 +91,7 @@ def vocab_rows(
     grad = p * (s * a_l1[:, None] + (a_ce + a_soft)[:, None])  # a_l1 p ⊙ (s − Σ s p) + ...
     if use_soft:
         grad = grad - a_soft[:, None] * q
-    grad = grad.scatter_add(-1, y[:, None], -a_ce[:, None].to(grad.dtype))
+    grad = grad.scatter_add(-1, y.clamp(min=0)[:, None], -a_ce[:, None].to(grad.dtype))
     if dcap is not None:
         grad = grad * dcap
     hit = (z.argmax(-1) == y).to(z.dtype)
@@ -125,23 +147,33 @@ def check_compile_toolchain() -> None:
         )
 
 
+def lse_rows(x: torch.Tensor, W: torch.Tensor, cap: float) -> torch.Tensor:
+    """``log Σ_v exp(softcap(x @ W.T))`` per row of ``x`` [R, d] (fp32; fp64 for an fp64 ``W``):
+    the normaliser of the target's distribution over its whole vocabulary ``W`` [V, d]."""
+    work = torch.float64 if W.dtype == torch.float64 else torch.float32
+    z = _softcap((x.to(W.dtype) @ W.T).to(work), cap)[0]
+    return torch.logsumexp(z, dim=-1)
+
+
 _compiled_vocab_rows = None  # torch.compile(vocab_rows), built on first use
+_compiled_lse_rows = None
 _use_compiled = False
 
 
 def use_compiled_vocab_rows(enabled: bool) -> bool:
     """Route the vocabulary work through ``torch.compile`` (compiled once per process,
     ~20 s on a CPU; about 3x faster afterwards) or eager. Returns the previous setting."""
-    global _compiled_vocab_rows, _use_compiled
+    global _compiled_vocab_rows, _compiled_lse_rows, _use_compiled
     previous, _use_compiled = _use_compiled, enabled
     if enabled and _compiled_vocab_rows is None:
         _compiled_vocab_rows = torch.compile(vocab_rows, dynamic=True)
+        _compiled_lse_rows = torch.compile(lse_rows, dynamic=True)
     return previous
 
 
 class _HeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, m, W2, th, y, a_ce, a_l1, a_soft, W, cap):
+    def forward(ctx, h, m, W2, th, y, a_ce, a_l1, a_soft, W, cap, lse):
         z = h.to(W.dtype) @ W.T
         if m is not None:
             z = z + m.to(W2.dtype) @ W2.T
@@ -149,7 +181,7 @@ class _HeadLoss(torch.autograd.Function):
             zt = th.to(W.dtype) @ W.T
         fn = _compiled_vocab_rows if _use_compiled else vocab_rows
         loss, ce, l1, soft_ce, hit, grad = fn(
-            z, zt, y, a_ce, a_l1, a_soft, float(cap or 0.0), bool(a_soft.any())
+            z, zt, y, a_ce, a_l1, a_soft, float(cap or 0.0), bool(a_soft.any()), lse
         )
         ctx.save_for_backward(
             (grad.to(W.dtype) @ W).to(h.dtype),
@@ -167,14 +199,14 @@ class _HeadLoss(torch.autograd.Function):
             g_h * g_loss,
             None if g_m is None else g_m * g_loss,
             None if g_W2 is None else g_W2 * g_loss,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
+            *([None] * 8),
         )
+
+
+def target_lse(x: torch.Tensor, W: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """:func:`lse_rows`, compiled when the vocabulary kernel is (``train.torch_compile``)."""
+    fn = _compiled_lse_rows if _use_compiled else lse_rows
+    return fn(x, W, float(cap or 0.0))
 
 
 def head_loss_rows(
@@ -189,12 +221,15 @@ def head_loss_rows(
     markov: torch.Tensor | None = None,
     W2: torch.Tensor | None = None,
     softcap: float | None = None,
+    target_lse: torch.Tensor | None = None,
     max_chunk_elements: int = 16 * 2**20,
 ) -> HeadLossRows:
     """Loss and per-row statistics over rows ``hidden`` [R, d] (draft states),
     ``target_hidden`` [R, d], ``targets`` [R]; coefficients ``a_*`` [R] (0 for padding rows).
 
     ``markov`` [R, r] and ``W2`` [V, r] add DSpark's bias ``markov @ W2.T`` to the logits.
+    With a pruned draft vocabulary ``lm_weight`` [N, d] holds its rows, ``targets`` are draft
+    indices (-1 outside) and ``target_lse`` [R] the target's full-vocabulary log-normaliser.
     Rows are processed in chunks of at most ``max_chunk_elements`` logits.
     """
     V = lm_weight.shape[0]
@@ -214,6 +249,7 @@ def head_loss_rows(
                 a_soft[sl],
                 lm_weight,
                 softcap,
+                None if target_lse is None else target_lse[sl],
             )
         )
     if not parts:

@@ -24,14 +24,18 @@ HEAD_TYPES = ("vanilla", "gated", "rnn")
 
 
 class SequentialHead(nn.Module):
-    def __init__(self, kind: str, vocab_size: int, rank: int, hidden_size: int) -> None:
+    def __init__(
+        self, kind: str, vocab_size: int, rank: int, hidden_size: int, out_size: int | None = None
+    ) -> None:
+        """``W1`` embeds the previous *target* token (``vocab_size`` rows); ``W2`` writes a
+        bias over the draft vocabulary (``out_size``, default ``vocab_size``)."""
         super().__init__()
         if kind not in HEAD_TYPES:
             raise ValueError(f"markov_head_type {kind!r} is not one of {', '.join(HEAD_TYPES)}")
         self.kind = kind
         self.rank = rank
         self.W1 = nn.Embedding(vocab_size, rank)
-        self.W2 = nn.Linear(rank, vocab_size, bias=False)
+        self.W2 = nn.Linear(rank, out_size or vocab_size, bias=False)
         if kind == "gated":
             self.W_g = nn.Linear(hidden_size + rank, rank)
         elif kind == "rnn":
@@ -73,7 +77,7 @@ class SequentialHead(nn.Module):
         self, hidden: torch.Tensor, prev_token: torch.Tensor, state: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Inference at one position: ``hidden`` [B, d], ``prev_token`` [B] →
-        (logit bias [B, V], new state)."""
+        (logit bias [B, V_draft], new state)."""
         out, state = self._mix(hidden, self.W1(prev_token).to(hidden.dtype), state)
         return self.W2(out), state
 

@@ -70,10 +70,11 @@ def block_loss(
     if out.markov is not None:
         markov = out.markov.reshape(-1, G, out.markov.shape[-1])[keep].reshape(-1, out.markov.shape[-1])
         W2 = model.markov_head.W2.weight
+    targets = model.draft_index(out.targets.reshape(-1, G)[keep].reshape(-1))
     rows = head_loss_rows(
         out.hidden.reshape(-1, G, d)[keep].reshape(-1, d),
         out.target_hidden.reshape(-1, G, d)[keep].reshape(-1, d),
-        out.targets.reshape(-1, G)[keep].reshape(-1),
+        targets,
         model.lm_head.weight,
         a_ce=ce_alpha * wf,
         a_l1=l1_alpha * wf,
@@ -81,6 +82,7 @@ def block_loss(
         markov=markov,
         W2=W2,
         softcap=model.spec.final_logit_softcapping,
+        target_lse=None if out.target_lse is None else out.target_lse.reshape(-1, G)[keep].reshape(-1),
     )
     loss = rows.loss
     ce, l1, accept, hit = (t.view(-1, G) for t in (rows.ce, rows.l1, rows.overlap, rows.hit))
@@ -97,8 +99,11 @@ def block_loss(
         metrics["conf_bias"] = float(((c - accept) * mask).sum() / n)
         cum_bias = (torch.cumprod(c, -1) - torch.cumprod(accept, -1)) * mask
         metrics["conf_cumprod_bias"] = float(cum_bias.sum() / n)
-    metrics["ce"] = float((w * ce).sum() / ws)
+    labelled = (targets >= 0).view(-1, G).to(dtype)
+    metrics["ce"] = float((w * labelled * ce).sum() / (w * labelled).sum().clamp(min=1e-12))
     metrics["l1"] = float((w * l1).sum() / ws)
+    if model.pruned:
+        metrics["draft_vocab_miss"] = float(((1 - labelled) * mask).sum() / mask.sum().clamp(min=1))
     per_pos = (accept * mask).sum(0) / mask.sum(0).clamp(min=1)  # [G] exact acceptance probability
     acc = (hit * mask).sum(0) / mask.sum(0).clamp(min=1)  # [G] argmax == label (teacher-forced)
     for k in range(G):
@@ -123,12 +128,13 @@ def eagle3_loss(model, out, *, step_loss_decay: float, normalizer: torch.Tensor 
     rows = head_loss_rows(
         flat(out.hidden),
         flat(out.target_hidden),
-        flat(out.targets),
+        model.draft_index(flat(out.targets)),
         model.lm_head.weight,
         a_ce=zeros,
         a_l1=zeros,
         a_soft=a_soft,
         softcap=model.spec.final_logit_softcapping,
+        target_lse=None if out.target_lse is None else flat(out.target_lse),
     )
     soft_ce, accept, hit = (t.view(K, B * T) for t in (rows.soft_ce, rows.overlap, rows.hit))
     metrics: dict[str, float] = {}

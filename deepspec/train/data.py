@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from deepspec.errors import DataError
@@ -69,6 +70,16 @@ class OnlineSamples(torch.utils.data.Dataset):
         }
 
 
+def sample_tokens_of(dataset: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(input_ids, loss_mask)`` of sample ``i`` of any training dataset, without reading
+    its hidden states where the dataset can (a target cache)."""
+    fast = getattr(dataset, "tokens", None)
+    if fast is not None:
+        return fast(i)
+    sample = dataset[i]
+    return np.asarray(sample["input_ids"]), np.asarray(sample["loss_mask"])
+
+
 class FirstSamples:
     """The first ``n`` samples of a dataset as their own dataset (``data.max_samples``,
     ``data.heldout_samples``); keeps its ``manifest``."""
@@ -85,6 +96,11 @@ class FirstSamples:
         if not 0 <= i < self.n:
             raise IndexError(i)
         return self.dataset[i]
+
+    def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return sample_tokens_of(self.dataset, i)
 
 
 class EpochOrder:

@@ -26,6 +26,7 @@ from deepspec.drafts.blocks import block_targets, sample_anchors
 from deepspec.drafts.checkpoint import load_weights, weights_are_finite, write_draft_files
 from deepspec.drafts.fused_head import check_compile_toolchain, use_compiled_vocab_rows
 from deepspec.drafts.losses import block_weights
+from deepspec.drafts.vocab import build_draft_vocab
 from deepspec.errors import DataError, DeepSpecError, Preempted, describe_os_error
 from deepspec.train import checkpoint as ckpt
 from deepspec.train.data import DataCursor, EpochOrder, FeatureSource, FirstSamples, OnlineSamples, collate
@@ -224,7 +225,14 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         device = torch.device(info.device)
-        draft = build_draft(cfg, target_dir).to(device)
+        draft_ids = None
+        if cfg.model.draft_vocab_size > 0:  # every rank counts the same samples: same vocabulary
+            vocab = build_draft_vocab(
+                dataset, spec.vocab_size, cfg.model.draft_vocab_size, progress=self.progress
+            )
+            draft_ids = vocab.draft_ids
+            self._log(vocab.describe())
+        draft = build_draft(cfg, target_dir, draft_ids=draft_ids).to(device)
         alg = get_algorithm(cfg.algorithm)
         module = TrainModule(draft, alg.loss, alg.loss_kwargs(cfg))
         cursor, start_step = DataCursor(), 0
