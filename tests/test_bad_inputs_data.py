@@ -340,6 +340,7 @@ def test_launch_second_port_taken(tmp_path):
         (["--engine"], "--engine needs a value"),
         (["--engine", "tgi"], "unknown --engine 'tgi'"),
         (["--engine", "vllm"], "--engine vllm needs --model"),
+        (["--engine", "llama-server", "--slots", "0"], "--slots must be an integer from 1 to 4096"),
         (["--bogus"], "unknown option '--bogus'"),
     ],
 )
@@ -347,6 +348,13 @@ def test_launch_bad_arguments(tmp_path, args, fragment):
     proc = launch(*args, "--log-dir", str(tmp_path / "logs")) if args != ["--engine"] else launch(*args)
     assert_one_error(proc, fragment, code=2)
     assert not (tmp_path / "logs").exists()
+
+
+def test_launch_llama_server_not_built(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_SERVER_BIN", str(tmp_path / "nowhere" / "llama-server"))
+    proc = launch("--engine", "llama-server", "--base-port", str(find_free_port()), "--log-dir", str(tmp_path / "l"))
+    assert_one_error(proc, "llama-server is not built", "bash scripts/setup.sh --llama-server", code=1)
+    assert not (tmp_path / "l").exists()
 
 
 @needs_llamacpp

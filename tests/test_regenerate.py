@@ -647,3 +647,42 @@ def test_launch_server_two_llamacpp_workers_share_the_load(tmp_path):
         else:
             os.kill(pid, signal.SIGKILL)
             raise AssertionError(f"worker {pid} survived --stop")
+
+
+LLAMA_SERVER_BIN = os.environ.get(
+    "LLAMA_SERVER_BIN", os.path.expanduser("~/.cache/deepspec/llama-server/build/bin/llama-server")
+)
+
+
+@pytest.mark.skipif(
+    not os.access(LLAMA_SERVER_BIN, os.X_OK), reason="llama-server not built (bash scripts/setup.sh --llama-server)"
+)
+def test_native_llama_server_regenerates_with_parallel_slots(tmp_path):
+    """The native llama-server engine: one worker with 4 slots answers 4 rows at once."""
+    base = find_free_port()
+    logs = tmp_path / "logs"
+    launch = ["bash", LAUNCH, "--engine", "llama-server", "--log-dir", str(logs)]
+    started = subprocess.run(
+        [*launch, "--slots", "4", "--base-port", str(base), "--ctx", "1024", "--wait", "120"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    try:
+        assert started.returncode == 0, started.stderr
+        data, ids = head(MINI, 4, tmp_path / "in.jsonl")
+        proc = run_generate(
+            [
+                "--server-address", f"127.0.0.1:{base}",
+                "--input-file-path", str(data), "--output-file-path", str(tmp_path / "out.jsonl"),
+                "--max-tokens", "8", "--concurrency", "4",
+            ],
+            timeout=180,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        out = rows(tmp_path / "out.jsonl")
+        assert sorted(r["id"] for r in out) == sorted(ids)
+        assert all(0 < r["regenerated"]["completion_tokens"] <= 8 for r in out)
+    finally:
+        subprocess.run([*launch, "--stop"], cwd=ROOT, capture_output=True, text=True, timeout=60)

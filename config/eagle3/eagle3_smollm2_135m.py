@@ -26,6 +26,9 @@ seed = 42
 model = dict(
     target_model_name_or_path="embedded:smollm2-135m-instruct",
     target_layer_ids=[1, 7, 14, 21, 27],
+    # the draft scores the 8192 most frequent answer tokens of the training data, not all
+    # 49152 (docs/RESULTS.md, "Pruned draft vocabulary": 2.5x faster steps, same learning)
+    draft_vocab_size=8192,
     draft_num_hidden_layers=1,
     ttt_length=7,
     step_loss_decay=0.8,

@@ -5,6 +5,9 @@
 # CPU, llama.cpp serving the embedded SmolLM2 GGUF (the engine that runs on CPU machines):
 #   bash scripts/data/launch_server.sh --engine llamacpp --num-workers 1 --base-port 30000
 #   bash scripts/data/launch_server.sh --engine llamacpp --model /path/to/any.gguf
+# CPU, llama.cpp's native llama-server (bash scripts/setup.sh --llama-server): one worker,
+# 16 parallel slots with continuous batching, ~3x the throughput of the Python server:
+#   bash scripts/data/launch_server.sh --engine llama-server --slots 16
 # One node of GPUs, one SGLang (or vLLM) worker per GPU, or --tp GPUs per worker:
 #   bash scripts/data/launch_server.sh --engine sglang --model Qwen/Qwen3-4B --num-workers 8
 #   bash scripts/data/launch_server.sh --engine vllm --model Qwen/Qwen3-4B --num-workers 4 --tp 2
@@ -14,9 +17,11 @@
 #   bash scripts/data/launch_server.sh --engine llamacpp --stop
 #
 # Options:
-#   --engine sglang|vllm|llamacpp   (default: llamacpp)
+#   --engine sglang|vllm|llamacpp|llama-server   (default: llamacpp)
 #   --model M        HF id or directory (sglang/vllm); GGUF file or
-#                    embedded:smollm2-135m-instruct (llamacpp, the default)
+#                    embedded:smollm2-135m-instruct (llamacpp, llama-server: the default;
+#                    llama-server serves setup.sh's bf16 GGUF of it)
+#   --slots S        llama-server parallel slots per worker (default 16)
 #   --num-workers N  (default 1)      --base-port P (default 30000)   --host H (default 127.0.0.1)
 #   --tp G           GPUs per sglang/vllm worker (default 1); worker i gets GPUs i*G..i*G+G-1
 #   --threads T      llama.cpp threads per worker (default: cores / workers)
@@ -44,6 +49,9 @@ LOG_DIR=""
 WAIT=600
 STOP=0
 EXTRA=""
+SLOTS=16
+DEEPSPEC_HOME=${DEEPSPEC_HOME:-$HOME/.cache/deepspec}
+LLAMA_SERVER_BIN=${LLAMA_SERVER_BIN:-$DEEPSPEC_HOME/llama-server/build/bin/llama-server}
 
 die() {  # die CODE MESSAGE: one error line, non-zero exit
   echo "error: $2" >&2
@@ -60,7 +68,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --stop) STOP=1; shift; continue ;;
     -h|--help) sed -n '2,30p' "${BASH_SOURCE[0]}"; exit 0 ;;
-    --engine|--model|--num-workers|--base-port|--host|--tp|--threads|--ctx|--log-dir|--wait|--extra)
+    --engine|--model|--num-workers|--base-port|--host|--tp|--threads|--ctx|--log-dir|--wait|--extra|--slots)
       [ $# -ge 2 ] || die 2 "$1 needs a value (see --help)" ;;
     *) die 2 "unknown option '$1' (see --help)" ;;
   esac
@@ -72,6 +80,7 @@ while [ $# -gt 0 ]; do
     --host) HOST=$2 ;;
     --tp) TP=$2 ;;
     --threads) THREADS=$2 ;;
+    --slots) SLOTS=$2 ;;
     --ctx) CTX=$2 ;;
     --log-dir) LOG_DIR=$2 ;;
     --wait) WAIT=$2 ;;
@@ -81,9 +90,9 @@ while [ $# -gt 0 ]; do
 done
 
 case "$ENGINE" in
-  llamacpp) [ -n "$MODEL" ] || MODEL=embedded:smollm2-135m-instruct ;;
+  llamacpp|llama-server) [ -n "$MODEL" ] || MODEL=embedded:smollm2-135m-instruct ;;
   sglang|vllm) [ -n "$MODEL" ] || die 2 "--engine $ENGINE needs --model (an HF id or directory)" ;;
-  *) die 2 "unknown --engine '$ENGINE' (choose sglang, vllm or llamacpp)" ;;
+  *) die 2 "unknown --engine '$ENGINE' (choose sglang, vllm, llamacpp or llama-server)" ;;
 esac
 name=$(basename "${MODEL#embedded:}")
 name=${name%.gguf}
@@ -105,6 +114,7 @@ need_int --base-port "$BASE" 1 65535
 need_int --tp "$TP" 1 1024
 [ -z "$THREADS" ] || need_int --threads "$THREADS" 1 4096
 need_int --ctx "$CTX" 16 10000000
+need_int --slots "$SLOTS" 1 4096
 need_int --wait "$WAIT" 1 604800
 [ -n "$HOST" ] || die 2 "--host is empty (use 127.0.0.1, or 0.0.0.0 to serve other machines)"
 
@@ -153,6 +163,20 @@ if [ "$ENGINE" = llamacpp ]; then
   cores=$(nproc)
   THREADS=${THREADS:-$(( cores / NUM > 0 ? cores / NUM : 1 ))}
   SERVED=$GGUF
+elif [ "$ENGINE" = llama-server ]; then
+  [ -x "$LLAMA_SERVER_BIN" ] || die 1 "llama-server is not built ($LLAMA_SERVER_BIN); run bash scripts/setup.sh --llama-server (or set LLAMA_SERVER_BIN)"
+  if [[ "$MODEL" == embedded:smollm2-135m-instruct ]]; then
+    GGUF=$DEEPSPEC_HOME/targets/smollm2-135m-instruct-bf16.gguf
+    [ -f "$GGUF" ] || die 1 "no GGUF of the embedded target at $GGUF; run bash scripts/setup.sh --llama-server"
+  elif [[ "$MODEL" == embedded:* ]]; then
+    die 2 "unknown embedded model '$MODEL' (the embedded one is embedded:smollm2-135m-instruct)"
+  else
+    GGUF=$MODEL
+  fi
+  [ -f "$GGUF" ] || die 2 "GGUF file not found: $GGUF (check --model)"
+  cores=$(nproc)
+  THREADS=${THREADS:-$(( cores / NUM > 0 ? cores / NUM : 1 ))}
+  SERVED=$GGUF
 else
   SERVED=$MODEL
 fi
@@ -173,6 +197,12 @@ for ((i = 0; i < NUM; i++)); do
       # shellcheck disable=SC2086
       $DETACH nohup "$PY" -m llama_cpp.server --model "$GGUF" --host "$HOST" --port "$port" \
         --n_ctx "$CTX" --n_threads "$THREADS" --n_threads_batch "$THREADS" $EXTRA > "$log" 2>&1 &
+      ;;
+    llama-server)
+      # one KV pool of SLOTS x CTX tokens, shared by the slots (continuous batching)
+      # shellcheck disable=SC2086
+      $DETACH nohup "$LLAMA_SERVER_BIN" -m "$GGUF" --host "$HOST" --port "$port" -np "$SLOTS" \
+        -c $((SLOTS * CTX)) -t "$THREADS" -tb "$THREADS" --no-webui $EXTRA > "$log" 2>&1 &
       ;;
     sglang)
       # shellcheck disable=SC2086

@@ -4,6 +4,8 @@
 #
 #   bash scripts/data/prepare_data.sh                     # embedded SmolLM2 on this CPU:
 #                                                         #   16 prompts of mini.jsonl, llama.cpp
+#                                                         #   (native llama-server with 16 slots
+#                                                         #   when setup.sh --llama-server built it)
 #   PROFILE=qwen3-4b bash scripts/data/prepare_data.sh    # Qwen/Qwen3-4B on one 8-GPU node:
 #                                                         #   all training prompts, SGLang, torchrun
 #
@@ -12,7 +14,8 @@
 # Every stage resumes: run the same command again after an interruption.
 # Variables (all optional): PROFILE, WORK_DIR (default out/data/<profile>), NUM_PROMPTS
 # (0 = all), INPUT (prompt files), TEST_SIZE (held-out prompts), CONFIG, MAX_TOKENS,
-# TEMPERATURE, CONCURRENCY, NUM_SERVERS, THREADS (per llama.cpp server), PORT (first port),
+# TEMPERATURE, CONCURRENCY, ENGINE (embedded: llama-server or llamacpp), NUM_SERVERS,
+# THREADS (per llama.cpp server), SLOTS (llama-server), PORT (first port),
 # NPROC (cache workers), HIDDEN_DTYPE (bf16|fp8), BATCH (cache forward batch).
 set -euo pipefail
 
@@ -30,12 +33,25 @@ case "$PROFILE" in
     NUM_PROMPTS=${NUM_PROMPTS:-16}
     TEST_SIZE=${TEST_SIZE:-0}
     CONFIG=${CONFIG:-config/dspark/dspark_smollm2_135m.py}
-    ENGINE=llamacpp
+    # the native llama-server (continuous batching over parallel slots, benchmarks/README.md:
+    # ~3x the completion tokens/s) when it is built, else the Python llama.cpp servers
+    DEEPSPEC_HOME=${DEEPSPEC_HOME:-$HOME/.cache/deepspec}
+    if [ -z "${ENGINE:-}" ]; then
+      ENGINE=llamacpp
+      [ -x "${LLAMA_SERVER_BIN:-$DEEPSPEC_HOME/llama-server/build/bin/llama-server}" ] \
+        && [ -f "$DEEPSPEC_HOME/targets/smollm2-135m-instruct-bf16.gguf" ] && ENGINE=llama-server
+    fi
     MODEL=embedded:smollm2-135m-instruct
     NUM_SERVERS=${NUM_SERVERS:-1}
-    THREADS=${THREADS:-1}  # one thread per server is the fastest when the cores are shared
     MAX_TOKENS=${MAX_TOKENS:-384}
-    CONCURRENCY=${CONCURRENCY:-2}
+    if [ "$ENGINE" = llama-server ]; then
+      THREADS=${THREADS:-$(nproc)}
+      SLOTS=${SLOTS:-16}
+      CONCURRENCY=${CONCURRENCY:-$SLOTS}
+    else
+      THREADS=${THREADS:-1}  # one thread per server is the fastest when the cores are shared
+      CONCURRENCY=${CONCURRENCY:-2}
+    fi
     GEN_EXTRA=()
     NPROC=${NPROC:-1}
     BATCH=${BATCH:-4}
@@ -93,6 +109,7 @@ else
   trap stop_servers EXIT
   launch_extra=()
   [ "$ENGINE" = llamacpp ] && launch_extra=(--threads "$THREADS")
+  [ "$ENGINE" = llama-server ] && launch_extra=(--threads "$THREADS" --slots "$SLOTS")
   bash scripts/data/launch_server.sh --engine "$ENGINE" --model "$MODEL" --num-workers "$NUM_SERVERS" \
     --base-port "$PORT" --log-dir "$LOGS" "${launch_extra[@]}"
   addresses=()
