@@ -5,9 +5,10 @@
 #   bash benchmarks/regeneration.sh                 # 64 prompts of data/train_prompts/mini.jsonl
 #   N=128 BACKENDS="llama-server:16 hf:32" bash benchmarks/regeneration.sh
 #
-# BACKENDS: space-separated ENGINE:WIDTH, with WIDTH = parallel slots (llama-server),
-# servers of one thread each (llamacpp, the Python server) or batch size (hf, transformers
-# in-process). Each line printed is generate_train_data.py's summary of one backend.
+# BACKENDS: space-separated ENGINE:WIDTH, with WIDTH = parallel slots per server
+# (llama-server: one single-threaded server per core), servers of one thread each
+# (llamacpp, the Python server) or batch size (hf, transformers in-process). Each line
+# printed is generate_train_data.py's summary of one backend.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -16,7 +17,7 @@ export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 N=${N:-64}
 INPUT=${INPUT:-data/train_prompts/mini.jsonl}
 MAX_TOKENS=${MAX_TOKENS:-384}
-BACKENDS=${BACKENDS:-"llamacpp:2 hf:16 hf:32 hf:64 llama-server:8 llama-server:16 llama-server:32"}
+BACKENDS=${BACKENDS:-"llamacpp:2 hf:32 hf:64 llama-server:4 llama-server:8 llama-server:16"}
 PORT=${PORT:-$("$PY" -c "from deepspec.utils.distributed import find_free_port; print(find_free_port())")}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -41,9 +42,11 @@ for backend in $BACKENDS; do
         for ((i = 0; i < width; i++)); do addresses+=("127.0.0.1:$((PORT + i))"); done
         concurrency=$width
       else
-        launch=(--slots "$width" --threads "$(nproc)")
-        addresses=("127.0.0.1:$PORT")
-        concurrency=$width
+        workers=$(nproc)
+        launch=(--num-workers "$workers" --threads 1 --slots "$width")
+        addresses=()
+        for ((i = 0; i < workers; i++)); do addresses+=("127.0.0.1:$((PORT + i))"); done
+        concurrency=$((width * workers))
       fi
       bash scripts/data/launch_server.sh --engine "$engine" --base-port "$PORT" --log-dir "$WORK/logs-$engine" \
         "${launch[@]}" >/dev/null

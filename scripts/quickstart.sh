@@ -4,7 +4,7 @@
 # same budget -> evaluate each (temperature 1 and 0) -> one comparison table + a report.
 #
 #   bash scripts/quickstart.sh --fast   # 64 prompts, 40 steps per draft, 2 prompts per benchmark (~13 min)
-#   bash scripts/quickstart.sh          # 400 prompts (all of mini.jsonl), 160 steps, 4 prompts (~60 min)
+#   bash scripts/quickstart.sh          # 1000 prompts, 400 steps, 4 prompts per benchmark (~60 min)
 #   bash scripts/quickstart.sh --gpu    # Qwen/Qwen3-4B on one GPU node (see README)
 #
 # A re-run reuses finished stages (answers, cache, checkpoints, evaluations). Ctrl-C stops
@@ -29,7 +29,7 @@ done
 
 case "$PROFILE" in
   fast)    D_PROMPTS=64;  D_MAX_TOKENS=256; D_STEPS=40;  D_EVAL_SAMPLES=2; D_MAX_NEW=64 ;;
-  default) D_PROMPTS=400; D_MAX_TOKENS=384; D_STEPS=160; D_EVAL_SAMPLES=4; D_MAX_NEW=128 ;;
+  default) D_PROMPTS=1000; D_MAX_TOKENS=384; D_STEPS=400; D_EVAL_SAMPLES=4; D_MAX_NEW=128 ;;
   gpu)
     echo "quickstart --gpu: on a GPU node run the documented recipe (README: 'GPU recipe'):"
     echo "  PROFILE=qwen3-4b bash scripts/data/prepare_data.sh"
@@ -68,11 +68,17 @@ start_all=$(date +%s)
 stage() { echo; echo "== $* =="; }
 
 stage "1/5 install and resolve the embedded target"
-bash scripts/setup.sh --llamacpp
+# the default profile regenerates its answers with llama.cpp's native server (built once,
+# 10-25 min; ~3x the Python server's tokens/s); --fast keeps the Python servers
+server_opt=()
+[ "$PROFILE" = default ] && [ "${LLAMA_SERVER:-1}" = 1 ] && server_opt=(--llama-server)
+bash scripts/setup.sh --llamacpp "${server_opt[@]}"
 "$PY" -m deepspec.targets resolve embedded:smollm2-135m-instruct
 
-stage "2/5 answers + target cache ($NUM_PROMPTS prompts of mini.jsonl) -> $WORK/data"
-WORK_DIR=$WORK/data NUM_PROMPTS=$NUM_PROMPTS MAX_TOKENS=$MAX_TOKENS NUM_SERVERS=2 \
+# prompts: mini.jsonl (400: chat, math, code), then the mixed training set's first file
+INPUT=${INPUT:-data/train_prompts/mini.jsonl data/train_prompts/mixed_train_000.jsonl}
+stage "2/5 answers + target cache ($NUM_PROMPTS prompts of $INPUT) -> $WORK/data"
+WORK_DIR=$WORK/data NUM_PROMPTS=$NUM_PROMPTS MAX_TOKENS=$MAX_TOKENS INPUT=$INPUT \
   CONFIG=config/dspark/dspark_smollm2_135m.py bash scripts/data/prepare_data.sh
 
 stage "3/5 train $ALGOS ($STEPS steps each) -> $WORK/checkpoints"

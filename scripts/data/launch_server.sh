@@ -5,9 +5,10 @@
 # CPU, llama.cpp serving the embedded SmolLM2 GGUF (the engine that runs on CPU machines):
 #   bash scripts/data/launch_server.sh --engine llamacpp --num-workers 1 --base-port 30000
 #   bash scripts/data/launch_server.sh --engine llamacpp --model /path/to/any.gguf
-# CPU, llama.cpp's native llama-server (bash scripts/setup.sh --llama-server): one worker,
-# 16 parallel slots with continuous batching, ~3x the throughput of the Python server:
-#   bash scripts/data/launch_server.sh --engine llama-server --slots 16
+# CPU, llama.cpp's native llama-server (bash scripts/setup.sh --llama-server): one
+# single-threaded worker per core, 16 parallel slots each with continuous batching (~300
+# completion tokens/s on 2 cores, 2.4x the Python servers; benchmarks/README.md):
+#   bash scripts/data/launch_server.sh --engine llama-server --num-workers 2 --threads 1 --slots 16
 # One node of GPUs, one SGLang (or vLLM) worker per GPU, or --tp GPUs per worker:
 #   bash scripts/data/launch_server.sh --engine sglang --model Qwen/Qwen3-4B --num-workers 8
 #   bash scripts/data/launch_server.sh --engine vllm --model Qwen/Qwen3-4B --num-workers 4 --tp 2

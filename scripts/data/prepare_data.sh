@@ -42,15 +42,16 @@ case "$PROFILE" in
         && [ -f "$DEEPSPEC_HOME/targets/smollm2-135m-instruct-bf16.gguf" ] && ENGINE=llama-server
     fi
     MODEL=embedded:smollm2-135m-instruct
-    NUM_SERVERS=${NUM_SERVERS:-1}
     MAX_TOKENS=${MAX_TOKENS:-384}
-    if [ "$ENGINE" = llama-server ]; then
-      THREADS=${THREADS:-$(nproc)}
+    if [ "$ENGINE" = llama-server ]; then  # one single-threaded server per core, 16 slots each
+      NUM_SERVERS=${NUM_SERVERS:-$(nproc)}
+      THREADS=${THREADS:-1}
       SLOTS=${SLOTS:-16}
-      CONCURRENCY=${CONCURRENCY:-$SLOTS}
-    else
-      THREADS=${THREADS:-1}  # one thread per server is the fastest when the cores are shared
-      CONCURRENCY=${CONCURRENCY:-2}
+      CONCURRENCY=${CONCURRENCY:-$(( SLOTS * NUM_SERVERS ))}
+    else  # one single-threaded server per core: the fastest when the cores are shared
+      NUM_SERVERS=${NUM_SERVERS:-2}
+      THREADS=${THREADS:-1}
+      CONCURRENCY=${CONCURRENCY:-$NUM_SERVERS}
     fi
     GEN_EXTRA=()
     NPROC=${NPROC:-1}
