@@ -352,7 +352,9 @@ def test_launch_bad_arguments(tmp_path, args, fragment):
 
 def test_launch_llama_server_not_built(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAMA_SERVER_BIN", str(tmp_path / "nowhere" / "llama-server"))
-    proc = launch("--engine", "llama-server", "--base-port", str(find_free_port()), "--log-dir", str(tmp_path / "l"))
+    proc = launch(
+        "--engine", "llama-server", "--base-port", str(find_free_port()), "--log-dir", str(tmp_path / "l")
+    )
     assert_one_error(proc, "llama-server is not built", "bash scripts/setup.sh --llama-server", code=1)
     assert not (tmp_path / "l").exists()
 

@@ -671,7 +671,9 @@ def test_compiled_vocab_kernel_equals_eager(monkeypatch):
             )
             h = torch.randn(R, d, generator=torch.Generator().manual_seed(1), requires_grad=True)
             labels = y_pruned if pruned else y
-            rows = fused_head.head_loss_rows(h, th, labels, W, softcap=cap, max_chunk_elements=32 * V, **coeffs)
+            rows = fused_head.head_loss_rows(
+                h, th, labels, W, softcap=cap, max_chunk_elements=32 * V, **coeffs
+            )
             rows.loss.backward()
             runs.append((rows, h.grad))
             monkeypatch.setattr(fused_head, "vocab_rows", eager)

@@ -655,7 +655,8 @@ LLAMA_SERVER_BIN = os.environ.get(
 
 
 @pytest.mark.skipif(
-    not os.access(LLAMA_SERVER_BIN, os.X_OK), reason="llama-server not built (bash scripts/setup.sh --llama-server)"
+    not os.access(LLAMA_SERVER_BIN, os.X_OK),
+    reason="llama-server not built (bash scripts/setup.sh --llama-server)",
 )
 def test_native_llama_server_regenerates_with_parallel_slots(tmp_path):
     """The native llama-server engine: one worker with 4 slots answers 4 rows at once."""
