@@ -152,16 +152,22 @@ def test_system_prompt_option_and_prompt_ids(smollm2_tokenizer):
     assert prompt.endswith("<|im_start|>assistant\n") and "You are terse." in prompt
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Letters, digits, punctuation, symbols and spaces of any script: text a tokenizer sees.
+# Control characters and unassigned code points rarely survive decode(encode(x)), and the
+# round-trip filter below would then discard most examples.
+TEXT_CHARS = st.characters(codec="utf-8", categories=("L", "N", "P", "S", "Zs"), exclude_characters="<>|")
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much],
+)
 @given(
     turns=st.lists(
         st.tuples(
-            st.text(
-                alphabet=st.characters(codec="utf-8", exclude_characters="<>|\x00"), min_size=1, max_size=40
-            ),
-            st.text(
-                alphabet=st.characters(codec="utf-8", exclude_characters="<>|\x00"), min_size=1, max_size=60
-            ),
+            st.text(alphabet=TEXT_CHARS, min_size=1, max_size=40),
+            st.text(alphabet=TEXT_CHARS, min_size=1, max_size=60),
         ),
         min_size=1,
         max_size=3,
