@@ -132,6 +132,9 @@ def test_two_gloo_ranks_equal_one_rank(setup, tmp_path, algo, sharding):
     wa, wb = weights(one), weights(two)
     assert wa.keys() == wb.keys()
     for k in wa:
+        if not wa[k].is_floating_point():  # the draft vocabulary maps (d2t, t2d): identical
+            assert torch.equal(wa[k], wb[k]), k
+            continue
         # gradients are summed in another order across ranks; Adam's m/sqrt(v) can turn a
         # 1e-7 difference of a near-zero gradient into a fraction of one lr-sized update,
         # and a large weight (the final norm starts above 16 here) differs by its float ulp
