@@ -471,7 +471,9 @@ def test_checkpoint_records_conventions_and_loads_embedded_target_embeddings(tmp
 
     from deepspec.targets import load_family_spec
 
-    cfg = load_config("config/dspark/dspark_smollm2_135m.py", ["model.num_draft_layers=1"])
+    cfg = load_config(
+        "config/dspark/dspark_smollm2_135m.py", ["model.num_draft_layers=1", "model.draft_vocab_size=0"]
+    )
     model = build_draft(cfg, smollm2_dir)
     from safetensors import safe_open
 
@@ -488,6 +490,11 @@ def test_checkpoint_records_conventions_and_loads_embedded_target_embeddings(tmp
     assert load_family_spec(smollm2_dir).to_dict() == saved["target"]
     trainable, frozen = model.num_parameters()
     assert frozen == 49152 * 576 and trainable > 0
+    # the shipped config prunes the head to 8192 rows of the (tied) target head: its own tensor
+    pruned = build_draft(load_config("config/dspark/dspark_smollm2_135m.py"), smollm2_dir)
+    assert pruned.lm_head.weight is not pruned.embed_tokens.weight
+    assert torch.equal(pruned.lm_head.weight, pruned.embed_tokens.weight[pruned.draft_ids])
+    assert pruned.num_parameters()[1] == (49152 + 8192) * 576
 
 
 def test_fresh_draft_logits_start_near_uniform(smollm2_dir):
@@ -498,7 +505,11 @@ def test_fresh_draft_logits_start_near_uniform(smollm2_dir):
     for algo in ("dflash", "eagle3"):
         stds = {}
         for init, scale in (("calibrated", 1.0), ("ones", 1.0), ("calibrated", 2.5)):
-            opts = [f"model.output_norm_init={init}", f"model.output_norm_scale={scale}"]
+            opts = [
+                f"model.output_norm_init={init}",
+                f"model.output_norm_scale={scale}",
+                "model.draft_vocab_size=0",
+            ]
             model = build_draft(load_config(f"config/{algo}/{algo}_smollm2_135m.py", opts), smollm2_dir)
             with torch.no_grad():
                 stds[init, scale] = model.lm_logits(model.norm(h)).std().item()
