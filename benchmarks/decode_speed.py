@@ -79,8 +79,7 @@ def main() -> None:
     for path in args.draft:  # named <run>/<step>: two runs' step_160 stay apart
         parts = os.path.normpath(path).split(os.sep)
         drafts["/".join(parts[-2:])] = load_draft(path).to(dtype=dtype).eval()
-    layer_ids = sorted({i for d in drafts.values() for i in d.config.target_layer_ids}) or [0]
-    target = HFTarget(model, layer_ids)
+    target = HFTarget(model, [])  # plain decoding reads no features; each draft sets its own
     chat = ChatTokenizer(tokenizer)
     prompts = [
         chat.prompt_ids([{"role": "user", "content": p.text}])
@@ -114,10 +113,9 @@ def main() -> None:
         "plain": lambda ids: plain_generate(target, ids, max_new_tokens=n, temperature=0, eos_ids=eos),
         "prompt_lookup": lookup,
     }
-    ours = {"plain", "prompt_lookup"}
     for name, draft in drafts.items():
         methods[f"speculative:{name}"] = speculative(draft)
-        ours.add(f"speculative:{name}")
+    ours = set(methods)  # what must reproduce plain decoding's tokens (llama.cpp: other kernels)
     gguf = None
     if args.llamacpp_threads:
         from deepspec.targets import embedded_gguf_path

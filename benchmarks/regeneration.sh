@@ -36,22 +36,14 @@ for backend in $BACKENDS; do
         --batch-size "$width" --concurrency "$N" "${common[@]}" 2>&1 | grep 'regeneration:')
       ;;
     llamacpp|llama-server)
-      if [ "$engine" = llamacpp ]; then
-        launch=(--num-workers "$width" --threads 1)
-        addresses=()
-        for ((i = 0; i < width; i++)); do addresses+=("127.0.0.1:$((PORT + i))"); done
-        concurrency=$width
-      else
-        workers=$(nproc)
-        launch=(--num-workers "$workers" --threads 1 --slots "$width")
-        addresses=()
-        for ((i = 0; i < workers; i++)); do addresses+=("127.0.0.1:$((PORT + i))"); done
-        concurrency=$((width * workers))
-      fi
+      workers=$width slots=1 slot_opts=()  # llamacpp: WIDTH single-request servers
+      if [ "$engine" = llama-server ]; then workers=$(nproc) slots=$width slot_opts=(--slots "$width"); fi
+      addresses=()
+      for ((i = 0; i < workers; i++)); do addresses+=("127.0.0.1:$((PORT + i))"); done
       bash scripts/data/launch_server.sh --engine "$engine" --base-port "$PORT" --log-dir "$WORK/logs-$engine" \
-        "${launch[@]}" >/dev/null
+        --num-workers "$workers" --threads 1 "${slot_opts[@]}" >/dev/null
       line=$("$PY" scripts/data/generate_train_data.py --server-address "${addresses[@]}" \
-        --concurrency "$concurrency" "${common[@]}" 2>&1 | grep 'regeneration:') || true
+        --concurrency $((workers * slots)) "${common[@]}" 2>&1 | grep 'regeneration:') || true
       bash scripts/data/launch_server.sh --engine "$engine" --log-dir "$WORK/logs-$engine" --stop >/dev/null
       ;;
     *) echo "error: unknown backend $backend (hf:B, llamacpp:N, llama-server:SLOTS)" >&2; exit 2 ;;

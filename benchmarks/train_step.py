@@ -34,9 +34,18 @@ def peak_rss_mb() -> float:
 
 
 def bench(
-    algo: str, seq_len: int, precision: str, repeats: int, target_dir: str, batch: int = 1, vocab: int = 0
+    algo: str,
+    seq_len: int,
+    precision: str,
+    repeats: int,
+    target_dir: str,
+    batch: int = 1,
+    vocab: int | None = None,
 ) -> dict:
-    cfg = load_config(f"config/{algo}/{algo}_smollm2_135m.py", [f"model.draft_vocab_size={vocab}"])
+    """One algorithm's step; ``vocab`` overrides the config's ``model.draft_vocab_size``."""
+    opts = [] if vocab is None else [f"model.draft_vocab_size={vocab}"]
+    cfg = load_config(f"config/{algo}/{algo}_smollm2_135m.py", opts)
+    vocab = cfg.model.draft_vocab_size
     spec = load_family_spec(target_dir)
     torch.manual_seed(0)
     draft_ids = torch.randperm(spec.vocab_size)[:vocab].sort().values if vocab else None
@@ -70,7 +79,7 @@ def bench(
     h = torch.randn(rows, spec.hidden_size, dtype=dtype)
     W = model.lm_head.weight
     chunk = max(1, (16 * 2**20) // W.shape[0])  # the loss's own chunking
-    positions = 0
+    full, positions = model.embed_tokens.weight, 0  # SmolLM2 ties its head to the embedding
     if vocab:  # one full-vocabulary matmul per distinct target position the rows read
         pos = (
             out.target_pos
@@ -78,7 +87,6 @@ def bench(
             else out.anchors[..., None] + torch.arange(cfg.model.block_size)
         )
         positions = int(sum(torch.unique(pos[b].clamp(max=seq_len - 1)).numel() for b in range(batch)))
-    full = model._full_head_weight()
     hp = torch.randn(positions, spec.hidden_size, dtype=dtype)
     head_times = []
     for _ in range(repeats):
@@ -118,7 +126,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1, help="sequences per step")
     parser.add_argument(
-        "--draft-vocab-sizes", default="0", help="comma-separated model.draft_vocab_size values (0 = full)"
+        "--draft-vocab-sizes",
+        help="comma-separated model.draft_vocab_size values (0 = full; default: each config's own)",
     )
     parser.add_argument(
         "--compile",
@@ -129,7 +138,8 @@ def main() -> None:
     use_compiled_vocab_rows(args.compile)
     target_dir = resolve_target("embedded:smollm2-135m-instruct")
     for algo in args.algorithms.split(","):
-        for vocab in (int(v) for v in args.draft_vocab_sizes.split(",")):
+        sizes = [None] if args.draft_vocab_sizes is None else args.draft_vocab_sizes.split(",")
+        for vocab in (None if v is None else int(v) for v in sizes):
             row = bench(algo, args.seq_len, args.precision, args.repeats, target_dir, args.batch, vocab)
             print(json.dumps(row), flush=True)
 

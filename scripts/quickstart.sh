@@ -69,7 +69,7 @@ stage() { echo; echo "== $* =="; }
 
 stage "1/5 install and resolve the embedded target"
 # the default profile regenerates its answers with llama.cpp's native server (built once,
-# 10-25 min; ~3x the Python server's tokens/s); --fast keeps the Python servers
+# 10-25 min; 2.4x the Python servers' tokens/s); --fast keeps the Python servers
 server_opt=()
 [ "$PROFILE" = default ] && [ "${LLAMA_SERVER:-1}" = 1 ] && server_opt=(--llama-server)
 bash scripts/setup.sh --llamacpp "${server_opt[@]}"

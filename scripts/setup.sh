@@ -7,7 +7,7 @@
 #   bash scripts/setup.sh --llamacpp # + llama-cpp-python[server] (CPU answer regeneration;
 #                                    #   compiles from source, ~5-15 min the first time)
 #   bash scripts/setup.sh --llama-server  # + llama.cpp's native llama-server (parallel slots,
-#                                    #   continuous batching: ~3x faster regeneration on 2 cores)
+#                                    #   continuous batching: 2.4x faster regeneration on 2 cores)
 #                                    #   built from the same vendored source (~10-25 min once),
 #                                    #   and a bf16 GGUF of the embedded target for it
 #
@@ -67,14 +67,17 @@ PY
   ) >/dev/null 2>&1
 }
 
-# llama.cpp's native server, built from the llama.cpp tree vendored in the same sdist, into
-# $DEEPSPEC_HOME/llama-server (a passing build is kept: `llama-server --version` runs), plus
-# a bf16 GGUF of the embedded target converted by that tree's convert_hf_to_gguf.py.
-DEEPSPEC_HOME=${DEEPSPEC_HOME:-$HOME/.cache/deepspec}
-SERVER_DIR=$DEEPSPEC_HOME/llama-server
-SERVER_BIN=$SERVER_DIR/build/bin/llama-server
-SERVER_GGUF=$DEEPSPEC_HOME/targets/smollm2-135m-instruct-bf16.gguf
+# llama.cpp's native server, built from the llama.cpp tree vendored in the same sdist, where
+# `python -m deepspec.targets llama-server` says (<cache root>/llama-server; a passing build
+# is kept: `llama-server --version` runs), plus a bf16 GGUF of the embedded target converted
+# by that tree's convert_hf_to_gguf.py.
 llama_server_build() {
+  local paths SERVER_BIN SERVER_GGUF SERVER_DIR
+  mapfile -t paths < <(cd / && "$PY" -m deepspec.targets llama-server)
+  [ "${#paths[@]}" = 2 ] || { echo "setup: python -m deepspec.targets llama-server failed" >&2; exit 1; }
+  SERVER_BIN=${paths[0]}
+  SERVER_GGUF=${paths[1]}
+  SERVER_DIR=$(dirname "$(dirname "$(dirname "$SERVER_BIN")")")  # <dir>/build/bin/llama-server
   if [ -x "$SERVER_BIN" ] && "$SERVER_BIN" --version >/dev/null 2>&1; then
     echo "setup: llama-server already built ($SERVER_BIN)"
   else
@@ -85,7 +88,7 @@ llama_server_build() {
       "${LLAMACPP_SPEC%%\[*}==${LLAMACPP_SPEC##*==}" -d "$tmp"
     tar xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
     rm -rf "$SERVER_DIR"
-    mkdir -p "$DEEPSPEC_HOME"
+    mkdir -p "$(dirname "$SERVER_DIR")"
     mv "$tmp"/llama_cpp_python-*/vendor/llama.cpp "$SERVER_DIR"
     rm -rf "$tmp"
     cmake -S "$SERVER_DIR" -B "$SERVER_DIR/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
@@ -95,6 +98,7 @@ llama_server_build() {
     "$SERVER_BIN" --version >/dev/null 2>&1 || { echo "setup: the built llama-server does not run" >&2; exit 1; }
   fi
   if [ ! -f "$SERVER_GGUF" ]; then
+    mkdir -p "$(dirname "$SERVER_GGUF")"
     "$PY" -c "import sentencepiece" 2>/dev/null || pip_install sentencepiece
     local target tmp_gguf="$SERVER_GGUF.tmp"
     target=$(cd / && "$PY" -c "from deepspec.targets import resolve_target; print(resolve_target('embedded:smollm2-135m-instruct'))")

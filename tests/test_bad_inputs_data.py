@@ -341,6 +341,7 @@ def test_launch_second_port_taken(tmp_path):
         (["--engine", "tgi"], "unknown --engine 'tgi'"),
         (["--engine", "vllm"], "--engine vllm needs --model"),
         (["--engine", "llama-server", "--slots", "0"], "--slots must be an integer from 1 to 4096"),
+        (["--engine", "llama-server", "--model", "embedded:x"], "unknown embedded model 'embedded:x'"),
         (["--bogus"], "unknown option '--bogus'"),
     ],
 )

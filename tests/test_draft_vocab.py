@@ -19,7 +19,7 @@ from deepspec.drafts.vocab import (
     t2d_from_ids,
 )
 from deepspec.errors import DataError
-from tests.test_drafts import infer, make_cfg, make_draft, random_batch
+from tests.test_drafts import hand_block_loss, infer, make_cfg, make_draft, random_batch
 
 
 def test_selection_keeps_the_most_frequent_ties_by_id_and_fills_with_unseen_ids():
@@ -83,7 +83,6 @@ def test_pruned_block_loss_matches_hand_computation():
     res = alg.loss(model, out, **alg.loss_kwargs(cfg))
     fused = torch.autograd.grad(res.loss, [model.fc.weight, model.markov_head.W2.weight], retain_graph=True)
 
-    m = cfg.model
     p_d = torch.softmax(model.lm_logits(out.hidden) + model.markov_head.W2(out.markov), -1)  # [.., 48]
     q_full = torch.softmax(out.target_hidden @ model.embed_tokens.weight.T, -1)  # [.., V]
     q = q_full[..., model.draft_ids]
@@ -95,25 +94,13 @@ def test_pruned_block_loss_matches_hand_computation():
     labelled = index >= 0
     assert labelled.any() and (~labelled & out.eval_mask).any()  # both kinds of label occur
     ce = -torch.log(p_d.gather(-1, index.clamp(min=0)[..., None]).squeeze(-1)) * labelled
-    c = torch.sigmoid(out.confidence_logits)
-    c_star = (1 - 0.5 * l1).detach()
-    bce = -(c_star * torch.log(c) + (1 - c_star) * torch.log(1 - c))
-    w = torch.exp(-torch.arange(5.0, dtype=torch.float64) / m.loss_decay_gamma) * out.eval_mask
-    w = w * out.keep[..., None]
-    expected = (
-        m.ce_loss_alpha * (w * ce).sum()
-        + m.l1_loss_alpha * (w * l1).sum()
-        + m.confidence_head_alpha * (w * bce).sum()
-    ) / w.sum()
+    expected, w = hand_block_loss(cfg, out, ce, l1)
     torch.testing.assert_close(res.loss, expected, atol=1e-10, rtol=1e-10)
     by_hand = torch.autograd.grad(expected, [model.fc.weight, model.markov_head.W2.weight])
     for a, b in zip(fused, by_hand):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
     assert res.metrics["ce"] == pytest.approx(float((w * ce).sum().detach() / (w * labelled).sum()))
-    miss = float(
-        ((~labelled) & out.eval_mask & out.keep[..., None]).sum()
-        / (out.eval_mask & out.keep[..., None]).sum()
-    )
+    miss = float(((~labelled) & out.eval_mask).sum() / out.eval_mask.sum())
     assert res.metrics["draft_vocab_miss"] == pytest.approx(miss)
 
 

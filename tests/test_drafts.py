@@ -387,6 +387,20 @@ def test_only_trainable_parameters_change(algo, overrides):
         assert torch.equal(dict(model.named_parameters())[name], before)
 
 
+def hand_block_loss(cfg, out, ce, l1):
+    """DSpark's block loss written out from per-position ``ce`` and ``l1`` [B, N, G]:
+    ``(α_ce Σ w·CE + α_tv Σ w·L1 + α_conf Σ w·BCE(c, 1 − L1/2)) / Σ w`` with the position
+    weights ``w`` on the eval mask (which already drops dummy blocks). Returns (loss, w)."""
+    m = cfg.model
+    c = torch.sigmoid(out.confidence_logits)
+    c_star = (1 - 0.5 * l1).detach()  # the confidence target carries no gradient
+    bce = -(c_star * torch.log(c) + (1 - c_star) * torch.log(1 - c))
+    G = out.eval_mask.shape[-1]
+    w = torch.exp(-torch.arange(float(G), dtype=torch.float64) / m.loss_decay_gamma) * out.eval_mask
+    terms = m.ce_loss_alpha * (w * ce).sum() + m.l1_loss_alpha * (w * l1).sum()
+    return (terms + m.confidence_head_alpha * (w * bce).sum()) / w.sum(), w
+
+
 def test_block_loss_matches_hand_computation():
     cfg, model = make_draft("dspark", dtype=torch.float64)
     ids, loss_mask, feats, last = random_batch(2, 30, dtype=torch.float64)
@@ -395,21 +409,11 @@ def test_block_loss_matches_hand_computation():
     alg = get_algorithm("dspark")
     res = alg.loss(model, out, **alg.loss_kwargs(cfg))
     # by hand, all blocks at once
-    m = cfg.model
     logits = model.lm_logits(out.hidden) + model.markov_head.W2(out.markov)
     p_d = torch.softmax(logits, -1)
     p_t = torch.softmax(model.lm_logits(out.target_hidden), -1)
     ce = -torch.log(p_d.gather(-1, out.targets[..., None]).squeeze(-1))
-    l1 = (p_d - p_t).abs().sum(-1)
-    c_star = 1 - 0.5 * l1
-    c = torch.sigmoid(out.confidence_logits)
-    bce = -(c_star * torch.log(c) + (1 - c_star) * torch.log(1 - c))
-    w = torch.exp(-torch.arange(5.0, dtype=torch.float64) / m.loss_decay_gamma) * out.eval_mask
-    expected = (
-        m.ce_loss_alpha * (w * ce).sum()
-        + m.l1_loss_alpha * (w * l1).sum()
-        + m.confidence_head_alpha * (w * bce).sum()
-    ) / w.sum()
+    expected, w = hand_block_loss(cfg, out, ce, (p_d - p_t).abs().sum(-1))
     torch.testing.assert_close(res.loss, expected, atol=1e-10, rtol=1e-10)
     assert res.metrics["ce"] == pytest.approx(float((w * ce).sum().detach() / w.sum()))
     # the eval mask is the contiguous supervised prefix of each kept block

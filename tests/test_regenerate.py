@@ -26,6 +26,7 @@ from deepspec.data import ChatTokenizer, read_conversations
 from deepspec.data.generation_backends import OpenAIBackend, SamplingParams
 from deepspec.data.regenerate import RegenOptions, count_pending, read_done_ids, run_regeneration
 from deepspec.errors import DataError
+from deepspec.targets import embedded_bf16_gguf_path, llama_server_bin
 from deepspec.utils.distributed import find_free_port
 from tests.conftest import ROOT
 from tests.fault_server import FaultServer
@@ -649,13 +650,9 @@ def test_launch_server_two_llamacpp_workers_share_the_load(tmp_path):
             raise AssertionError(f"worker {pid} survived --stop")
 
 
-LLAMA_SERVER_BIN = os.environ.get(
-    "LLAMA_SERVER_BIN", os.path.expanduser("~/.cache/deepspec/llama-server/build/bin/llama-server")
-)
-
-
 @pytest.mark.skipif(
-    not os.access(LLAMA_SERVER_BIN, os.X_OK),
+    not os.access(llama_server_bin(), os.X_OK)
+    or not os.path.isfile(embedded_bf16_gguf_path("smollm2-135m-instruct")),
     reason="llama-server not built (bash scripts/setup.sh --llama-server)",
 )
 def test_native_llama_server_regenerates_with_parallel_slots(tmp_path):

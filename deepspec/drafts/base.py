@@ -353,9 +353,10 @@ class DraftModel(nn.Module):
         max_chunk_elements: int = 16 * 2**20,
     ) -> torch.Tensor | None:
         """log Σ_v exp(target logit v) over the full target vocabulary for target final states
-        ``last_hidden`` [..., d] → fp32 (fp64 for an fp64 head) [...]; +inf where ``needed`` [...] is False (a target
-        distribution of zero mass on the draft vocabulary, so unused rows stay finite). None
-        when the draft vocabulary is not pruned (the loss then normalises over the whole head)."""
+        ``last_hidden`` [..., d] → [...] (fp32; fp64 for an fp64 head); +inf where ``needed``
+        [...] is False (a target distribution of zero mass on the draft vocabulary, so unused
+        rows stay finite). None when the draft vocabulary is not pruned (the loss then
+        normalises over the whole head)."""
         if not self.pruned:
             return None
         from deepspec.drafts.fused_head import target_lse

@@ -89,20 +89,21 @@ def context_visible(j: torch.Tensor, anchors: torch.Tensor, window: int) -> torc
 
 
 def _dense_block_attention(q, kb, vb, kc, vc, anchors, scale, chunk):
+    """No window: each block sees every context position before its anchor."""
     B, N, H, G, hd = q.shape
     S = kc.shape[-2]
     outs = []
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
         c = n1 - n0
-        ctx_start, ctx_end = 0, max(1, min(S, int(anchors[:, n0:n1].max())))  # later keys: invisible
+        ctx_end = max(1, min(S, int(anchors[:, n0:n1].max())))  # later keys: seen by no query
         Q = q[:, n0:n1].permute(0, 2, 1, 3, 4).reshape(B, H, c * G, hd)
         Kb = kb[:, n0:n1].permute(0, 2, 1, 3, 4).reshape(B, -1, c * G, hd)
         Vb = vb[:, n0:n1].permute(0, 2, 1, 3, 4).reshape(B, -1, c * G, hd)
-        K = torch.cat([kc[..., ctx_start:ctx_end, :], Kb], dim=-2)
-        V = torch.cat([vc[..., ctx_start:ctx_end, :], Vb], dim=-2)
-        j = torch.arange(ctx_start, ctx_end, device=q.device)
-        ctx_mask = context_visible(j[None, None], anchors[:, n0:n1, None], 0)
+        K = torch.cat([kc[..., :ctx_end, :], Kb], dim=-2)
+        V = torch.cat([vc[..., :ctx_end, :], Vb], dim=-2)
+        j = torch.arange(ctx_end, device=q.device)
+        ctx_mask = j[None, None] < anchors[:, n0:n1, None]  # every position before the anchor
         ctx_mask = ctx_mask.repeat_interleave(G, dim=1)  # [B, cG, ctx]
         blk = torch.arange(c, device=q.device).repeat_interleave(G)
         blk_mask = (blk[:, None] == blk[None, :]).expand(B, -1, -1)  # [B, cG, cG]

@@ -5,7 +5,9 @@ from deepspec.targets.resolve import (
     DEFAULT_TARGET,
     EMBEDDED_TARGETS,
     cache_root,
+    embedded_bf16_gguf_path,
     embedded_gguf_path,
+    llama_server_bin,
     resolve_target,
 )
 
@@ -15,8 +17,10 @@ __all__ = [
     "FAMILIES",
     "FamilySpec",
     "cache_root",
+    "embedded_bf16_gguf_path",
     "embedded_gguf_path",
     "family_spec_from_config",
+    "llama_server_bin",
     "load_family_spec",
     "resolve_target",
 ]

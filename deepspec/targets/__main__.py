@@ -3,6 +3,7 @@
 python -m deepspec.targets resolve embedded:smollm2-135m-instruct   # prints the HF dir
 python -m deepspec.targets spec Qwen/Qwen3-4B                        # prints the family spec
 python -m deepspec.targets chat embedded:smollm2-135m-instruct "What is 7 * 6?"
+python -m deepspec.targets llama-server                              # its binary, then its GGUF
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ import time
 from deepspec.cli import ArgumentParser, run_main
 from deepspec.errors import ConfigError, TargetError, check_number
 from deepspec.targets.family import load_family_spec
-from deepspec.targets.resolve import DEFAULT_TARGET, resolve_target
+from deepspec.targets.resolve import (
+    DEFAULT_TARGET,
+    EMBEDDED_PREFIX,
+    embedded_bf16_gguf_path,
+    llama_server_bin,
+    resolve_target,
+)
 
 
 def chat(model_dir: str, prompt: str, *, max_new_tokens: int, dtype: str) -> str:
@@ -63,7 +70,17 @@ def main() -> int:
     p_chat.add_argument("prompt", nargs="?", default="In two sentences, what is speculative decoding?")
     p_chat.add_argument("--max-new-tokens", type=int, default=96)
     p_chat.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p_server = sub.add_parser(
+        "llama-server", help="print where the native llama-server and its bf16 GGUF of a target are"
+    )
+    p_server.add_argument("name", nargs="?", default=DEFAULT_TARGET)
     args = parser.parse_args()
+    if args.command == "llama-server":  # paths only: nothing is resolved or converted
+        if not args.name.startswith(EMBEDDED_PREFIX):
+            raise ConfigError(f"{args.name} is not an embedded target; pass a GGUF to llama-server directly")
+        gguf = embedded_bf16_gguf_path(args.name.removeprefix(EMBEDDED_PREFIX))
+        print(f"{llama_server_bin()}\n{gguf}")
+        return 0
     if args.command == "chat":
         check_number("--max-new-tokens", args.max_new_tokens, low=1)
         if not args.prompt.strip():

@@ -59,6 +59,22 @@ def targets_dir() -> str:
     return os.path.join(cache_root(), "targets")
 
 
+def llama_server_bin() -> str:
+    """llama.cpp's native server: ``$LLAMA_SERVER_BIN``, else where ``bash scripts/setup.sh
+    --llama-server`` builds it (``<cache root>/llama-server/build/bin/llama-server``)."""
+    return os.environ.get("LLAMA_SERVER_BIN") or os.path.join(
+        cache_root(), "llama-server", "build", "bin", "llama-server"
+    )
+
+
+def embedded_bf16_gguf_path(name: str) -> str:
+    """Where ``setup.sh --llama-server`` writes a bf16 GGUF of embedded target ``name``
+    (the native server's model; it may not exist yet)."""
+    if name not in EMBEDDED_TARGETS:
+        embedded_gguf_path(name)  # the one-line unknown-target error
+    return os.path.join(targets_dir(), f"{name}-bf16.gguf")
+
+
 def embedded_gguf_path(name: str) -> str:
     """Path of the GGUF file of an embedded target (``name`` without the prefix)."""
     entry = EMBEDDED_TARGETS.get(name)

@@ -51,8 +51,6 @@ WAIT=600
 STOP=0
 EXTRA=""
 SLOTS=16
-DEEPSPEC_HOME=${DEEPSPEC_HOME:-$HOME/.cache/deepspec}
-LLAMA_SERVER_BIN=${LLAMA_SERVER_BIN:-$DEEPSPEC_HOME/llama-server/build/bin/llama-server}
 
 die() {  # die CODE MESSAGE: one error line, non-zero exit
   echo "error: $2" >&2
@@ -151,28 +149,26 @@ PYEOF
   }
 done
 
-if [ "$ENGINE" = llamacpp ]; then
-  "$PY" -c "import llama_cpp.server" 2>/dev/null \
-    || die 1 "llama-cpp-python[server] is not installed; run bash scripts/setup.sh --llamacpp"
-  if [[ "$MODEL" == embedded:* ]]; then
-    GGUF=$("$PY" -c "import sys; from deepspec.targets import embedded_gguf_path; print(embedded_gguf_path(sys.argv[1]))" "${MODEL#embedded:}" 2>/dev/null) \
-      || die 2 "unknown embedded model '$MODEL' (the embedded one is embedded:smollm2-135m-instruct)"
+if [ "$ENGINE" = llamacpp ] || [ "$ENGINE" = llama-server ]; then
+  GGUF=$MODEL
+  if [ "$ENGINE" = llamacpp ]; then
+    "$PY" -c "import llama_cpp.server" 2>/dev/null \
+      || die 1 "llama-cpp-python[server] is not installed; run bash scripts/setup.sh --llamacpp"
+    if [[ "$MODEL" == embedded:* ]]; then  # the GGUF the package ships
+      GGUF=$("$PY" -c "import sys; from deepspec.targets import embedded_gguf_path; print(embedded_gguf_path(sys.argv[1]))" "${MODEL#embedded:}" 2>/dev/null) \
+        || die 2 "unknown embedded model '$MODEL' (the embedded one is embedded:smollm2-135m-instruct)"
+    fi
   else
-    GGUF=$MODEL
-  fi
-  [ -f "$GGUF" ] || die 2 "GGUF file not found: $GGUF (check --model)"
-  cores=$(nproc)
-  THREADS=${THREADS:-$(( cores / NUM > 0 ? cores / NUM : 1 ))}
-  SERVED=$GGUF
-elif [ "$ENGINE" = llama-server ]; then
-  [ -x "$LLAMA_SERVER_BIN" ] || die 1 "llama-server is not built ($LLAMA_SERVER_BIN); run bash scripts/setup.sh --llama-server (or set LLAMA_SERVER_BIN)"
-  if [[ "$MODEL" == embedded:smollm2-135m-instruct ]]; then
-    GGUF=$DEEPSPEC_HOME/targets/smollm2-135m-instruct-bf16.gguf
-    [ -f "$GGUF" ] || die 1 "no GGUF of the embedded target at $GGUF; run bash scripts/setup.sh --llama-server"
-  elif [[ "$MODEL" == embedded:* ]]; then
-    die 2 "unknown embedded model '$MODEL' (the embedded one is embedded:smollm2-135m-instruct)"
-  else
-    GGUF=$MODEL
+    embedded=embedded:smollm2-135m-instruct
+    [[ "$MODEL" == embedded:* ]] && embedded=$MODEL
+    mapfile -t paths < <("$PY" -m deepspec.targets llama-server "$embedded" 2>/dev/null) \
+      && [ "${#paths[@]}" = 2 ] || die 2 "unknown embedded model '$MODEL' (the embedded one is embedded:smollm2-135m-instruct)"
+    LLAMA_SERVER_BIN=${paths[0]}
+    [ -x "$LLAMA_SERVER_BIN" ] || die 1 "llama-server is not built ($LLAMA_SERVER_BIN); run bash scripts/setup.sh --llama-server (or set LLAMA_SERVER_BIN)"
+    if [[ "$MODEL" == embedded:* ]]; then  # the bf16 GGUF setup.sh converted
+      GGUF=${paths[1]}
+      [ -f "$GGUF" ] || die 1 "no GGUF of the embedded target at $GGUF; run bash scripts/setup.sh --llama-server"
+    fi
   fi
   [ -f "$GGUF" ] || die 2 "GGUF file not found: $GGUF (check --model)"
   cores=$(nproc)

@@ -34,25 +34,20 @@ case "$PROFILE" in
     TEST_SIZE=${TEST_SIZE:-0}
     CONFIG=${CONFIG:-config/dspark/dspark_smollm2_135m.py}
     # the native llama-server (continuous batching over parallel slots, benchmarks/README.md:
-    # ~3x the completion tokens/s) when it is built, else the Python llama.cpp servers
-    DEEPSPEC_HOME=${DEEPSPEC_HOME:-$HOME/.cache/deepspec}
+    # 2.4x the completion tokens/s) when it is built, else the Python llama.cpp servers
     if [ -z "${ENGINE:-}" ]; then
       ENGINE=llamacpp
-      [ -x "${LLAMA_SERVER_BIN:-$DEEPSPEC_HOME/llama-server/build/bin/llama-server}" ] \
-        && [ -f "$DEEPSPEC_HOME/targets/smollm2-135m-instruct-bf16.gguf" ] && ENGINE=llama-server
+      mapfile -t server_paths < <("$PY" -m deepspec.targets llama-server embedded:smollm2-135m-instruct)
+      [ "${#server_paths[@]}" = 2 ] && [ -x "${server_paths[0]}" ] && [ -f "${server_paths[1]}" ] \
+        && ENGINE=llama-server
     fi
     MODEL=embedded:smollm2-135m-instruct
     MAX_TOKENS=${MAX_TOKENS:-384}
-    if [ "$ENGINE" = llama-server ]; then  # one single-threaded server per core, 16 slots each
-      NUM_SERVERS=${NUM_SERVERS:-$(nproc)}
-      THREADS=${THREADS:-1}
-      SLOTS=${SLOTS:-16}
-      CONCURRENCY=${CONCURRENCY:-$(( SLOTS * NUM_SERVERS ))}
-    else  # one single-threaded server per core: the fastest when the cores are shared
-      NUM_SERVERS=${NUM_SERVERS:-2}
-      THREADS=${THREADS:-1}
-      CONCURRENCY=${CONCURRENCY:-$NUM_SERVERS}
-    fi
+    NUM_SERVERS=${NUM_SERVERS:-$(nproc)}  # one single-threaded server per core: the fastest
+    THREADS=${THREADS:-1}
+    SLOTS=${SLOTS:-16}                      # requests each llama-server batches (the Python one: 1)
+    [ "$ENGINE" = llama-server ] || SLOTS=1
+    CONCURRENCY=${CONCURRENCY:-$(( SLOTS * NUM_SERVERS ))}
     GEN_EXTRA=()
     NPROC=${NPROC:-1}
     BATCH=${BATCH:-4}
@@ -109,8 +104,10 @@ else
   }
   trap stop_servers EXIT
   launch_extra=()
-  [ "$ENGINE" = llamacpp ] && launch_extra=(--threads "$THREADS")
-  [ "$ENGINE" = llama-server ] && launch_extra=(--threads "$THREADS" --slots "$SLOTS")
+  case "$ENGINE" in
+    llamacpp) launch_extra=(--threads "$THREADS") ;;
+    llama-server) launch_extra=(--threads "$THREADS" --slots "$SLOTS") ;;
+  esac
   bash scripts/data/launch_server.sh --engine "$ENGINE" --model "$MODEL" --num-workers "$NUM_SERVERS" \
     --base-port "$PORT" --log-dir "$LOGS" "${launch_extra[@]}"
   addresses=()
