@@ -25,7 +25,7 @@ from tests.conftest import ROOT
 DRAFTS = [
     ("dflash", []),
     ("dspark", ["model.markov_head_type=rnn"]),
-    ("dspark", ["model.context_window=2", "model.qk_norm=true"]),
+    ("dspark", ["model.context_window=5", "model.qk_norm=true"]),
     ("dspark", ["model.draft_vocab_size=40"]),
     ("eagle3", []),
     ("eagle3", ["model.draft_vocab_size=40"]),
@@ -309,7 +309,7 @@ def small_target(tmp_path_factory):
     [
         ("dflash", [], 0.0),
         ("dspark", [], 0.0),
-        ("dspark", ["model.markov_head_type=gated", "model.context_window=1", "model.qk_norm=true"], 0.3),
+        ("dspark", ["model.markov_head_type=gated", "model.context_window=2", "model.qk_norm=true"], 0.3),
         ("dspark", ["model.draft_vocab_size=3"], 0.0),
         ("eagle3", [], 0.0),
     ],

@@ -24,7 +24,7 @@ VARIANTS = [
     ("dspark", {"model.markov_head_type": "rnn"}),
     ("dspark", {"model.markov_head_type": "vanilla", "model.confidence_head_with_markov": False}),
     ("dspark", {"model.context_window": 6, "model.qk_norm": True}),
-    ("dflash", {"model.context_window": 3, "model.qk_norm": False}),
+    ("dflash", {"model.context_window": 5, "model.qk_norm": False}),
     ("dspark", {"model.draft_vocab_size": 48}),
     ("dflash", {"model.draft_vocab_size": 48}),
     ("eagle3", {"model.draft_vocab_size": 48}),
@@ -204,22 +204,25 @@ def test_flex_equals_dense_block_attention():
 
 
 def _reference_block_attention(q, kb, vb, kc, vc, anchors, scale, window):
-    """One block at a time, with its visible keys gathered explicitly."""
+    """One query at a time, with its visible keys gathered explicitly: slot ``s`` of the
+    block at ``a`` sees context ``j < a`` with ``a + s - j < window`` (a sliding window)."""
     B, N, H, G, hd = q.shape
     groups = H // kc.shape[1]
     out = torch.zeros_like(q)
     for b in range(B):
         for n in range(N):
             a = int(anchors[b, n])
-            lo = max(0, a - window) if window > 0 else 0
-            k = torch.cat([kc[b, :, lo:a], kb[b, n]], 1).repeat_interleave(groups, 0)  # [H, T, hd]
-            v = torch.cat([vc[b, :, lo:a], vb[b, n]], 1).repeat_interleave(groups, 0)
-            w = torch.softmax(q[b, n] @ k.transpose(-1, -2) * scale, -1)  # [H, G, T]
-            out[b, n] = w @ v
+            for s in range(G):
+                lo = max(0, a + s - window + 1) if window > 0 else 0
+                lo = min(lo, a)
+                k = torch.cat([kc[b, :, lo:a], kb[b, n]], 1).repeat_interleave(groups, 0)  # [H, T, hd]
+                v = torch.cat([vc[b, :, lo:a], vb[b, n]], 1).repeat_interleave(groups, 0)
+                w = torch.softmax(q[b, n, :, s : s + 1] @ k.transpose(-1, -2) * scale, -1)  # [H, 1, T]
+                out[b, n, :, s : s + 1] = w @ v
     return out
 
 
-@pytest.mark.parametrize("window", [0, 1, 3, 7])
+@pytest.mark.parametrize("window", [0, 1, 2, 3, 7])
 def test_windowed_block_attention_equals_reference(window):
     g = torch.Generator().manual_seed(window)
     B, N, H, G, hd, KVH, S = 2, 6, 4, 3, 16, 2, 24
@@ -257,7 +260,7 @@ def test_recent_context_attention_probe(window):
     anchors = torch.tensor([[0, 6, 15, 29]])  # the first has no context: skipped
     keep = torch.ones(B, N, dtype=torch.bool)
     mass, uniform = recent_context_attention(torch.zeros(B, N, H, G, hd), kb, kc, anchors, keep, 1.0, window)
-    visible = [min(a, window) if window else a for a in (6, 15, 29)]
+    visible = [min(a, window - 1) if window else a for a in (6, 15, 29)]  # slot 0 sees W-1
     expected = sum(min(8, n) / (n + G) for n in visible) / 3
     assert mass == pytest.approx(expected) and uniform == pytest.approx(expected)
     q = torch.zeros(B, N, H, G, hd)
@@ -276,10 +279,11 @@ def test_context_window_hides_older_context_in_training_and_inference(algo):
     _, model = make_draft(algo, **{"model.context_window": W})
     model.eval()
     ids, loss_mask, feats, last = random_batch(1, 40)
+    oldest = a - W + 1  # slot 0 sees the newest W-1 positions
     older = feats.clone()
-    older[:, : a - W] += torch.randn_like(older[:, : a - W])  # outside the window
+    older[:, :oldest] += torch.randn_like(older[:, :oldest])  # outside the window
     inside = feats.clone()
-    inside[:, a - W] += 1.0  # the oldest position inside it
+    inside[:, oldest] += 1.0  # the oldest position inside it
     anchors = torch.tensor([[a]])
     with torch.no_grad():
         hidden = {

@@ -38,9 +38,10 @@ model = dict(
     confidence_head_with_markov=True,
     loss_decay_gamma=4.0,
     # reading the target (docs/RESULTS.md, "Learning to read the target"): each block sees
-    # the newest 8 target positions, per-head q/k norms, draft layers started at std 0.04,
+    # the newest 8-14 target positions (a sliding window of 15 as llama.cpp and vLLM apply
+    # it: block slot k sees 14-k), per-head q/k norms, draft layers started at std 0.04,
     # final norm started 3x the calibrated scale (sharper first distributions)
-    context_window=8,
+    context_window=15,
     qk_norm=True,
     init_std=0.04,
     output_norm_scale=3.0,

@@ -1,8 +1,9 @@
 """Eagle3 on Qwen/Qwen3-4B (36 layers) — the reference training setting.
 
 Eagle3: one autoregressive decoder layer trained with a 7-step training-time test.
-Five target layers spread over the stack, never the last one (its output is the
-final hidden state, which the loss already uses).
+Three target layers (low, middle, high) as EAGLE-3 and the serving engines use them
+(llama.cpp's Eagle3 takes exactly 3), never the last one (its output is the final
+hidden state, which the loss already uses).
 """
 
 algorithm = "eagle3"
@@ -12,7 +13,7 @@ seed = 42
 
 model = dict(
     target_model_name_or_path="Qwen/Qwen3-4B",
-    target_layer_ids=[1, 9, 17, 25, 33],
+    target_layer_ids=[1, 17, 32],
     draft_num_hidden_layers=1,
     ttt_length=7,
     step_loss_decay=0.8,

@@ -409,6 +409,14 @@ def _validate(cfg: CfgNode, problems: _Problems, sources: Mapping[str, str]) -> 
             "ce_loss_alpha + l1_loss_alpha must be > 0",
             sources.get("model.ce_loss_alpha"),
         )
+    window, block = cfg.model.context_window, cfg.model.block_size
+    if cfg.algorithm in ("dspark", "dflash") and 0 < window < block:
+        problems.add(
+            "model.context_window",
+            f"{window} is smaller than model.block_size {block}: a sliding window must cover the "
+            "whole block (0 = no window)",
+            sources.get("model.context_window"),
+        )
     if cfg.train.global_batch_size % cfg.train.local_batch_size:
         problems.add(
             "train.global_batch_size",

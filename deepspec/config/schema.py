@@ -88,8 +88,9 @@ FIELDS: tuple[Field, ...] = (
         "model.context_window",
         0,
         "int",
-        "DFlash/DSpark: a block sees only the last W target positions before its anchor (training "
-        "mask and the draft's KV cache); 0 = all of them.",
+        "DFlash/DSpark: a sliding window over positions, as llama.cpp and vLLM apply it: block slot k "
+        "(position a+k) sees context j < a only if a+k-j < W, so slot 0 sees the newest W-1 target "
+        "positions; 0 = all of them. Must be 0 or >= model.block_size.",
         minimum=0,
     ),
     _f(

@@ -91,8 +91,8 @@ class KVCache:
 
     Rows may hold different numbers of positions (batched decoding accepts different
     numbers of tokens per row); position ``j`` of row ``b`` is valid iff
-    ``min_position <= j < lengths[b]`` and, with a ``window`` ``W > 0``,
-    ``j >= lengths[b] - W``.
+    ``min_position <= j < lengths[b]`` and, with a sliding ``window`` ``W > 0``, the query
+    at position ``lengths[b] + k`` sees it only if ``lengths[b] + k - j < W``.
 
     With a window the cache keeps only what some row can still see: :meth:`trim` drops
     positions below ``min(lengths) - W`` and buffer index ``i`` then holds position
@@ -166,14 +166,16 @@ class KVCache:
         n = upto - self.offset
         return (self.k[layer][:, :n].transpose(1, 2), self.v[layer][:, :n].transpose(1, 2))
 
-    def mask(self, upto: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, upto - offset]`` bool: which cached positions ``offset .. upto-1`` are visible."""
-        lengths = self.lengths if lengths is None else lengths
-        j = torch.arange(self.offset, upto, device=lengths.device)[None]
-        visible = (j >= self.min_position) & (j < lengths[:, None])
+    def mask(self, upto: int, queries: int = 1) -> torch.Tensor:
+        """``[B, queries, upto - offset]`` bool: which cached positions ``offset .. upto-1``
+        the queries at positions ``lengths[b] + k`` (``k < queries``) see."""
+        lengths = self.lengths[:, None, None]
+        j = torch.arange(self.offset, upto, device=lengths.device)[None, None]
+        visible = (j >= self.min_position) & (j < lengths)
         if self.window > 0:
-            visible &= j >= lengths[:, None] - self.window
-        return visible
+            k = torch.arange(queries, device=lengths.device)[None, :, None]
+            visible = visible & (lengths + k - j < self.window)
+        return visible.expand(-1, queries, -1)
 
 
 def sample_tokens(

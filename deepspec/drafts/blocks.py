@@ -1,17 +1,18 @@
 """Anchors and block-sparse attention for block drafters (DFlash, DSpark).
 
 A block for anchor ``a`` holds positions ``a .. a+gamma-1``; its position ``k`` predicts
-token ``a+1+k``. A block position attends to context positions ``j < a`` (target features;
-with a context window ``W > 0`` only ``a - W <= j < a``) and to every position of its own
-block. All blocks of a sequence go through the draft in
-one pass:
+token ``a+1+k``. A block position attends to context positions ``j < a`` (target features)
+and to every position of its own block. A context window ``W > 0`` is a standard sliding
+window over positions, as the serving engines (llama.cpp, vLLM) apply it: slot ``k`` (at
+position ``a+k``) sees context ``j`` only if ``a + k - j < W``, i.e. the newest ``W-1-k``
+positions. All blocks of a sequence go through the draft in one pass:
 
 * ``flex``: ``torch.nn.attention.flex_attention`` with a block mask (CUDA);
 * ``sdpa``: exact dense boolean masks through SDPA, processed in chunks of anchors so the
   score tensor stays ``[chunk*gamma, S + chunk*gamma]`` per head (4k-token sequences with
   512 anchors fit in a few hundred MB). With a window the context keys of each block are
-  gathered instead (``W`` of them, then its ``gamma`` block keys): a ``[gamma, W + gamma]``
-  score tile per block, exact, and far smaller than the dense mask.
+  gathered instead (``W-1`` of them, then its ``gamma`` block keys): a
+  ``[gamma, W-1 + gamma]`` score tile per block, exact, and far smaller than the dense mask.
 """
 
 from __future__ import annotations
@@ -80,11 +81,12 @@ def block_targets(
     return prev_tokens, targets, pos.clamp(max=S - 1), eval_mask
 
 
-def context_visible(j: torch.Tensor, anchors: torch.Tensor, window: int) -> torch.Tensor:
-    """May a block at ``anchors`` see context position ``j``? (broadcasting; ``window`` 0 = all)."""
+def context_visible(j: torch.Tensor, anchors: torch.Tensor, window: int, slot: torch.Tensor | int = 0) -> torch.Tensor:
+    """May slot ``slot`` of the block at ``anchors`` see context position ``j``?
+    (broadcasting; ``window`` 0 = all; otherwise the sliding window ``a + slot - j < W``)."""
     visible = j < anchors
     if window > 0:
-        visible = visible & (j >= anchors - window)
+        visible = visible & (anchors + slot - j < window)
     return visible
 
 
@@ -116,15 +118,17 @@ def _dense_block_attention(q, kb, vb, kc, vc, anchors, scale, chunk):
 def _windowed_block_attention(q, kb, vb, kc, vc, anchors, scale, window):
     B, N, H, G, hd = q.shape
     KVH = kc.shape[1]
-    pos = anchors[..., None] - window + torch.arange(window, device=q.device)  # [B, N, W]
-    visible = pos >= 0  # j >= a - W and j < a by construction
-    idx = pos.clamp(min=0).reshape(B, 1, N * window, 1).expand(B, KVH, N * window, hd)
+    n = max(1, window - 1)  # slot 0 sees the newest W-1 context positions, later slots fewer
+    pos = anchors[..., None] - n + torch.arange(n, device=q.device)  # [B, N, n], all < a
+    slot = torch.arange(G, device=q.device)[:, None]
+    visible = (pos[:, :, None] >= 0) & context_visible(pos[:, :, None], anchors[..., None, None], window, slot)
+    idx = pos.clamp(min=0).reshape(B, 1, N * n, 1).expand(B, KVH, N * n, hd)
 
-    def keys(ctx, blk):  # [B, KVH, S, hd], [B, N, KVH, G, hd] -> [B*N, KVH, W + G, hd]
-        near = torch.gather(ctx, 2, idx).view(B, KVH, N, window, hd).permute(0, 2, 1, 3, 4)
-        return torch.cat([near, blk], dim=3).reshape(B * N, KVH, window + G, hd)
+    def keys(ctx, blk):  # [B, KVH, S, hd], [B, N, KVH, G, hd] -> [B*N, KVH, n + G, hd]
+        near = torch.gather(ctx, 2, idx).view(B, KVH, N, n, hd).permute(0, 2, 1, 3, 4)
+        return torch.cat([near, blk], dim=3).reshape(B * N, KVH, n + G, hd)
 
-    mask = torch.cat([visible[:, :, None].expand(B, N, G, window), visible.new_ones(B, N, G, G)], -1)
+    mask = torch.cat([visible, visible.new_ones(B, N, G, G)], -1)
     o = attend(q.reshape(B * N, H, G, hd), keys(kc, kb), keys(vc, vb), mask.view(B * N, 1, G, -1), scale)
     return o.view(B, N, H, G, hd)
 
@@ -152,7 +156,7 @@ def recent_context_attention(
     masses, uniforms = [], []
     for i in range(min(max_blocks, q.shape[1])):
         a = int(anchors[0, i])
-        lo = max(0, a - window) if window > 0 else 0
+        lo = max(0, a - window + 1) if window > 0 else 0  # slot 0's view
         n_ctx = a - lo
         if not bool(keep[0, i]) or n_ctx < 1:
             continue
@@ -191,7 +195,7 @@ def _flex_block_attention(q, kb, vb, kc, vc, anchors, scale, window):
 
     def mask_mod(b, h, qi, ki):
         block = qi // G
-        ctx_visible = (ki < S) & context_visible(ki, anchors[b, block], window)
+        ctx_visible = (ki < S) & context_visible(ki, anchors[b, block], window, qi % G)
         same_block = (ki >= S) & ((ki - S) // G == block)
         return ctx_visible | same_block
 
@@ -215,8 +219,9 @@ def block_attention(
     """Attention of every block over its visible context and its own block.
 
     ``q`` [B, N, H, G, hd] (block queries), ``kb/vb`` [B, N, KVH, G, hd] (block keys),
-    ``kc/vc`` [B, KVH, S, hd] (context keys), ``anchors`` [B, N]; ``window`` > 0 limits the
-    context to the last ``window`` positions before each anchor. Returns [B, N, H, G, hd].
+    ``kc/vc`` [B, KVH, S, hd] (context keys), ``anchors`` [B, N]; ``window`` > 0 is a sliding
+    window over positions (slot ``k`` sees context ``j`` iff ``a + k - j < window``).
+    Returns [B, N, H, G, hd].
     """
     if backend == "auto":
         backend = "flex" if q.is_cuda else "sdpa"

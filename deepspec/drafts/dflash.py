@@ -227,7 +227,7 @@ class DFlashDraft(DraftModel):
         G = self.block_size
         positions = state.lengths[:, None] + torch.arange(G, device=anchor_tokens.device)
         upto = int(state.lengths.max())
-        visible = state.mask(upto)[:, None, :].expand(-1, G, -1)  # [B, G, upto - offset]
+        visible = state.mask(upto, G)  # [B, G, upto - offset]
         mask = torch.cat([visible, visible.new_ones(visible.shape[0], G, G)], -1)[:, None]
 
         def attn(layer, q, kb, vb):

@@ -1,0 +1,46 @@
+"""``python -m deepspec.export <draft dir> --to {llamacpp,vllm,sglang,speculators} --out <dir>``"""
+
+from __future__ import annotations
+
+import json
+
+from deepspec.cli import ArgumentParser, run_main
+from deepspec.export import FORMATS, export_draft
+
+
+def main() -> int:
+    parser = ArgumentParser(
+        prog="python -m deepspec.export",
+        description="Write a trained draft in a serving engine's format (see README, Serving).",
+    )
+    parser.add_argument("draft", help="draft checkpoint directory (e.g. <checkpoints>/step_latest)")
+    parser.add_argument("--to", required=True, choices=FORMATS, help="target engine format")
+    parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    parser.add_argument(
+        "--target", default=None, help="llamacpp: the target's HF directory (default: the draft's target)"
+    )
+    parser.add_argument(
+        "--outtype", default="f32", choices=("f32", "bf16", "f16", "q8_0"), help="llamacpp: GGUF weight type"
+    )
+    parser.add_argument(
+        "--mask-host-id",
+        type=int,
+        default=None,
+        help="target token id whose embedding row carries a learned mask vector (default: the "
+        "highest id outside a pruned draft vocabulary, else the last id)",
+    )
+    args = parser.parse_args()
+    manifest = export_draft(
+        args.draft,
+        args.to,
+        args.out,
+        target_dir=args.target,
+        outtype=args.outtype,
+        mask_host_id=args.mask_host_id,
+    )
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,149 @@
+"""A trained draft checkpoint as the exporters see it: its config, its tensors, and the
+facts every engine asks about (layer ids, head, vocabulary, mask vector).
+
+Layer ids: deepspec's ``target_layer_ids`` mean "output of target layer k" (0-based), as
+DFlash, SGLang and llama.cpp's DFlash/DSpark converter read them. vLLM's
+``eagle_aux_hidden_state_layer_ids``, speculators' ``aux_hidden_state_layer_ids`` and
+llama.cpp's Eagle3 mean "input of layer k": one higher. :func:`input_layer_ids` shifts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file
+
+from deepspec.drafts.base import DraftConfig
+from deepspec.drafts.checkpoint import WEIGHTS_NAME, read_draft_config
+from deepspec.errors import DataError
+from deepspec.targets.family import FamilySpec
+from deepspec.utils.io import unreadable_safetensors
+
+
+class ExportRefused(DataError):
+    """The engine cannot represent this draft (one line: what, why, and the way out)."""
+
+
+@dataclass
+class DraftSource:
+    path: str
+    architecture: str
+    config: DraftConfig
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def algorithm(self) -> str:
+        return self.config.algorithm
+
+    @property
+    def spec(self) -> FamilySpec:
+        return self.config.spec
+
+    @property
+    def pruned(self) -> bool:
+        return self.config.draft_vocab_size > 0
+
+    @property
+    def draft_vocab_size(self) -> int:
+        return self.config.draft_vocab_size or self.spec.vocab_size
+
+    @property
+    def qk_norm(self) -> bool:
+        """Do the draft's attention layers carry per-head q/k norms?"""
+        if self.algorithm in ("dflash", "dspark") and self.config.qk_norm is not None:
+            return self.config.qk_norm
+        return self.spec.rule.qk_norm
+
+    def head(self) -> torch.Tensor:
+        """The draft's LM head rows ``[draft_vocab_size, d]`` (the embedding when tied)."""
+        return self.tensors.get("lm_head.weight", self.tensors["embed_tokens.weight"])
+
+    def norm(self, name: str) -> torch.Tensor:
+        """An RMSNorm weight as a plain ``x * w`` norm (a family's ``1 + w`` offset folded in)."""
+        return self.tensors[name].float() + self.spec.rule.norm_offset
+
+    def layer_prefixes(self) -> list[str]:
+        n = (
+            self.config.num_draft_layers
+            if self.algorithm != "eagle3"
+            else self.config.draft_num_hidden_layers
+        )
+        return [f"layers.{i}." for i in range(n)]
+
+    def refuse(self, engine: str, reason: str, fix: str) -> ExportRefused:
+        return ExportRefused(f"cannot export {self.path} ({self.algorithm}) to {engine}: {reason}; {fix}")
+
+
+def read_source(path: str) -> DraftSource:
+    """Read a checkpoint directory written by ``train.py`` (one-line errors when it is not one)."""
+    architecture, config = read_draft_config(path)
+    weights = os.path.join(os.path.expanduser(path), WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        raise DataError(f"draft checkpoint {path} has no {WEIGHTS_NAME}; copy the checkpoint again")
+    try:
+        tensors = load_file(weights)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise unreadable_safetensors(weights, exc, "copy the checkpoint again") from None
+    if config.algorithm not in ("dflash", "dspark", "eagle3"):
+        raise DataError(f"draft checkpoint {path}: unknown algorithm {config.algorithm!r}")
+    return DraftSource(os.path.expanduser(path), architecture, config, tensors)
+
+
+def input_layer_ids(src: DraftSource, engine: str) -> list[int]:
+    """deepspec's "output of layer k" ids as "input of layer k+1" ids (vLLM Eagle3,
+    speculators, llama.cpp Eagle3). The last layer's output is no layer's input."""
+    last = src.spec.num_hidden_layers - 1
+    ids = list(src.config.target_layer_ids)
+    if any(i >= last for i in ids) or any(i < -1 for i in ids):
+        raise src.refuse(
+            engine,
+            f"target_layer_ids {ids} include the last layer's output ({last}), which {engine} "
+            "reads as the input of a layer that does not exist",
+            "train with ids below the last layer",
+        )
+    return [i + 1 for i in ids]
+
+
+def check_plain_layers(src: DraftSource, engine: str) -> None:
+    """Refuse what the engines' Llama/Qwen3-style draft graphs do not compute."""
+    spec, rule = src.spec, src.spec.rule
+    problems = []
+    if rule.v_norm:
+        problems.append("per-head value norms")
+    if rule.sandwich_norm:
+        problems.append("sandwich norms")
+    if rule.scale_embeddings:
+        problems.append("scaled embeddings")
+    if rule.attn_scale != "head_dim":
+        problems.append(f"attention scale {rule.attn_scale!r}")
+    if spec.attention_bias:
+        problems.append("attention biases")
+    if spec.hidden_act != "silu":
+        problems.append(f"activation {spec.hidden_act!r}")
+    if problems:
+        raise src.refuse(
+            engine,
+            f"its {spec.family} draft layers use {', '.join(problems)}, which the engine's draft "
+            "graph does not compute",
+            "serve it with deepspec's own decoder (eval.py)",
+        )
+
+
+def mask_host_id(src: DraftSource, requested: int | None) -> int:
+    """The target token id whose embedding row carries the learned mask vector in engines
+    that read the mask as a token (llama.cpp, vLLM's ``mask_embedding.pt``).
+
+    Default: the highest id outside a pruned draft vocabulary (the draft never scores it,
+    so only the input side of that one rare token changes), else the last id."""
+    V = src.spec.vocab_size
+    if requested is not None:
+        if not 0 <= requested < V:
+            raise DataError(f"--mask-host-id {requested} is outside the target vocabulary 0..{V - 1}")
+        return requested
+    if src.pruned:
+        outside = (~src.tensors["t2d"].bool()).nonzero().flatten()
+        if outside.numel():
+            return int(outside[-1])
+    return V - 1
