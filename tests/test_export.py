@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -27,19 +28,31 @@ from tests.conftest import ROOT
 SMALL = ["model.num_draft_layers=1", "model.draft_vocab_size=2048"]
 
 
-def _draft(tmp_path, smollm2_dir, algo: str, opts=(), seed: int = 0) -> str:
-    """A random draft for the embedded target, saved as a checkpoint directory."""
+def _draft(tmp_path, smollm2_dir, algo: str, opts=(), seed: int = 0, bigrams: dict | None = None) -> str:
+    """A random draft for the embedded target, saved as a checkpoint directory.
+
+    ``bigrams`` {previous token: next token} (DSpark): the Markov head is set to draft the
+    next token after each of these previous tokens, so the draft earns real acceptance."""
     cfg = load_config(f"{ROOT}/config/{algo}/{algo}_smollm2_135m.py", [*SMALL, *opts])
     torch.manual_seed(seed)
     # the 1024 lowest ids (bytes and the commonest merges) and 1024 scattered ones
     rest = 1024 + torch.randperm(49152 - 1024, generator=torch.Generator().manual_seed(seed))[:1024]
-    ids = torch.cat([torch.arange(1024), rest]).sort().values
+    ids = torch.cat([torch.arange(1024), rest]).sort().values if cfg.model.draft_vocab_size else None
     model = build_draft(cfg, smollm2_dir, draft_ids=ids)
     with torch.no_grad():
         if getattr(model, "markov_head", None) is not None:
             model.markov_head.W2.weight.normal_(std=0.5)  # exercise the Markov bias
         if getattr(model, "confidence_head", None) is not None:
             model.confidence_head.proj.weight.normal_(std=0.05)
+        g = torch.Generator().manual_seed(seed + 1)
+        for prev, nxt in (bigrams or {}).items():
+            index = int(model.draft_index(torch.tensor(nxt)))
+            if index < 0:
+                continue
+            u = torch.randn(model.markov_head.rank, generator=g)
+            u /= u.norm()
+            model.markov_head.W1.weight[prev] = u
+            model.markov_head.W2.weight[index] += 30.0 * u
     out = tmp_path / f"{algo}_draft"
     model.save_pretrained(str(out))
     return str(out)
@@ -147,3 +160,213 @@ def test_export_cli_reports_one_line(tmp_path, smollm2_dir):
         and "does not exist" in missing.stderr
         and len(missing.stderr.splitlines()) == 1
     )
+
+
+@pytest.mark.parametrize("algo", ["eagle3", "dflash", "dspark"])
+def test_sglang_export_matches_its_loader(tmp_path, smollm2_dir, algo):
+    """Keys, shapes and layer ids as SGLang 0.5.23's loaders read them (read from its
+    source: python/sglang/srt/models/llama_eagle3.py, dflash.py, dspark.py and
+    dspark_components/dspark_config.py; model/spec_aux_hidden_state.py adds the +1)."""
+    full = ["model.draft_vocab_size=0"] if algo != "eagle3" else []
+    draft = _draft(tmp_path, smollm2_dir, algo, full)
+    export_draft(draft, "sglang", str(tmp_path / "out"))
+    cfg = json.load(open(tmp_path / "out" / "config.json"))
+    tensors = _read(str(tmp_path / "out" / "model.safetensors"))
+    src_cfg = json.load(open(os.path.join(draft, "config.json")))
+    if algo == "eagle3":
+        assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["draft_vocab_size"] == 2048
+        # SGLang's Eagle3 ids mean "output of layer k", as deepspec's (it adds the +1 itself)
+        assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == src_cfg["target_layer_ids"]
+        assert isinstance(cfg["target_hidden_size"], int) and "norm_before_residual" not in cfg
+        assert {"midlayer.hidden_norm.weight", "lm_head.weight", "d2t", "fc.weight"} <= set(tensors)
+        return
+    assert cfg["architectures"] == ["DSparkDraftModel" if algo == "dspark" else "DFlashDraftModel"]
+    assert cfg["dflash_config"]["target_layer_ids"] == src_cfg["target_layer_ids"]
+    assert 0 <= cfg["dflash_config"]["mask_token_id"] < 49152 and cfg["sample_from_anchor"] is True
+    assert not {"lm_head.weight", "d2t", "embed_tokens.weight"} & set(tensors)  # the target's head
+    assert tensors["fc.weight"].shape == (576, 5 * 576) and "layers.0.self_attn.k_norm.weight" in tensors
+    if algo == "dspark":
+        assert cfg["markov_rank"] == 128 and cfg["markov_head_type"] == "vanilla"
+        assert tensors["markov_head.markov_w2.weight"].shape == (49152, 128)  # full vocabulary
+        assert tensors["confidence_head.proj.weight"].shape == (1, 576 + 128)
+
+
+def test_sglang_refuses_a_pruned_block_draft(tmp_path, smollm2_dir):
+    draft = _draft(tmp_path, smollm2_dir, "dspark")
+    with pytest.raises(ExportRefused, match="full vocabulary"):
+        export_draft(draft, "sglang", str(tmp_path / "out"))
+
+
+def _engine_python(name: str) -> str | None:
+    from deepspec.targets import cache_root
+
+    path = os.path.join(cache_root(), f"{name}-venv", "bin", "python")
+    return path if os.access(path, os.X_OK) else None
+
+
+@pytest.mark.skipif(
+    _engine_python("speculators") is None, reason="no speculators venv (bash scripts/setup.sh --serving)"
+)
+def test_speculators_loads_every_export_with_its_own_loader(tmp_path, smollm2_dir):
+    dirs = {}
+    for algo in ("eagle3", "dflash", "dspark"):
+        draft = _draft(tmp_path, smollm2_dir, algo)
+        dirs[algo] = str(tmp_path / f"spec_{algo}")
+        manifest = export_draft(draft, "speculators", dirs[algo], target_dir=smollm2_dir)
+        cfg = json.load(open(os.path.join(dirs[algo], "config.json")))
+        src_ids = json.load(open(os.path.join(draft, "config.json")))["target_layer_ids"]
+        key = "eagle_aux_hidden_state_layer_ids" if algo == "eagle3" else "aux_hidden_state_layer_ids"
+        assert cfg[key] == [i + 1 for i in src_ids]  # "input of layer k"
+        if algo != "eagle3":
+            assert any("fixed window" in n for n in manifest["notes"])  # the window caveat is said
+    proc = subprocess.run(
+        [_engine_python("speculators"), f"{ROOT}/tests/engines/speculators_load.py", *dirs.values()],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = {r["dir"]: r for r in map(json.loads, proc.stdout.strip().splitlines())}
+    for algo, d in dirs.items():
+        r = results[d]
+        assert (
+            r["class"]
+            == {"eagle3": "Eagle3DraftModel", "dflash": "DFlashDraftModel", "dspark": "DSparkDraftModel"}[
+                algo
+            ]
+        )
+        assert r["unexpected"] == [] and r["differ"] == [], r
+        # block drafters never store the embedding: speculators takes the verifier's
+        assert r["missing"] == ([] if algo == "eagle3" else ["embed_tokens.weight"]), r
+
+
+# -- llama.cpp, for real ------------------------------------------------------------------
+def _llama_server_built() -> bool:
+    from deepspec.targets import llama_server_bin
+
+    return os.access(llama_server_bin(), os.X_OK)
+
+
+needs_llama_server = pytest.mark.skipif(
+    not _llama_server_built(), reason="llama-server is not built (bash scripts/setup.sh --llama-server)"
+)
+PROMPTS = [
+    "What is 12 times 7? Explain step by step.",
+    "Write a short poem about the sea.",
+    "List three uses of a paperclip.",
+]
+TIE = 0.02  # llama.cpp's top-2 probabilities closer than this: a near-tie, counted, not failed
+
+
+@pytest.fixture(scope="module")
+def f32_target(smollm2_dir):
+    """An f32 GGUF of the embedded target (converted once into the cache), and the same
+    target in f32 in torch: both sides compute in f32, so drafts agree up to near-ties."""
+    from transformers import AutoModelForCausalLM
+
+    from deepspec.export.engines import target_gguf
+    from deepspec.targets import cache_root
+
+    gguf = target_gguf(smollm2_dir, os.path.join(cache_root(), "targets", "smollm2-135m-instruct-f32.gguf"))
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    return gguf, model
+
+
+def _prompt_ids(tokenizer) -> list[list[int]]:
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+        )
+        for p in PROMPTS
+    ]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def compare_with_propose(draft, target_model, sequence: list[int], blocks) -> dict[str, int]:
+    """Replay llama.cpp's drafted ``blocks`` of one request with deepspec's ``propose()``.
+
+    Per block: the context and anchor llama.cpp logged, the same target features (f32 HF),
+    the same number of drafted tokens. Compared slot by slot up to the first difference
+    (later slots condition on it). Also the accepted-token count each side's drafts earn
+    against the generated ``sequence``."""
+    from deepspec.eval.target import HFTarget
+
+    target = HFTarget(target_model, draft.config.target_layer_ids)
+    target.reset()
+    _, features = target.forward(torch.tensor(sequence))
+    stats = dict(slots=0, equal=0, ties=0, other=0, accepted_ours=0, accepted_theirs=0, blocks=len(blocks))
+    for block in blocks:
+        c = block.context
+        assert sequence[c] == block.anchor, (c, sequence[c], block.anchor)
+        state = draft.new_state(1)
+        draft.extend(state, features[None, :c], torch.tensor([c]), tokens=torch.tensor([sequence[:c]]))
+        kwargs = {"num_tokens": len(block.tokens)} if draft.algorithm == "eagle3" else {}
+        ours = (
+            draft.propose(state, torch.tensor([block.anchor]), temperature=0.0, **kwargs).tokens[0].tolist()
+        )
+        for i, (a, b) in enumerate(zip(ours, block.tokens)):
+            stats["slots"] += 1
+            if a == b:
+                stats["equal"] += 1
+                continue
+            stats["ties" if block.runner_up_gap[i] < TIE else "other"] += 1
+            break
+        truth = sequence[c + 1 : c + 1 + block.kept]
+        for key, drafted in (("accepted_ours", ours), ("accepted_theirs", block.tokens)):
+            n = 0
+            while n < len(truth) and drafted[n] == truth[n]:
+                n += 1
+            stats[key] += n
+    return stats
+
+
+@needs_llama_server
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["dspark", "dflash", "eagle3"])
+def test_llamacpp_serves_the_export_losslessly_and_drafts_like_deepspec(
+    tmp_path, smollm2_dir, smollm2_tokenizer, f32_target, algo
+):
+    from deepspec.drafts import load_draft
+    from deepspec.export.llamacpp_server import LlamaServer, drafted_blocks
+
+    gguf, target_model = f32_target
+    prompts = _prompt_ids(smollm2_tokenizer)
+    n_predict = 40
+    with LlamaServer(target=gguf, log=str(tmp_path / "plain.log")) as plain:
+        expected = [plain.complete(p, n_predict)["tokens"] for p in prompts]
+    bigrams = {}
+    if algo == "dspark":  # most frequent successor of each token in the plain outputs
+        pairs = Counter((a, b) for out in expected for a, b in zip(out, out[1:]))
+        for (a, b), _ in sorted(pairs.items(), key=lambda kv: kv[1]):
+            bigrams[a] = b
+    draft_dir = _draft(tmp_path, smollm2_dir, algo, bigrams=bigrams)
+    manifest = export_draft(draft_dir, "llamacpp", str(tmp_path / "gguf"), target_dir=smollm2_dir)
+    assert manifest["spec_type"] == ("draft-eagle3" if algo == "eagle3" else "draft-dspark")
+    log = tmp_path / "spec.log"
+    with LlamaServer(
+        draft=str(tmp_path / "gguf" / "draft.gguf"),
+        spec_type=manifest["spec_type"],
+        n_max=manifest["n_max"],
+        target=gguf,
+        log=str(log),
+        verbose=True,
+    ) as server:
+        replies = [server.complete(p, n_predict) for p in prompts]
+    blocks = drafted_blocks(log.read_text(errors="replace"))
+    assert len(blocks) == len(prompts)
+    draft = load_draft(draft_dir)
+    total: dict[str, int] = {}
+    for prompt, want, reply, drafted in zip(prompts, expected, replies, blocks):
+        assert reply["tokens"] == want  # lossless at temperature 0
+        stats = compare_with_propose(draft, target_model, prompt + reply["tokens"], drafted)
+        assert reply["timings"]["draft_n_accepted"] == stats["accepted_theirs"]  # our replay = its count
+        for k, v in stats.items():
+            total[k] = total.get(k, 0) + v
+    print(algo, total)
+    assert total["blocks"] >= 20
+    assert total["other"] == 0, total  # every difference is a logit near-tie
+    assert total["ties"] <= max(2, total["slots"] // 50), total
+    assert abs(total["accepted_ours"] - total["accepted_theirs"]) <= total["ties"] * manifest["n_max"], total
+    if algo == "dspark":  # the bigram head earns acceptance, and both sides count it alike
+        assert total["accepted_theirs"] >= 20, total

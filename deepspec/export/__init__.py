@@ -50,7 +50,7 @@ def export_draft(
             src, out, target_dir=target_dir, outtype=outtype, mask_host=mask_host_id
         )
     elif to == "speculators":
-        manifest = engines.export_speculators(src, out, mask_host=mask_host_id)
+        manifest = engines.export_speculators(src, out, mask_host=mask_host_id, verifier=target_dir)
     else:
         manifest = engines.export_hf_style(
             src, out, engine={"vllm": "vLLM", "sglang": "SGLang"}[to], mask_host=mask_host_id

@@ -17,7 +17,10 @@ def main() -> int:
     parser.add_argument("--to", required=True, choices=FORMATS, help="target engine format")
     parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
     parser.add_argument(
-        "--target", default=None, help="llamacpp: the target's HF directory (default: the draft's target)"
+        "--target",
+        default=None,
+        help="the target's HF directory or hub name: llamacpp reads its tokenizer and embeddings, "
+        "speculators records it as the verifier (default: the draft's target)",
     )
     parser.add_argument(
         "--outtype", default="f32", choices=("f32", "bf16", "f16", "q8_0"), help="llamacpp: GGUF weight type"

@@ -28,7 +28,7 @@ from deepspec.export.layouts import (
     mask_vector,
     text_config,
 )
-from deepspec.export.source import DraftSource, mask_host_id
+from deepspec.export.source import DraftSource, input_layer_ids, mask_host_id
 from deepspec.utils.io import fsync_dir, make_dir_public
 
 MANIFEST = "deepspec_export.json"
@@ -113,6 +113,31 @@ def llama_cpp_converter() -> tuple[str, str]:
     return script, os.path.join(root, "gguf-py")
 
 
+def run_converter(model_dir: str, outfile: str, outtype: str, *extra: str) -> None:
+    """``convert_hf_to_gguf.py model_dir --outtype outtype --outfile outfile *extra``."""
+    script, gguf_py = llama_cpp_converter()
+    env = {**os.environ, "PYTHONPATH": gguf_py + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, script, model_dir, "--outtype", outtype, "--outfile", outfile, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["no output"]
+        raise EnvironmentProblem(f"llama.cpp's converter failed on {model_dir}: {last[0].strip()}")
+
+
+def target_gguf(target_dir: str, outfile: str, outtype: str = "f32") -> str:
+    """``outfile``, converted from the HF target once (atomically) and kept."""
+    if not os.path.isfile(outfile):
+        os.makedirs(os.path.dirname(os.path.abspath(outfile)), exist_ok=True)
+        tmp = f"{outfile}.tmp{os.getpid()}"
+        try:
+            run_converter(target_dir, tmp, outtype)
+            os.replace(tmp, outfile)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return outfile
+
+
 def llama_cpp_layout(src: DraftSource, mask_host: int | None) -> dict[str, Any]:
     """The HF-style directory llama.cpp's converter reads, and how to serve the result."""
     engine = "llama.cpp"
@@ -146,28 +171,12 @@ def export_llamacpp(
     src: DraftSource, out: str, *, target_dir: str, outtype: str = "f32", mask_host: int | None = None
 ) -> dict[str, Any]:
     layout = llama_cpp_layout(src, mask_host)
-    script, gguf_py = llama_cpp_converter()
+    llama_cpp_converter()  # a missing converter fails before anything is written
 
     def write(tmp: str) -> dict[str, Any]:
         hf = os.path.join(tmp, "hf")
         write_hf_dir(hf, layout["config"], layout["tensors"], layout["mask"])
-        gguf = os.path.join(tmp, "draft.gguf")
-        env = {**os.environ, "PYTHONPATH": gguf_py + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        cmd = [
-            sys.executable,
-            script,
-            hf,
-            "--target-model-dir",
-            target_dir,
-            "--outtype",
-            outtype,
-            "--outfile",
-            gguf,
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["no output"]
-            raise EnvironmentProblem(f"llama.cpp's converter failed on {hf}: {last[0].strip()}")
+        run_converter(hf, os.path.join(tmp, "draft.gguf"), outtype, "--target-model-dir", target_dir)
         return {
             "gguf": "draft.gguf",
             "spec_type": layout["spec_type"],
@@ -184,12 +193,18 @@ def export_llamacpp(
 
 # -- vLLM / SGLang (HF-style directories, no prefix) -----------------------------------
 def vllm_layout(src: DraftSource, mask_host: int | None, engine: str = "vLLM") -> dict[str, Any]:
+    sglang = engine == "SGLang"
     if src.algorithm == "eagle3":
         ids = check_eagle3(src, engine)
+        if sglang:  # SGLang adds the +1 itself: its Eagle3 ids mean "output of layer k"
+            ids = [i - 1 for i in ids]
         tensors = eagle3_tensors(src)
         del tensors["t2d"]
+        config = eagle3_config(src, "LlamaForCausalLMEagle3", ids)
+        if sglang:
+            del config["norm_before_residual"]  # SGLang keeps the raw residual, as deepspec
         return {
-            "config": eagle3_config(src, "LlamaForCausalLMEagle3", ids),
+            "config": config,
             "tensors": tensors,
             "mask": None,
             "method": "eagle3",
@@ -197,6 +212,8 @@ def vllm_layout(src: DraftSource, mask_host: int | None, engine: str = "vLLM") -
         }
     dspark = src.algorithm == "dspark"
     check_block_draft(src, engine, markov=dspark)
+    if sglang:
+        check_sglang_block_draft(src)
     mask_id, mask = _mask(src, mask_host)
     arch = "DSparkDraftModel" if dspark else "DFlashDraftModel"
     return {
@@ -216,6 +233,131 @@ def export_hf_style(
     def write(tmp: str) -> dict[str, Any]:
         write_hf_dir(tmp, layout["config"], layout["tensors"], layout["mask"])
         return {"method": layout["method"], "num_speculative_tokens": layout["num_speculative_tokens"]}
+
+    return _atomic_export(out, write)
+
+
+def check_sglang_block_draft(src: DraftSource) -> None:
+    """SGLang's DFlash/DSpark drafts score the target's whole vocabulary through the
+    target's head, and its DSpark always runs the confidence head."""
+    engine = "SGLang"
+    if src.pruned:
+        raise src.refuse(
+            engine,
+            f"its draft vocabulary is pruned to {src.draft_vocab_size} tokens; SGLang's DFlash/DSpark "
+            "drafts score the target's full vocabulary",
+            "train with model.draft_vocab_size=0 (or serve it with vLLM or llama.cpp)",
+        )
+    if src.algorithm == "dspark" and (src.config.markov_rank <= 0 or not src.config.confidence_head):
+        raise src.refuse(
+            engine,
+            "SGLang's DSpark needs a Markov head and a confidence head",
+            "train with model.markov_rank > 0 and the confidence head on",
+        )
+
+
+# -- speculators (its own config schema; flat names, layers.0.* for Eagle3) -------------
+def speculators_layout(src: DraftSource, mask_host: int | None, verifier: str | None) -> dict[str, Any]:
+    engine = "speculators"
+    cfg = src.config
+    ids = input_layer_ids(src, engine)  # speculators' ids mean "input of layer k"
+    if src.algorithm == "eagle3":
+        check_eagle3(src, engine)
+        mid = eagle3_tensors(src)
+        tensors = {k.replace("midlayer.", "layers.0."): v for k, v in mid.items()}
+        tensors["embed_tokens.weight"] = src.tensors["embed_tokens.weight"].float().contiguous()
+        layer_config = text_config(src, "llama", 1)
+        extra: dict[str, Any] = {
+            "eagle_aux_hidden_state_layer_ids": ids,
+            "norm_before_residual": False,
+            "norm_before_fc": False,
+            "fc_norm": False,
+            "norm_output": False,
+            "embed_requires_grad": False,
+        }
+        mask = None
+        tokens = cfg.ttt_length
+    else:
+        dspark = src.algorithm == "dspark"
+        check_block_draft(src, engine, markov=dspark)
+        if dspark and cfg.markov_rank > 0 and not cfg.confidence_head:
+            raise src.refuse(engine, "its DSpark has no confidence head", "train with the confidence head on")
+        tensors = block_draft_tensors(src, dspark=dspark)
+        if src.pruned:
+            tensors["t2d"] = src.tensors["t2d"].bool().contiguous()
+        block = _block_config(src, "DSparkDraftModel" if dspark else "DFlashDraftModel", 0, dspark=dspark)
+        layer_config = {k: block[k] for k in ("layer_types", "use_sliding_window", "sliding_window")}
+        layer_config = {**text_config(src, "qwen3", cfg.num_draft_layers), **layer_config}
+        mask_id, mask = _mask(src, mask_host)
+        extra = {
+            "aux_hidden_state_layer_ids": ids,
+            "block_size": cfg.block_size,
+            "mask_token_id": mask_id,
+            "sample_from_anchor": True,  # deepspec's anchor-first block
+            "sliding_window_non_causal": True,
+        }
+        if dspark:
+            extra.update({k: block[k] for k in ("markov_rank", "markov_head_type", "enable_confidence_head")})
+            extra["confidence_head_with_markov"] = True
+        tokens = cfg.block_size
+    arch = {"eagle3": "Eagle3DraftModel", "dflash": "DFlashDraftModel", "dspark": "DSparkDraftModel"}
+    config = {
+        "architectures": [arch[src.algorithm]],
+        "speculators_model_type": src.algorithm,
+        "draft_vocab_size": src.draft_vocab_size,
+        "target_hidden_size": None,
+        "tie_word_embeddings": False,
+        "dtype": "float32",
+        "transformer_layer_config": layer_config,
+        **extra,
+        "speculators_config": {
+            "algorithm": src.algorithm,
+            "proposal_methods": [
+                {
+                    "proposal_type": "greedy",
+                    "speculative_tokens": tokens,
+                    "verifier_accept_k": 1,
+                    "accept_tolerance": 0.0,
+                }
+            ],
+            "default_proposal_method": "greedy",
+            "verifier": {
+                "name_or_path": verifier or cfg.target_model_name_or_path,
+                "architectures": [_target_arch(src)],
+            },
+        },
+    }
+    notes = []
+    if src.algorithm != "eagle3" and cfg.context_window:
+        notes.append(
+            "speculators' own training mask keeps a fixed window per block; deepspec, llama.cpp and "
+            "vLLM use a sliding window per block slot (slot k sees W-1-k context positions)"
+        )
+    if mask is not None:
+        notes.append("the learned mask vector is in mask_embedding.pt (speculators' classes do not read it)")
+    return {"config": config, "tensors": tensors, "mask": mask, "notes": notes}
+
+
+def _target_arch(src: DraftSource) -> str:
+    family = src.spec.family
+    return {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+        "gemma3_text": "Gemma3ForCausalLM",
+        "gemma4_text": "Gemma4ForCausalLM",
+    }.get(family, "AutoModelForCausalLM")
+
+
+def export_speculators(
+    src: DraftSource, out: str, *, mask_host: int | None = None, verifier: str | None = None
+) -> dict[str, Any]:
+    layout = speculators_layout(src, mask_host, verifier)
+
+    def write(tmp: str) -> dict[str, Any]:
+        write_hf_dir(tmp, layout["config"], layout["tensors"], layout["mask"])
+        return {"notes": layout["notes"]}
 
     return _atomic_export(out, write)
 

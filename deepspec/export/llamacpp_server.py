@@ -103,6 +103,7 @@ class LlamaServer:
 
 @dataclass
 class DraftedBlock:
+    task: int  # the server's task id (one per request)
     anchor: int  # the last accepted token (block slot 0's input)
     context: int  # positions before the anchor (the anchor sits at this position)
     kept: int  # tokens llama.cpp kept for verification
@@ -111,11 +112,11 @@ class DraftedBlock:
 
 
 _CANDIDATE = re.compile(r"draft candidate\s+(\d+), pos\s+(\d+):\s+(-?\d+) \(\s*([-\d.]+)\)")
-_GENERATE = re.compile(r"generate_draft: id=(\d+), #tokens=(\d+), #draft=(\d+)")
+_GENERATE = re.compile(r"task (\d+) \| generate_draft: id=(\d+), #tokens=(\d+), #draft=(\d+)")
 
 
-def drafted_blocks(log_text: str) -> list[DraftedBlock]:
-    """Every drafted block of a verbose server log, in order."""
+def drafted_blocks(log_text: str) -> list[list[DraftedBlock]]:
+    """The drafted blocks of a verbose server log, one list per request (task), in order."""
     blocks: list[DraftedBlock] = []
     slots: dict[int, list[tuple[int, float]]] = {}
     for line in log_text.splitlines():
@@ -127,11 +128,14 @@ def drafted_blocks(log_text: str) -> list[DraftedBlock]:
         m = _GENERATE.search(line)
         if m:
             order = sorted(slots)
-            block = DraftedBlock(anchor=int(m[1]), context=int(m[2]), kept=int(m[3]))
+            block = DraftedBlock(task=int(m[1]), anchor=int(m[2]), context=int(m[3]), kept=int(m[4]))
             for pos in order:
                 cands = slots[pos]
                 block.tokens.append(cands[0][0])
                 block.runner_up_gap.append(cands[0][1] - (cands[1][1] if len(cands) > 1 else 0.0))
             blocks.append(block)
             slots = {}
-    return blocks
+    tasks: dict[int, list[DraftedBlock]] = {}
+    for block in blocks:
+        tasks.setdefault(block.task, []).append(block)
+    return list(tasks.values())
