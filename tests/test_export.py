@@ -102,7 +102,7 @@ def test_eagle3_export_shifts_layer_ids_and_renames(tmp_path, smollm2_dir):
     cfg = json.load(open(tmp_path / "out" / "config.json"))
     tensors = _read(str(tmp_path / "out" / "model.safetensors"))
     src = _read(os.path.join(draft, "model.safetensors"))
-    assert cfg["eagle_aux_hidden_state_layer_ids"] == [2, 15, 27]  # "input of": deepspec [1, 14, 26] + 1
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == [2, 15, 28]  # "input of": deepspec [1, 14, 27] + 1
     assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["num_hidden_layers"] == 1
     assert cfg["draft_vocab_size"] == 2048 and cfg["target_hidden_size"] == 576
     assert tensors["midlayer.self_attn.q_proj.weight"].shape == (576, 2 * 576)

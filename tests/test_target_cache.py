@@ -388,6 +388,23 @@ def test_cache_from_another_target_or_other_settings_is_refused(built_cache, tin
         validate_cache_for_config(path, config_for(tiny, system_prompt="Be brief."), tiny)
 
 
+def test_a_config_may_read_a_subset_of_the_cached_layers(built_cache, tiny):
+    """A 3-layer cache serves a draft that reads two of its layers: the same per-layer
+    features, in the cache's order; layers it does not hold are refused."""
+    path, _ = built_cache
+    full = CacheDataset(path)
+    cfg = load_config(None, [f"model.target_model_name_or_path={tiny}", f"model.target_layer_ids=[{LAYERS[0]},{LAYERS[2]}]",
+                             f"data.max_length={MAX_LENGTH}", f"data.min_loss_tokens={MIN_LOSS}"])  # fmt: skip
+    sub = validate_cache_for_config(path, cfg, tiny)
+    d = full.hidden_size
+    for i in (0, len(full) - 1):
+        want = full[i]["hidden_states"].view(-1, 3, d)[:, [0, 2]].flatten(1)
+        assert torch.equal(sub[i]["hidden_states"], want)
+        assert torch.equal(sub[i]["last_hidden_states"], full[i]["last_hidden_states"])
+    with pytest.raises(DataError, match="not an increasing subset"):
+        full.use_layers([LAYERS[2], LAYERS[0]])
+
+
 def _opts(target):
     return [
         f"model.target_model_name_or_path={target}",

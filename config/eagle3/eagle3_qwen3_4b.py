@@ -3,7 +3,8 @@
 Eagle3: one autoregressive decoder layer trained with a 7-step training-time test.
 Three target layers (low, middle, high) as EAGLE-3 and the serving engines use them
 (llama.cpp's Eagle3 takes exactly 3), never the last one (its output is the final
-hidden state, which the loss already uses).
+hidden state, which the loss already uses); a subset of the block drafters' five, so one
+target cache serves all three algorithms.
 """
 
 algorithm = "eagle3"
@@ -13,7 +14,7 @@ seed = 42
 
 model = dict(
     target_model_name_or_path="Qwen/Qwen3-4B",
-    target_layer_ids=[1, 17, 32],
+    target_layer_ids=[1, 17, 33],
     draft_num_hidden_layers=1,
     ttt_length=7,
     step_loss_decay=0.8,

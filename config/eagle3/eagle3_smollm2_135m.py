@@ -10,7 +10,8 @@ Why these sizes (2-core CPU, bf16):
 - Sequences are cut to 1024 tokens and 64 anchors per sequence keep the
   [anchors x block x vocab] logits at ~29M entries per sequence.
 - Three target layers (low, middle, high; never the last, index 29), as EAGLE-3 and the
-  serving engines use them: llama.cpp's Eagle3 takes exactly 3.
+  serving engines use them (llama.cpp's Eagle3 takes exactly 3); a subset of the block
+  drafters' five, so one target cache serves all three algorithms.
 - Eagle3 supervises 64 sampled positions per sequence (matched to the 64 anchors).
 - Tuned for tau per CPU-minute (docs/RESULTS.md, "Tuning"): a global batch of 4
   sequences (4x the updates of 16 for the same data), lr 1e-3 (3e-3 was worse), 5%
@@ -26,7 +27,7 @@ seed = 42
 
 model = dict(
     target_model_name_or_path="embedded:smollm2-135m-instruct",
-    target_layer_ids=[1, 14, 26],
+    target_layer_ids=[1, 14, 27],
     # the draft scores the 8192 most frequent answer tokens of the training data, not all
     # 49152 (docs/RESULTS.md, "Pruned draft vocabulary": 2-3x faster steps, learning per step within noise)
     draft_vocab_size=8192,

@@ -93,6 +93,8 @@ class CacheDataset(torch.utils.data.Dataset):
     ``target.vocab_size``, else the ``vocab_size`` argument (caches written before the
     manifest recorded it; :func:`validate_cache_for_config` supplies the target's).
     ``verify_samples=False`` skips the per-read checks (for measuring their cost only).
+    :meth:`use_layers` makes ``hidden_states`` hold a subset of the cached layers (a
+    5-layer cache serves a 3-layer Eagle3 draft).
     """
 
     def __init__(
@@ -120,6 +122,18 @@ class CacheDataset(torch.utils.data.Dataset):
         self._stop = self._start + self.layout.block_bytes_array(self._seq)
         self._shard = self.index["shard"].astype(np.int64)
         self._checksum = self.index["checksum"].copy()
+        self._pick: list[int] | None = None  # positions of the used layers among the cached
+
+    def use_layers(self, layer_ids: list[int]) -> None:
+        """Serve only ``layer_ids`` (in the cache's order) as ``hidden_states``."""
+        missing = [i for i in layer_ids if i not in self.layer_ids]
+        if missing or list(layer_ids) != sorted(layer_ids):
+            raise DataError(
+                f"target cache {self.path}: layers {list(layer_ids)} are not an increasing subset of its "
+                f"layers {self.layer_ids}; rebuild the cache with them"
+            )
+        pick = [self.layer_ids.index(i) for i in layer_ids]
+        self._pick = None if pick == list(range(len(self.layer_ids))) else pick
 
     # -- validation at open --------------------------------------------------------------
     def _fail(self, message: str, fix: str = REPAIR_HINT) -> DataError:
@@ -272,6 +286,9 @@ class CacheDataset(torch.utils.data.Dataset):
         i = int(i) % len(self)
         block = self.check_sample(i) if self.verify_samples else self.raw_block(i)
         sample = decode_sample(self.layout, block, int(self._seq[i]), self.dtype)
+        if self._pick is not None:
+            hs = sample["hidden_states"]
+            sample["hidden_states"] = hs.view(hs.shape[0], -1, self.hidden_size)[:, self._pick].flatten(1)
         sample["row"] = int(self.index["row"][i])
         return sample
 
@@ -326,7 +343,9 @@ def validate_cache_for_config(
     m = cache.manifest
     problems: list[str] = []
     want_layers = [int(i) for i in cfg.model.target_layer_ids]
-    if cache.layer_ids != want_layers:
+    if set(want_layers) <= set(cache.layer_ids) and want_layers == sorted(want_layers):
+        cache.use_layers(want_layers)  # the same layers, or a subset of them
+    else:
         problems.append(f"layer ids {cache.layer_ids} in the cache, model.target_layer_ids={want_layers}")
     spec = load_family_spec(target_dir)
     if cache.hidden_size != spec.hidden_size:

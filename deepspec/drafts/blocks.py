@@ -81,7 +81,9 @@ def block_targets(
     return prev_tokens, targets, pos.clamp(max=S - 1), eval_mask
 
 
-def context_visible(j: torch.Tensor, anchors: torch.Tensor, window: int, slot: torch.Tensor | int = 0) -> torch.Tensor:
+def context_visible(
+    j: torch.Tensor, anchors: torch.Tensor, window: int, slot: torch.Tensor | int = 0
+) -> torch.Tensor:
     """May slot ``slot`` of the block at ``anchors`` see context position ``j``?
     (broadcasting; ``window`` 0 = all; otherwise the sliding window ``a + slot - j < W``)."""
     visible = j < anchors
@@ -121,7 +123,9 @@ def _windowed_block_attention(q, kb, vb, kc, vc, anchors, scale, window):
     n = max(1, window - 1)  # slot 0 sees the newest W-1 context positions, later slots fewer
     pos = anchors[..., None] - n + torch.arange(n, device=q.device)  # [B, N, n], all < a
     slot = torch.arange(G, device=q.device)[:, None]
-    visible = (pos[:, :, None] >= 0) & context_visible(pos[:, :, None], anchors[..., None, None], window, slot)
+    visible = (pos[:, :, None] >= 0) & context_visible(
+        pos[:, :, None], anchors[..., None, None], window, slot
+    )
     idx = pos.clamp(min=0).reshape(B, 1, N * n, 1).expand(B, KVH, N * n, hd)
 
     def keys(ctx, blk):  # [B, KVH, S, hd], [B, N, KVH, G, hd] -> [B*N, KVH, n + G, hd]
