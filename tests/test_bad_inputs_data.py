@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import socket
 
 import pytest
@@ -373,3 +374,42 @@ def test_launch_worker_that_dies_is_not_ready(tmp_path):
     assert "ready" not in proc.stdout
     assert not (logs / "pids").exists()  # the failed launch cleaned up after itself
     _assert_untouched(before, str(bad))
+
+
+def serve_llamacpp(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", f"{ROOT}/scripts/serve/llamacpp.sh", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        ([], "--draft is required"),
+        (["--draft", "none", "--bogus"], "unknown option --bogus"),
+        (["--draft", "none", "--spec-type", "draft-medusa"], "--spec-type must be draft-dspark"),
+        (["--draft", "none", "--n-max", "0"], "--n-max must be a positive integer, not '0'"),
+        (["--draft", "none", "--port", "80a"], "--port must be a positive integer"),
+    ],
+)
+def test_serve_llamacpp_bad_arguments(args, fragment):
+    assert_one_error(serve_llamacpp(*args), fragment, code=2)
+
+
+def test_serve_llamacpp_missing_files(tmp_path):
+    proc = serve_llamacpp("--draft", "none", env={"LLAMA_SERVER_BIN": str(tmp_path / "nowhere")})
+    assert_one_error(proc, "llama-server is not built", "bash scripts/setup.sh --llama-server", code=2)
+    fake = tmp_path / "llama-server"
+    fake.write_text("#!/bin/sh\necho should-not-run\n")
+    fake.chmod(0o755)
+    proc = serve_llamacpp("--draft", str(tmp_path / "d.gguf"), "--target", str(tmp_path / "t.gguf"),
+                          env={"LLAMA_SERVER_BIN": str(fake)})  # fmt: skip
+    assert_one_error(proc, "target GGUF", "does not exist", code=2)
+    (tmp_path / "t.gguf").write_text("x")
+    proc = serve_llamacpp("--draft", str(tmp_path / "d.gguf"), "--target", str(tmp_path / "t.gguf"),
+                          env={"LLAMA_SERVER_BIN": str(fake)})  # fmt: skip
+    assert_one_error(proc, "draft GGUF", "python -m deepspec.export --to llamacpp", code=2)
