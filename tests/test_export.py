@@ -87,13 +87,21 @@ def test_block_draft_export_for_vllm_has_the_loader_keys(tmp_path, smollm2_dir, 
     # d2t offsets map draft index -> target id exactly as the checkpoint's vocabulary
     ids = torch.arange(2048) + tensors["d2t"]
     assert torch.equal(src["t2d"].nonzero().flatten(), ids)
+    # vLLM's DSpark path (anchor-first) for both; it ignores mask_embedding.pt, so the mask
+    # vector also rides on the host row of the shipped embedding
+    assert cfg["architectures"] == ["DSparkDraftModel"] and manifest["method"] == "dspark"
+    torch.testing.assert_close(tensors["embed_tokens.weight"][mask["mask_token_id"]], src["mask_embedding"])
     if algo == "dspark":
         assert tensors["markov_head.markov_w1.weight"].shape == (49152, 128)
         assert tensors["markov_head.markov_w2.weight"].shape == (2048, 128)
         assert tensors["confidence_head.proj.weight"].shape == (1, 576 + 128)
         assert cfg["markov_head_type"] == "vanilla" and cfg["enable_confidence_head"]
-    else:
-        assert not any("markov" in k for k in tensors)
+    else:  # DFlash: a Markov bias of exactly zero, no confidence cut
+        assert cfg["markov_rank"] == 1 and not cfg["enable_confidence_head"]
+        assert not tensors["markov_head.markov_w2.weight"].any() and tensors[
+            "markov_head.markov_w2.weight"
+        ].shape == (2048, 1)
+        assert "confidence_head.proj.weight" not in tensors
 
 
 def test_eagle3_export_shifts_layer_ids_and_renames(tmp_path, smollm2_dir):
@@ -180,7 +188,7 @@ def test_sglang_export_matches_its_loader(tmp_path, smollm2_dir, algo):
         assert isinstance(cfg["target_hidden_size"], int) and "norm_before_residual" not in cfg
         assert {"midlayer.hidden_norm.weight", "lm_head.weight", "d2t", "fc.weight"} <= set(tensors)
         return
-    assert cfg["architectures"] == ["DSparkDraftModel" if algo == "dspark" else "DFlashDraftModel"]
+    assert cfg["architectures"] == ["DSparkDraftModel"]  # DFlash too: SGLang's DSpark reads slot 0 first
     assert cfg["dflash_config"]["target_layer_ids"] == src_cfg["target_layer_ids"]
     assert 0 <= cfg["dflash_config"]["mask_token_id"] < 49152 and cfg["sample_from_anchor"] is True
     assert not {"lm_head.weight", "d2t", "embed_tokens.weight"} & set(tensors)  # the target's head
@@ -189,6 +197,13 @@ def test_sglang_export_matches_its_loader(tmp_path, smollm2_dir, algo):
         assert cfg["markov_rank"] == 128 and cfg["markov_head_type"] == "vanilla"
         assert tensors["markov_head.markov_w2.weight"].shape == (49152, 128)  # full vocabulary
         assert tensors["confidence_head.proj.weight"].shape == (1, 576 + 128)
+    else:  # zero Markov bias; SGLang always runs a confidence head: survival ~1, never cuts
+        assert tensors["markov_head.markov_w2.weight"].shape == (49152, 1)
+        assert not tensors["markov_head.markov_w2.weight"].any()
+        assert (
+            not tensors["confidence_head.proj.weight"].any()
+            and tensors["confidence_head.proj.bias"].item() == 30.0
+        )
 
 
 def test_sglang_refuses_a_pruned_block_draft(tmp_path, smollm2_dir):
@@ -370,3 +385,81 @@ def test_llamacpp_serves_the_export_losslessly_and_drafts_like_deepspec(
     assert abs(total["accepted_ours"] - total["accepted_theirs"]) <= total["ties"] * manifest["n_max"], total
     if algo == "dspark":  # the bigram head earns acceptance, and both sides count it alike
         assert total["accepted_theirs"] >= 20, total
+
+
+# -- vLLM, for real (Eagle3; its CPU runner cannot run DSpark, which block drafts export as) --
+def _vllm(tmp_path, prompts, n, draft=None, k=7) -> dict:
+    from deepspec.targets import resolve_target
+
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(prompts))
+    args = [_engine_python("vllm"), f"{ROOT}/scripts/serve/vllm_generate.py", "--prompts", str(path)]
+    args += ["--target", resolve_target("embedded:smollm2-135m-instruct"), "--max-new-tokens", str(n)]
+    args += ["--dtype", "float32"]  # bit-exact greedy: bf16 verification of k+1 tokens may flip near-ties
+    if draft:
+        args += ["--draft", draft, "--method", "eagle3", "--k", str(k)]
+    proc = subprocess.run(
+        args, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""}, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _always_x_rounds(tokens: list[int], x: int, k: int) -> tuple[int, int, list[int]]:
+    """(rounds, accepted, accepted per position) of a draft that always proposes ``k``
+    copies of ``x``, replayed on one greedy output (the first token comes from prefill)."""
+    rounds = accepted = 0
+    per_pos = [0] * k
+    i = 1
+    while i < len(tokens):
+        rounds += 1
+        a = 0
+        while a < k and i + a < len(tokens) and tokens[i + a] == x:
+            per_pos[a] += 1
+            a += 1
+        accepted += a
+        i += a + 1
+    return rounds, accepted, per_pos
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_engine_python("vllm") is None, reason="no vLLM venv (bash scripts/setup.sh --serving)")
+def test_vllm_serves_the_eagle3_export_losslessly_and_counts_acceptance_as_deepspec(
+    tmp_path, smollm2_dir, smollm2_tokenizer
+):
+    prompts, n, k = _prompt_ids(smollm2_tokenizer), 32, 4
+    plain = _vllm(tmp_path, prompts, n)
+    # a random draft: the output stays the target's, token for token
+    export_draft(_draft(tmp_path, smollm2_dir, "eagle3"), "vllm", str(tmp_path / "rand"))
+    spec = _vllm(tmp_path, prompts, n, str(tmp_path / "rand"), k)
+    assert spec["tokens"] == plain["tokens"]
+    counts = spec["spec"]
+    assert (
+        sum(map(len, spec["tokens"]))
+        == len(prompts) + counts["spec_decode_num_drafts"] + counts["spec_decode_num_accepted_tokens"]
+    )
+    # a draft whose final norm is zero proposes its vocabulary's first id, the commonest token
+    # of the outputs (through d2t): vLLM's counters must equal the replayed rounds exactly
+    x = Counter(t for out in plain["tokens"] for t in out).most_common(1)[0][0]
+    from deepspec.drafts import load_draft
+
+    draft_dir = _draft(tmp_path, smollm2_dir, "eagle3", seed=3)
+    model = load_draft(draft_dir)
+    ids = torch.cat([torch.tensor([x]), x + 1 + torch.randperm(49151 - x)[:2047]]).sort().values
+    model.set_draft_vocab(ids)
+    model.load_target_embeddings(smollm2_dir)
+    with torch.no_grad():
+        model.norm.weight.zero_()
+    model.save_pretrained(str(tmp_path / "x_draft"))
+    export_draft(str(tmp_path / "x_draft"), "vllm", str(tmp_path / "x"))
+    got = _vllm(tmp_path, prompts, n, str(tmp_path / "x"), k)
+    assert got["tokens"] == plain["tokens"]
+    want = [_always_x_rounds(out, x, k) for out in got["tokens"]]
+    assert got["spec"]["spec_decode_num_drafts"] == sum(w[0] for w in want)
+    assert got["spec"]["spec_decode_num_accepted_tokens"] == sum(w[1] for w in want) > 0
+    assert got["spec"]["spec_decode_num_accepted_tokens_per_pos"] == [
+        sum(w[2][i] for w in want) for i in range(k)
+    ]
+    # deepspec's own loop with the same draft proposes the same token: the same rounds
+    prop = model.propose(model.new_state(1), torch.tensor([x]), temperature=0.0, num_tokens=k)
+    assert prop.tokens[0].tolist() == [x] * k

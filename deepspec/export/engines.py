@@ -79,8 +79,9 @@ def _block_config(src: DraftSource, architecture: str, mask_id: int, *, dspark: 
         "sample_from_anchor": True,  # slot 0 (the anchor) predicts the next token
         "draft_vocab_size": src.draft_vocab_size,
     }
-    if window:
-        dflash_config.update(use_swa=True, swa_window_size=window)
+    if window:  # the non-causal sliding window of vLLM and llama.cpp (deepspec's mask)
+        dflash_config.update(use_swa=True, swa_window_size=window, causal=False)
+        out["is_causal"] = False
     if dspark:
         rank = cfg.markov_rank if src.algorithm == "dspark" and cfg.markov_rank > 0 else 1
         out.update(
@@ -210,17 +211,27 @@ def vllm_layout(src: DraftSource, mask_host: int | None, engine: str = "vLLM") -
             "method": "eagle3",
             "num_speculative_tokens": src.config.ttt_length,
         }
-    dspark = src.algorithm == "dspark"
-    check_block_draft(src, engine, markov=dspark)
+    # Both block drafters go in as the engine's DSpark (a DFlash one with a Markov bias of
+    # exactly zero): vLLM's and SGLang's DFlash paths read block slots 1..K (z-lab's layout,
+    # one later than deepspec's anchor-first block), their DSpark paths read slots 0..K-1.
+    check_block_draft(src, engine, markov=True)
     if sglang:
         check_sglang_block_draft(src)
     mask_id, mask = _mask(src, mask_host)
-    arch = "DSparkDraftModel" if dspark else "DFlashDraftModel"
+    tensors = block_draft_tensors(src, dspark=True)
+    if sglang and "confidence_head.proj.weight" not in tensors:  # SGLang always runs one:
+        rank = tensors["markov_head.markov_w1.weight"].shape[1]  # survival 1, it never cuts
+        tensors["confidence_head.proj.weight"] = torch.zeros(1, src.spec.hidden_size + rank)
+        tensors["confidence_head.proj.bias"] = torch.full((1,), 30.0)
+    if not sglang and mask is not None:  # vLLM's DSpark ignores mask_embedding.pt: the mask
+        embed = src.tensors["embed_tokens.weight"].float().clone()  # vector rides on its row
+        embed[mask[0]] = mask[1]
+        tensors["embed_tokens.weight"] = embed
     return {
-        "config": _block_config(src, arch, mask_id, dspark=dspark),
-        "tensors": block_draft_tensors(src, dspark=dspark),
+        "config": _block_config(src, "DSparkDraftModel", mask_id, dspark=True),
+        "tensors": tensors,
         "mask": mask,
-        "method": src.algorithm,
+        "method": "dspark",
         "num_speculative_tokens": src.config.block_size,
     }
 
@@ -239,7 +250,7 @@ def export_hf_style(
 
 def check_sglang_block_draft(src: DraftSource) -> None:
     """SGLang's DFlash/DSpark drafts score the target's whole vocabulary through the
-    target's head, and its DSpark always runs the confidence head."""
+    target's head."""
     engine = "SGLang"
     if src.pruned:
         raise src.refuse(
@@ -247,12 +258,6 @@ def check_sglang_block_draft(src: DraftSource) -> None:
             f"its draft vocabulary is pruned to {src.draft_vocab_size} tokens; SGLang's DFlash/DSpark "
             "drafts score the target's full vocabulary",
             "train with model.draft_vocab_size=0 (or serve it with vLLM or llama.cpp)",
-        )
-    if src.algorithm == "dspark" and (src.config.markov_rank <= 0 or not src.config.confidence_head):
-        raise src.refuse(
-            engine,
-            "SGLang's DSpark needs a Markov head and a confidence head",
-            "train with model.markov_rank > 0 and the confidence head on",
         )
 
 
