@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import socket
+import subprocess
 
 import pytest
 
