@@ -223,12 +223,15 @@ def _engine_python(name: str) -> str | None:
     _engine_python("speculators") is None, reason="no speculators venv (bash scripts/setup.sh --serving)"
 )
 def test_speculators_loads_every_export_with_its_own_loader(tmp_path, smollm2_dir):
+    classes = {"eagle3": "Eagle3DraftModel", "dflash": "DFlashDraftModel", "dspark": "DSparkDraftModel"}
+    cases = {"eagle3": [], "eagle3-full": ["model.draft_vocab_size=0"], "dflash": [], "dspark": []}
     dirs = {}
-    for algo in ("eagle3", "dflash", "dspark"):
-        draft = _draft(tmp_path, smollm2_dir, algo)
-        dirs[algo] = str(tmp_path / f"spec_{algo}")
-        manifest = export_draft(draft, "speculators", dirs[algo], target_dir=smollm2_dir)
-        cfg = json.load(open(os.path.join(dirs[algo], "config.json")))
+    for name, opts in cases.items():
+        algo = name.split("-")[0]
+        draft = _draft(tmp_path, smollm2_dir, algo, opts)
+        dirs[name] = str(tmp_path / f"spec_{name}")
+        manifest = export_draft(draft, "speculators", dirs[name], target_dir=smollm2_dir)
+        cfg = json.load(open(os.path.join(dirs[name], "config.json")))
         src_ids = json.load(open(os.path.join(draft, "config.json")))["target_layer_ids"]
         key = "eagle_aux_hidden_state_layer_ids" if algo == "eagle3" else "aux_hidden_state_layer_ids"
         assert cfg[key] == [i + 1 for i in src_ids]  # "input of layer k"
@@ -243,15 +246,9 @@ def test_speculators_loads_every_export_with_its_own_loader(tmp_path, smollm2_di
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = {r["dir"]: r for r in map(json.loads, proc.stdout.strip().splitlines())}
-    for algo, d in dirs.items():
-        r = results[d]
-        assert (
-            r["class"]
-            == {"eagle3": "Eagle3DraftModel", "dflash": "DFlashDraftModel", "dspark": "DSparkDraftModel"}[
-                algo
-            ]
-        )
-        assert r["unexpected"] == [] and r["differ"] == [], r
+    for name, d in dirs.items():
+        r, algo = results[d], name.split("-")[0]
+        assert r["class"] == classes[algo] and r["unexpected"] == [] and r["differ"] == [], r
         # block drafters never store the embedding: speculators takes the verifier's
         assert r["missing"] == ([] if algo == "eagle3" else ["embed_tokens.weight"]), r
 

@@ -270,6 +270,8 @@ def speculators_layout(src: DraftSource, mask_host: int | None, verifier: str | 
         check_eagle3(src, engine)
         mid = eagle3_tensors(src)
         tensors = {k.replace("midlayer.", "layers.0."): v for k, v in mid.items()}
+        if not src.pruned:  # speculators has no vocabulary maps for a full vocabulary
+            del tensors["d2t"], tensors["t2d"]
         tensors["embed_tokens.weight"] = src.tensors["embed_tokens.weight"].float().contiguous()
         layer_config = text_config(src, "llama", 1)
         extra: dict[str, Any] = {

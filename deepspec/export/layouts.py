@@ -165,7 +165,7 @@ def eagle3_tensors(src: DraftSource) -> dict[str, torch.Tensor]:
     out = {
         "fc.weight": _f32(t["fc.weight"]),
         "norm.weight": src.norm("norm.weight"),
-        "lm_head.weight": _f32(src.head()),
+        "lm_head.weight": _f32(src.head()).clone(),  # its own storage: a tied head is the embedding
         "midlayer.input_layernorm.weight": src.norm("embed_norm.weight"),
         "midlayer.hidden_norm.weight": src.norm("layers.0.input_layernorm.weight"),
         "midlayer.post_attention_layernorm.weight": src.norm("layers.0.post_attention_layernorm.weight"),
