@@ -25,7 +25,7 @@ from tests.conftest import ROOT
 DRAFTS = [
     ("dflash", []),
     ("dspark", ["model.markov_head_type=rnn"]),
-    ("dspark", ["model.context_window=5", "model.qk_norm=true"]),
+    ("dspark", ["model.context_window=7", "model.qk_norm=true"]),
     ("dspark", ["model.draft_vocab_size=40"]),
     ("eagle3", []),
     ("eagle3", ["model.draft_vocab_size=40"]),

@@ -493,6 +493,7 @@ def test_checkpoint_records_conventions_and_loads_embedded_target_embeddings(tmp
         saved = json.load(fh)
     assert saved["architectures"] == ["DSparkDraft"]
     assert saved["layer_id_convention"] == "output" and saved["anchor_convention"] == "anchor_first"
+    assert saved["window_convention"] == "sliding"
     assert saved["target_layer_ids"] == [1, 7, 14, 21, 27] and saved["target"]["family"] == "llama"
     assert saved["mask_token_id"] is None and saved["markov_rank"] == 128
     assert load_family_spec(smollm2_dir).to_dict() == saved["target"]
@@ -756,3 +757,25 @@ def test_overfit_six_sequences_with_the_cpu_recipe(algo):
         res = alg.loss(model, model(ids, loss_mask, feats, last, anchors=every), **alg.loss_kwargs(cfg))
     assert res.metrics["accuracy@1"] > 0.6, res.metrics
     assert res.metrics["tau_probabilistic"] > 2.5, res.metrics
+
+
+def test_a_checkpoint_with_the_earlier_fixed_window_is_refused(tmp_path):
+    """A window trained before the sliding-window convention drafts differently now: load
+    says so and how to fix it, instead of drafting with another mask."""
+    import json
+
+    from deepspec.drafts import load_draft
+    from deepspec.errors import DataError
+
+    _, model = make_draft("dspark", **{"model.context_window": 6, "model.qk_norm": True})
+    model.save_pretrained(str(tmp_path / "d"))
+    load_draft(str(tmp_path / "d"))  # the current convention loads
+    path = tmp_path / "d" / "config.json"
+    raw = json.loads(path.read_text())
+    del raw["window_convention"]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DataError, match="earlier fixed context window .* retrain it"):
+        load_draft(str(tmp_path / "d"))
+    raw["context_window"] = 0  # without a window nothing changed: it loads
+    path.write_text(json.dumps(raw))
+    load_draft(str(tmp_path / "d"))

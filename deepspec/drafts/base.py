@@ -7,6 +7,10 @@ Conventions recorded in every checkpoint (``config.json``):
   target decoder layer ``i`` (0-based); ``-1`` is the embedding output.
 * ``anchor_convention = "anchor_first"``: the anchor (last accepted token) is block
   position 0 and every one of the ``block_size`` positions predicts a token.
+* ``window_convention = "sliding"``: ``context_window`` W is the engines' sliding window
+  (block slot ``k`` sees context ``j`` iff ``a + k - j < W``). Checkpoints without this
+  field and with a window were trained with an earlier fixed window per block and are
+  refused at load.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from deepspec.targets.family import FamilySpec
 
 LAYER_ID_CONVENTION = "output"
 ANCHOR_CONVENTION = "anchor_first"
+WINDOW_CONVENTION = "sliding"
 
 
 @dataclass
@@ -52,6 +57,7 @@ class DraftConfig:
     draft_vocab_size: int = 0  # 0 = the target's vocabulary; N = a pruned head (d2t / t2d)
     layer_id_convention: str = LAYER_ID_CONVENTION
     anchor_convention: str = ANCHOR_CONVENTION
+    window_convention: str = WINDOW_CONVENTION
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -16,7 +16,7 @@ import tempfile
 import torch
 from safetensors.torch import load_file, save_file
 
-from deepspec.drafts.base import DraftConfig, DraftModel
+from deepspec.drafts.base import WINDOW_CONVENTION, DraftConfig, DraftModel
 from deepspec.errors import DataError
 from deepspec.utils.io import fsync_dir, make_dir_public, read_json_object, unreadable_safetensors
 
@@ -92,6 +92,13 @@ def read_draft_config(path: str) -> tuple[str, DraftConfig]:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise DataError(f"draft checkpoint {path}: unknown config fields {unknown}")
+    if raw.get("context_window", 0) and raw.get("window_convention") != WINDOW_CONVENTION:
+        raise DataError(
+            f"draft checkpoint {path} was trained with the earlier fixed context window per block "
+            f"(context_window={raw['context_window']}); deepspec and the serving engines now apply a "
+            "sliding window, so its drafts would differ: retrain it (the SmolLM2 configs use "
+            "model.context_window=15)"
+        )
     try:
         config = DraftConfig(**raw)
         config.spec  # noqa: B018 - the target's family spec must parse too
