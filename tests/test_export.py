@@ -66,6 +66,9 @@ def _read(path: str) -> dict[str, torch.Tensor]:
 # -- layouts and refusals (no engine needed) --------------------------------------------
 @pytest.mark.parametrize("algo", ["dspark", "dflash"])
 def test_block_draft_export_for_vllm_has_the_loader_keys(tmp_path, smollm2_dir, algo):
+    """Keys and shapes of vLLM 0.32's DSpark loader (vllm/model_executor/models/
+    qwen3_dspark.py, which its CPU runner cannot run: V2 runner, Triton); block drafts of
+    both kinds go in as DSpark because vLLM's DFlash path (qwen3_dflash.py) reads slots 1..K."""
     draft = _draft(tmp_path, smollm2_dir, algo)
     manifest = export_draft(draft, "vllm", str(tmp_path / "out"))
     cfg = json.load(open(tmp_path / "out" / "config.json"))
@@ -139,8 +142,8 @@ def test_export_refuses_what_the_engine_cannot_represent(tmp_path, smollm2_dir, 
 
 def test_export_cli_reports_one_line(tmp_path, smollm2_dir):
     draft = _draft(tmp_path, smollm2_dir, "dspark", ["model.markov_head_type=rnn"])
-    proc = subprocess.run(
-        [sys.executable, "-m", "deepspec.export", draft, "--to", "llamacpp", "--out", str(tmp_path / "x")],
+    proc = subprocess.run(  # the scripts/ wrapper runs python -m deepspec.export
+        ["bash", f"{ROOT}/scripts/serve/export.sh", draft, "--to", "llamacpp", "--out", str(tmp_path / "x")],
         capture_output=True,
         text=True,
         cwd=ROOT,
