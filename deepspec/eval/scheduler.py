@@ -1,0 +1,73 @@
+"""DSpark's hardware-aware prefix scheduler (paper Algorithm 1; DESIGN §4).
+
+Each round, request ``r`` has drafted tokens with calibrated cumulative survival
+``a[r][j] = prod_{i<=j} c_{r,i}`` (non-increasing in ``j``). Verifying ``n_r`` tokens of
+request ``r`` costs a target forward over ``B = R + sum_r n_r`` tokens (each request's
+last accepted token plus its admitted drafts) and yields ``R + sum_r sum_{j<n_r} a[r][j]``
+tokens in expectation. The scheduler admits ``(r, j)`` pairs in descending ``a`` and stops
+at the first admission that does not raise the expected throughput
+``Theta = tau * SPS(B)``, with ``SPS`` the target's verification steps per second at ``B``
+tokens (a profiled table). Because ``a`` is non-increasing along a request, the admitted
+tokens of each request form a prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SPSTable:
+    """Steps per second of the target's verification forward at ``B`` tokens, linearly
+    interpolated between profiled points and held constant beyond the last one."""
+
+    tokens: tuple[int, ...]
+    steps_per_second: tuple[float, ...]
+
+    @classmethod
+    def from_mapping(cls, points: Mapping[int, float]) -> SPSTable:
+        if not points:
+            raise ValueError("an SPS table needs at least one (tokens, steps/s) point")
+        items = sorted((int(b), float(s)) for b, s in points.items())
+        if items[0][0] < 1 or any(s <= 0 or not np.isfinite(s) for _, s in items):
+            raise ValueError("SPS points need token counts >= 1 and finite steps/s > 0")
+        return cls(tuple(b for b, _ in items), tuple(s for _, s in items))
+
+    def __call__(self, batch_tokens: int) -> float:
+        return float(np.interp(batch_tokens, self.tokens, self.steps_per_second))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    lengths: list[int]  # tokens admitted per request (a prefix of its drafts)
+    expected_tokens: float  # tau: R + sum of the admitted survivals
+    batch_tokens: int  # B = R + admitted
+    throughput: float  # tau * SPS(B)
+
+
+def schedule_prefixes(survival: Sequence[Sequence[float]], sps: SPSTable) -> Schedule:
+    """Algorithm 1 on one round: ``survival[r]`` is request ``r``'s cumulative survival per
+    drafted position (non-increasing, in [0, 1]); returns the prefix length per request."""
+    R = len(survival)
+    pairs = []
+    for r, a in enumerate(survival):
+        a = np.asarray(a, dtype=np.float64)
+        if a.ndim != 1 or np.any(~np.isfinite(a)) or np.any((a < 0) | (a > 1)):
+            raise ValueError(f"request {r}: survival must be a 1-D sequence in [0, 1]")
+        if np.any(np.diff(a) > 1e-12):
+            raise ValueError(f"request {r}: cumulative survival must not increase along the draft")
+        pairs += [(-float(v), j, r) for j, v in enumerate(a)]
+    pairs.sort()  # descending survival; ties: earlier position, then lower request
+    lengths = [0] * R
+    tau, batch = float(R), R
+    best = tau * sps(batch) if R else 0.0
+    for neg, _j, r in pairs:
+        theta = (tau - neg) * sps(batch + 1)
+        if theta <= best:
+            break  # the first admission that does not raise Theta ends the round
+        tau, batch, best = tau - neg, batch + 1, theta
+        lengths[r] += 1
+    return Schedule(lengths, tau, batch, best)
