@@ -75,3 +75,20 @@ def test_bad_survival_and_tables_are_refused():
         SPSTable.from_mapping({})
     with pytest.raises(ValueError, match="steps/s > 0"):
         SPSTable.from_mapping({4: 0.0})
+
+
+def test_sps_table_reads_the_profile_benchmark_file(tmp_path):
+    import json
+
+    from deepspec.errors import DataError
+
+    path = tmp_path / "sps.json"
+    path.write_text(json.dumps({"device": "cpu", "steps_per_second": {"1": 18.0, "8": 16.0, "64": 6.0}}))
+    table = SPSTable.load(str(path))
+    assert table(1) == 18.0 and table(8) == 16.0 and table(36) == pytest.approx(11.0)
+    assert table(200) == 6.0  # held constant beyond the last point
+    path.write_text("{}")
+    with pytest.raises(DataError, match="sps_profile.py"):
+        SPSTable.load(str(path))
+    with pytest.raises(DataError, match="unreadable"):
+        SPSTable.load(str(tmp_path / "missing.json"))

@@ -36,6 +36,23 @@ class SPSTable:
             raise ValueError("SPS points need token counts >= 1 and finite steps/s > 0")
         return cls(tuple(b for b, _ in items), tuple(s for _, s in items))
 
+    @classmethod
+    def load(cls, path: str) -> SPSTable:
+        """A table written by ``benchmarks/sps_profile.py`` (``steps_per_second``: {B: steps/s})."""
+        import json
+
+        from deepspec.errors import DataError
+
+        try:
+            with open(path, encoding="utf-8") as fh:
+                points = json.load(fh)["steps_per_second"]
+            return cls.from_mapping({int(b): float(v) for b, v in points.items()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DataError(
+                f"SPS table {path} is unreadable ({type(exc).__name__}: {exc}); write it with "
+                "python benchmarks/sps_profile.py --out <file>"
+            ) from None
+
     def __call__(self, batch_tokens: int) -> float:
         return float(np.interp(batch_tokens, self.tokens, self.steps_per_second))
 
