@@ -116,19 +116,22 @@ def main() -> None:
         results["rows"].append({"engine": engine, "method": name, "batch": batch, **res})
         print(json.dumps(results["rows"][-1]), flush=True)
 
+    def exported(engine: str):
+        """``(name, export dir, manifest)`` per draft; a refused export is an error row."""
+        for d in args.draft:
+            name = "/".join(os.path.normpath(d).split(os.sep)[-3:-1])
+            out = os.path.join(args.work, f"{engine}_" + name.replace("/", "_"))
+            try:
+                yield name, out, export_draft(d, engine, out)
+            except Exception as exc:  # noqa: BLE001 - a refused export is a row, not a crash
+                row(engine, name, None, {"error": str(exc)})
+
     for engine in engines:
         if engine == "llamacpp":
             assert os.path.isfile(embedded_bf16_gguf_path("smollm2-135m-instruct"))
             for b in batches:
                 row(engine, "plain", b, run_llamacpp(prompts, n, b, os.path.join(args.work, "plain.log")))
-            for d in args.draft:
-                name = "/".join(os.path.normpath(d).split(os.sep)[-3:-1])
-                out = os.path.join(args.work, "lcpp_" + name.replace("/", "_"))
-                try:
-                    m = export_draft(d, "llamacpp", out)
-                except Exception as exc:  # noqa: BLE001 - a refused export is a row, not a crash
-                    row(engine, name, None, {"error": str(exc)})
-                    continue
+            for name, out, m in exported(engine):
                 gguf = os.path.join(out, m["gguf"])
                 for b in batches:
                     log = os.path.join(args.work, f"{name.replace('/', '_')}_b{b}.log")
@@ -137,14 +140,7 @@ def main() -> None:
             prompts_file = os.path.join(args.work, "prompts.json")
             for r in run_vllm(target_dir, prompts_file, n, batches):
                 row(engine, "plain", r.pop("batch", None), r)
-            for d in args.draft:
-                name = "/".join(os.path.normpath(d).split(os.sep)[-3:-1])
-                out = os.path.join(args.work, "vllm_" + name.replace("/", "_"))
-                try:
-                    m = export_draft(d, "vllm", out)
-                except Exception as exc:  # noqa: BLE001 - a refused export is a row, not a crash
-                    row(engine, name, None, {"error": str(exc)})
-                    continue
+            for name, out, m in exported(engine):
                 if m["method"] == "dspark":
                     row(
                         engine,
@@ -153,9 +149,8 @@ def main() -> None:
                         {"error": "vLLM's CPU runner cannot run DSpark (V2 runner, Triton)"},
                     )
                     continue
-                for r in run_vllm(
-                    target_dir, prompts_file, n, batches, out, m["method"], m["num_speculative_tokens"]
-                ):
+                k = m["num_speculative_tokens"]
+                for r in run_vllm(target_dir, prompts_file, n, batches, out, m["method"], k):
                     row(engine, name, r.pop("batch", None), r)
     with open(args.out, "w") as fh:
         json.dump(results, fh, indent=2)

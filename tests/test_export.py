@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from deepspec.config import load_config
 from deepspec.drafts import build_draft
+from deepspec.errors import DataError
 from deepspec.export import export_draft
 from deepspec.export.source import ExportRefused
 from tests.conftest import ROOT
@@ -137,6 +138,19 @@ def test_export_refuses_what_the_engine_cannot_represent(tmp_path, smollm2_dir, 
     draft = _draft(tmp_path, smollm2_dir, algo, opts)
     with pytest.raises(ExportRefused, match=reason):
         export_draft(draft, to, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_diverged_checkpoint_exports_nowhere(tmp_path, smollm2_dir):
+    from safetensors.torch import load_file, save_file
+
+    draft = _draft(tmp_path, smollm2_dir, "dflash")
+    weights = os.path.join(draft, "model.safetensors")
+    tensors = load_file(weights)
+    tensors["norm.weight"][3] = float("nan")
+    save_file(tensors, weights)
+    with pytest.raises(DataError, match=r"not finite .*NaN/inf in norm.weight"):
+        export_draft(draft, "vllm", str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 

@@ -126,8 +126,7 @@ class CacheDataset(torch.utils.data.Dataset):
 
     def use_layers(self, layer_ids: list[int]) -> None:
         """Serve only ``layer_ids`` (in the cache's order) as ``hidden_states``."""
-        missing = [i for i in layer_ids if i not in self.layer_ids]
-        if missing or list(layer_ids) != sorted(layer_ids):
+        if not set(layer_ids) <= set(self.layer_ids) or list(layer_ids) != sorted(layer_ids):
             raise DataError(
                 f"target cache {self.path}: layers {list(layer_ids)} are not an increasing subset of its "
                 f"layers {self.layer_ids}; rebuild the cache with them"
@@ -343,9 +342,9 @@ def validate_cache_for_config(
     m = cache.manifest
     problems: list[str] = []
     want_layers = [int(i) for i in cfg.model.target_layer_ids]
-    if set(want_layers) <= set(cache.layer_ids) and want_layers == sorted(want_layers):
+    try:
         cache.use_layers(want_layers)  # the same layers, or a subset of them
-    else:
+    except DataError:
         problems.append(f"layer ids {cache.layer_ids} in the cache, model.target_layer_ids={want_layers}")
     spec = load_family_spec(target_dir)
     if cache.hidden_size != spec.hidden_size:

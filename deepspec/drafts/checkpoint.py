@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+from collections.abc import Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from deepspec.drafts.base import WINDOW_CONVENTION, DraftConfig, DraftModel
 from deepspec.errors import DataError
-from deepspec.utils.io import fsync_dir, make_dir_public, read_json_object, unreadable_safetensors
+from deepspec.utils.io import atomic_directory, read_json_object, unreadable_safetensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -44,20 +43,8 @@ def write_draft_files(
 
 def save_draft(model: DraftModel, out_dir: str) -> None:
     """Write the draft atomically: a temporary directory renamed over ``out_dir``."""
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
-    make_dir_public(tmp)
-    try:
+    with atomic_directory(out_dir) as tmp:
         write_draft_files(model, tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-        fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def check_draft_dir(path: str) -> str:
@@ -110,7 +97,8 @@ def read_draft_config(path: str) -> tuple[str, DraftConfig]:
     return str(arch), config
 
 
-def _read_weights(path: str) -> dict[str, torch.Tensor]:
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint directory (one-line errors when missing or unreadable)."""
     weights = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(weights):
         raise DataError(f"draft checkpoint {path} has no {WEIGHTS_NAME}; copy the checkpoint again")
@@ -122,9 +110,9 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def check_finite_weights(model: torch.nn.Module, path: str) -> None:
-    """A :class:`DataError` when a parameter or buffer holds NaN or inf (a diverged run)."""
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+def check_finite_weights(named: Iterable[tuple[str, torch.Tensor]], path: str) -> None:
+    """A :class:`DataError` when a named tensor holds NaN or inf (a diverged run)."""
+    for name, tensor in named:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise DataError(
                 f"draft checkpoint {path}: weights are not finite (the training diverged); "
@@ -135,7 +123,7 @@ def check_finite_weights(model: torch.nn.Module, path: str) -> None:
 def load_weights(model: DraftModel, path: str) -> None:
     """``path``'s weights into ``model``: every key (a tied LM head is stored once), every
     shape and every value (finite) must fit, else one-line :class:`DataError` s."""
-    state = _read_weights(path)
+    state = read_weights(path)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except ValueError as exc:  # d2t / t2d that do not describe one draft vocabulary
@@ -156,17 +144,16 @@ def load_weights(model: DraftModel, path: str) -> None:
             f"draft checkpoint {path} does not match {type(model).__name__}: missing {missing}, "
             f"unexpected {unexpected}"
         )
-    check_finite_weights(model, path)
+    check_finite_weights([*model.named_parameters(), *model.named_buffers()], path)
 
 
 def weights_are_finite(path: str) -> bool:
     """The checkpoint's weights can be read and hold no NaN or inf."""
     try:
-        return all(
-            bool(torch.isfinite(t).all()) for t in _read_weights(path).values() if t.is_floating_point()
-        )
+        check_finite_weights(read_weights(path).items(), path)
     except DataError:
         return False
+    return True
 
 
 def load_draft(

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +27,7 @@ from deepspec.export.layouts import (
     text_config,
 )
 from deepspec.export.source import DraftSource, input_layer_ids, mask_host_id
-from deepspec.utils.io import fsync_dir, make_dir_public
+from deepspec.utils.io import atomic_directory
 
 MANIFEST = "deepspec_export.json"
 
@@ -145,9 +143,7 @@ def llama_cpp_layout(src: DraftSource, mask_host: int | None) -> dict[str, Any]:
     if src.algorithm == "eagle3":
         ids = check_eagle3(src, engine, exact_layers=3)
         tensors = eagle3_tensors(src)
-        del tensors["t2d"]
-        if not src.pruned:
-            del tensors["d2t"]
+        tensors.pop("t2d", None)  # not read at runtime
         return {
             "config": eagle3_config(src, "LlamaForCausalLMEagle3", ids),
             "tensors": tensors,
@@ -200,7 +196,7 @@ def vllm_layout(src: DraftSource, mask_host: int | None, engine: str = "vLLM") -
         if sglang:  # SGLang adds the +1 itself: its Eagle3 ids mean "output of layer k"
             ids = [i - 1 for i in ids]
         tensors = eagle3_tensors(src)
-        del tensors["t2d"]
+        tensors.pop("t2d", None)  # not read at runtime
         config = eagle3_config(src, "LlamaForCausalLMEagle3", ids)
         if sglang:
             del config["norm_before_residual"]  # SGLang keeps the raw residual, as deepspec
@@ -270,8 +266,6 @@ def speculators_layout(src: DraftSource, mask_host: int | None, verifier: str | 
         check_eagle3(src, engine)
         mid = eagle3_tensors(src)
         tensors = {k.replace("midlayer.", "layers.0."): v for k, v in mid.items()}
-        if not src.pruned:  # speculators has no vocabulary maps for a full vocabulary
-            del tensors["d2t"], tensors["t2d"]
         tensors["embed_tokens.weight"] = src.tensors["embed_tokens.weight"].float().contiguous()
         layer_config = text_config(src, "llama", 1)
         extra: dict[str, Any] = {
@@ -371,21 +365,10 @@ def export_speculators(
 
 # -- shared ----------------------------------------------------------------------------
 def _atomic_export(out: str, write: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
-    """Run ``write(tmp)`` in a fresh directory next to ``out``, add the manifest, rename."""
-    out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
-    make_dir_public(tmp)
-    try:
+    """Run ``write(tmp)`` in a fresh directory that replaces ``out`` once it holds the
+    export and its manifest (:func:`deepspec.utils.io.atomic_directory`)."""
+    with atomic_directory(out) as tmp:
         manifest = write(tmp)
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=2)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-        fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest

@@ -142,7 +142,7 @@ def check_eagle3(src: DraftSource, engine: str, *, exact_layers: int | None = No
             f"it has {src.config.draft_num_hidden_layers} decoder layers; EAGLE-3 loaders take exactly 1",
             "train with model.draft_num_hidden_layers=1",
         )
-    if src.spec.rule.qk_norm:
+    if src.qk_norm:
         raise src.refuse(
             engine,
             f"its decoder layer has the {src.spec.family} family's q/k norms; EAGLE-3 loaders "
@@ -172,10 +172,9 @@ def eagle3_tensors(src: DraftSource) -> dict[str, torch.Tensor]:
     }
     for name in LAYER_WEIGHTS:
         out[f"midlayer.{name}"] = _f32(t[f"layers.0.{name}"])
-    d2t = t["d2t"].long() if src.pruned else torch.zeros(src.draft_vocab_size, dtype=torch.long)
-    out["d2t"] = d2t.contiguous()
-    V = src.spec.vocab_size
-    out["t2d"] = t["t2d"].bool().contiguous() if src.pruned else torch.ones(V, dtype=torch.bool)
+    if src.pruned:  # the vocabulary maps (a full vocabulary needs none)
+        out["d2t"] = t["d2t"].long().contiguous()
+        out["t2d"] = t["t2d"].bool().contiguous()
     return out
 
 

@@ -13,13 +13,11 @@ import os
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file
 
 from deepspec.drafts.base import DraftConfig
-from deepspec.drafts.checkpoint import WEIGHTS_NAME, read_draft_config
+from deepspec.drafts.checkpoint import check_finite_weights, read_draft_config, read_weights
 from deepspec.errors import DataError
 from deepspec.targets.family import FamilySpec
-from deepspec.utils.io import unreadable_safetensors
 
 
 class ExportRefused(DataError):
@@ -52,9 +50,7 @@ class DraftSource:
     @property
     def qk_norm(self) -> bool:
         """Do the draft's attention layers carry per-head q/k norms?"""
-        if self.algorithm in ("dflash", "dspark") and self.config.qk_norm is not None:
-            return self.config.qk_norm
-        return self.spec.rule.qk_norm
+        return "layers.0.self_attn.q_norm.weight" in self.tensors
 
     def head(self) -> torch.Tensor:
         """The draft's LM head rows ``[draft_vocab_size, d]`` (the embedding when tied)."""
@@ -77,17 +73,13 @@ class DraftSource:
 
 
 def read_source(path: str) -> DraftSource:
-    """Read a checkpoint directory written by ``train.py`` (one-line errors when it is not one)."""
+    """Read a checkpoint directory written by ``train.py`` (one-line errors when it is not
+    one, or when its weights hold NaN or inf: a diverged run exports nowhere)."""
     architecture, config = read_draft_config(path)
-    weights = os.path.join(os.path.expanduser(path), WEIGHTS_NAME)
-    if not os.path.isfile(weights):
-        raise DataError(f"draft checkpoint {path} has no {WEIGHTS_NAME}; copy the checkpoint again")
-    try:
-        tensors = load_file(weights)
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-        raise unreadable_safetensors(weights, exc, "copy the checkpoint again") from None
     if config.algorithm not in ("dflash", "dspark", "eagle3"):
         raise DataError(f"draft checkpoint {path}: unknown algorithm {config.algorithm!r}")
+    tensors = read_weights(os.path.expanduser(path))
+    check_finite_weights(tensors.items(), path)
     return DraftSource(os.path.expanduser(path), architecture, config, tensors)
 
 

@@ -1,10 +1,11 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never a part."""
+"""Atomic writes: a reader sees the old file (or directory) or the complete new one, never a part."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
@@ -53,6 +54,27 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[str]:
+    """Yield a fresh directory beside ``path`` to fill; on success it replaces ``path`` (a
+    reader sees the old directory or the complete new one). On any exception it is removed
+    and ``path`` is left untouched."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+    make_dir_public(tmp)
+    try:
+        yield tmp
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(parent)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
