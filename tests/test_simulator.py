@@ -13,11 +13,11 @@ FLAT = SPSTable.from_mapping({1: 10.0, 256: 10.0})  # every step 0.1 s, whatever
 
 def test_fixed_length_counts_accepted_tokens_within_the_verified_prefix():
     rounds = [RecordedRound((0.9, 0.8, 0.5, 0.2), accepted=3)]
-    for n, gained in ((0, 1), (1, 2), (2, 3), (3, 4), (4, 4), (9, 4)):
+    for n, gained in ((1, 2), (2, 3), (3, 4), (4, 4), (9, 4), (0, 4)):  # 0: every drafted token
         run = simulate(rounds, FLAT, batch=2, policy="fixed", value=n, steps=5)
         assert run.tokens_per_round == gained
         assert run.tokens_per_second == pytest.approx(2 * gained / 0.1)
-        assert run.verified_per_round == min(n, 4)
+        assert run.verified_per_round == (min(n, 4) if n else 4)
 
 
 def test_threshold_and_scheduled_policies():
@@ -44,5 +44,5 @@ def test_bad_inputs_are_refused():
         RecordedRound((0.5, 0.2), accepted=3)
     with pytest.raises(ValueError, match="no recorded rounds"):
         simulate([], FLAT, batch=1, policy="fixed")
-    with pytest.raises(ValueError, match="unknown policy"):
+    with pytest.raises(ValueError, match="unknown verification policy"):
         simulate([RecordedRound((0.5,), 0)], FLAT, batch=1, policy="greedy")

@@ -166,6 +166,16 @@ class KVCache:
                 store[i] = t[:, drop:].clone()
         self.offset += drop
 
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Empty the rows ``rows`` (a ``[B]`` bool mask) for new sequences; trimmed positions
+        come back first, since a new sequence starts at position 0."""
+        self.lengths[rows] = 0
+        if self.offset and bool(rows.any()):
+            for store in (self.k, self.v):
+                for i, t in enumerate(store):
+                    store[i] = torch.cat([t.new_zeros(t.shape[0], self.offset, *t.shape[2:]), t], 1)
+            self.offset = 0
+
     def view(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``k, v`` as ``[B, KVH, upto - offset, hd]`` (positions ``offset .. upto-1``)."""
         self._ensure(upto)

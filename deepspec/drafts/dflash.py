@@ -206,6 +206,10 @@ class DFlashDraft(DraftModel):
             window=self.config.context_window,
         )
 
+    def reset_rows(self, state: KVCache, rows: torch.Tensor) -> None:
+        """Empty the rows ``rows`` (``[B]`` bool) of ``state`` for new sequences."""
+        state.reset_rows(rows)
+
     @torch.no_grad()
     def extend(
         self, state: KVCache, features: torch.Tensor, counts: torch.Tensor, tokens: torch.Tensor | None = None

@@ -216,6 +216,11 @@ class Eagle3Draft(DraftModel):
         pending = torch.zeros(batch_size, self.fc.in_features, dtype=self.fc.weight.dtype, device=device)
         return Eagle3State(cache, pending)
 
+    def reset_rows(self, state: Eagle3State, rows: torch.Tensor) -> None:
+        """Empty the rows ``rows`` (``[B]`` bool) of ``state`` for new sequences."""
+        state.cache.reset_rows(rows)
+        state.pending[rows] = 0
+
     def _cached_attn(self, cache: KVCache, starts: torch.Tensor, counts: torch.Tensor):
         """Attention that writes the new keys at ``starts`` and attends causally to the cache."""
 

@@ -8,8 +8,8 @@ policy verifies only ``n`` of them, the request gains ``min(accepted, n) + 1`` t
 target's own token after the last accepted one), because acceptance stops at the first
 rejection. A batch step takes ``draft_seconds + 1 / SPS(R + sum n_r)``.
 
-Policies: ``fixed`` (verify ``n = min(L, drafted)``), ``threshold`` (verify the positions
-with ``a_j >= t``) and ``scheduled`` (Algorithm 1, :mod:`deepspec.eval.scheduler`).
+Policies are those of the decode loop (:mod:`deepspec.eval.policies`): ``fixed``,
+``threshold`` and ``scheduled`` (Algorithm 1).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deepspec.eval.scheduler import SPSTable, schedule_prefixes
+from deepspec.eval.policies import VerifyPolicy
+from deepspec.eval.scheduler import SPSTable
 
 
 @dataclass(frozen=True)
@@ -41,16 +42,6 @@ class SimulatedRun:
     verified_per_round: float  # mean drafted tokens verified per request and round
 
 
-def _lengths(policy: str, rounds: Sequence[RecordedRound], sps: SPSTable, value: float) -> list[int]:
-    if policy == "fixed":
-        return [min(int(value), len(r.survival)) for r in rounds]
-    if policy == "threshold":
-        return [int(np.sum(np.asarray(r.survival) >= value)) if r.survival else 0 for r in rounds]
-    if policy == "scheduled":
-        return schedule_prefixes([r.survival for r in rounds], sps).lengths
-    raise ValueError(f"unknown policy {policy!r}; choose fixed, threshold or scheduled")
-
-
 def simulate(
     rounds: Sequence[RecordedRound],
     sps: SPSTable,
@@ -68,12 +59,13 @@ def simulate(
         raise ValueError("no recorded rounds to replay")
     if batch < 1 or steps < 1:
         raise ValueError("batch and steps must be >= 1")
+    chooser = VerifyPolicy(policy, value, sps)
     rng = np.random.default_rng(seed)
     tokens = verified = 0
     seconds = 0.0
     for _ in range(steps):
         picked = [rounds[i] for i in rng.integers(0, len(rounds), size=batch)]
-        lengths = _lengths(policy, picked, sps, value)
+        lengths = chooser.lengths([len(r.survival) for r in picked], [r.survival for r in picked])
         tokens += sum(min(r.accepted, n) + 1 for r, n in zip(picked, lengths))
         verified += sum(lengths)
         seconds += draft_seconds + 1.0 / sps(batch + sum(lengths))

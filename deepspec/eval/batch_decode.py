@@ -1,0 +1,267 @@
+"""Batched speculative decoding with continuous batching (DESIGN §4).
+
+``batch`` rows serve the prompts in order: a row takes the next waiting prompt as soon as
+its request ends. One round, over the rows that hold a request:
+
+1. the draft proposes a block for every row in one batched pass;
+2. the verification policy (:mod:`deepspec.eval.policies`) picks ``n_r`` tokens per row:
+   a fixed length, a confidence threshold, or the prefix scheduler over the whole batch;
+3. the target scores ``[anchor_r, x_1..x_{n_r}]`` of every row in one packed forward
+   (:class:`~deepspec.eval.ragged_target.RaggedTarget`: ``sum_r (n_r + 1)`` tokens);
+4. each row is verified exactly as in the single-request loop (:mod:`deepspec.eval.verify`),
+   so every request stays lossless: greedy-exact at temperature 0, distributed as the
+   target at temperature > 0;
+5. each row's target cache is cropped to its accepted tokens and the draft's context grows
+   by their features, independently per row.
+
+Prompts that enter together are prefilled in one packed forward too. A round's wall time
+is shared evenly by the requests it served, so the ``seconds`` of all requests add up to
+the run's wall time and ``tokens / seconds`` is the batch's throughput.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from deepspec.eval.decode import DecodeResult, _check_limits, _cut, _propose, _sample
+from deepspec.eval.policies import VerifyPolicy
+from deepspec.eval.ragged_target import RaggedTarget
+from deepspec.eval.verify import probs_from_logits, verify_greedy, verify_sampling
+
+
+@dataclass
+class BatchStep:
+    """One decode round of the batch (prefills are not steps)."""
+
+    requests: int  # rows that held a request
+    verified: int  # drafted tokens verified over all rows
+    emitted: int  # tokens the round added over all rows
+    seconds: float
+    draft_seconds: float
+    target_seconds: float
+
+
+@dataclass
+class BatchRun:
+    results: list[DecodeResult]  # one per prompt, in prompt order
+    seconds: float = 0.0  # wall time of the whole run
+    steps: list[BatchStep] = field(default_factory=list)
+
+
+class _Rows:
+    """Which request each row serves, and the prompts still waiting."""
+
+    def __init__(self, prompts: Sequence[Sequence[int]], batch: int) -> None:
+        self.prompts = prompts
+        self.waiting = deque(range(len(prompts)))
+        self.request = [-1] * batch
+
+    def active(self) -> list[int]:
+        return [r for r, i in enumerate(self.request) if i >= 0]
+
+    def admit(self) -> dict[int, int]:
+        """Give every free row the next waiting prompt; ``{row: prompt index}``."""
+        taken = {}
+        for r, i in enumerate(self.request):
+            if i < 0 and self.waiting:
+                self.request[r] = taken[r] = self.waiting.popleft()
+        return taken
+
+
+def _share(results: list[DecodeResult], requests: Sequence[int], seconds: float, attr: str = "seconds") -> None:
+    for i in requests:
+        setattr(results[i], attr, getattr(results[i], attr) + seconds / len(requests))
+
+
+def _padded(rows: Sequence[torch.Tensor], width: int) -> torch.Tensor:
+    """Stack ``[n_r, ...]`` tensors into ``[len(rows), width, ...]``, zero-padded."""
+    out = rows[0].new_zeros(len(rows), width, *rows[0].shape[1:])
+    for i, t in enumerate(rows):
+        out[i, : t.shape[0]] = t
+    return out
+
+
+@torch.inference_mode()
+def speculative_generate_batch(
+    target: RaggedTarget,
+    draft,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    eos_ids: set[int],
+    generator: torch.Generator | None = None,
+    policy: VerifyPolicy | None = None,
+    progress: Callable[[DecodeResult], None] | None = None,
+) -> BatchRun:
+    """Decode ``prompts`` with ``target.rows`` of them in flight; lossless per request.
+    ``progress`` is called with each finished request's result."""
+    policy = policy or VerifyPolicy()
+    _check_limits(max_new_tokens, temperature)
+    clock = time.perf_counter
+    start = clock()
+    B, device = target.rows, target.device
+    vocab = target.vocab_size
+    rows = _Rows(prompts, B)
+    results = [DecodeResult(output_ids=[]) for _ in prompts]
+    run = BatchRun(results)
+    state = draft.new_state(B, device)
+    anchors = torch.zeros(B, dtype=torch.long, device=device)
+    ids = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+
+    def finish(r: int) -> None:
+        if progress is not None:
+            progress(results[rows.request[r]])
+        rows.request[r] = -1
+
+    def admit() -> None:
+        """Prefill waiting prompts into free rows (one packed forward), until no free row
+        can take one (a prompt may end at its first token)."""
+        while taken := rows.admit():
+            t0 = clock()
+            for r in taken:
+                target.reset(r)
+            out = target.forward({r: ids(list(prompts[i])) for r, i in taken.items()})
+            t1 = clock()
+            fresh = torch.zeros(B, dtype=torch.bool, device=device)
+            fresh[list(taken)] = True
+            draft.reset_rows(state, fresh)
+            order = list(taken)
+            feats = _padded([out[r][1] for r in order], max(out[r][1].shape[0] for r in order))
+            counts = torch.zeros(B, dtype=torch.long, device=device)
+            full = feats.new_zeros(B, *feats.shape[1:])
+            tokens = torch.zeros(B, feats.shape[1], dtype=torch.long, device=device)
+            for j, r in enumerate(order):
+                n = len(prompts[taken[r]])
+                full[r], counts[r], tokens[r, :n] = feats[j], n, ids(list(prompts[taken[r]]))
+            draft.extend(state, full, counts, tokens=tokens)
+            t2 = clock()
+            for r, i in taken.items():
+                first, done = _cut([_sample(out[r][0][-1], temperature, generator)], eos_ids, max_new_tokens)
+                results[i].output_ids = first
+                anchors[r] = first[-1]
+                if done:
+                    finish(r)
+            t3 = clock()
+            _share(results, list(taken.values()), t3 - t0)
+            _share(results, list(taken.values()), t1 - t0, "target_seconds")
+            _share(results, list(taken.values()), t2 - t1, "draft_seconds")
+
+    admit()
+    while active := rows.active():
+        t0 = clock()
+        requests = [rows.request[r] for r in active]
+        proposal = _propose(draft, state, anchors, temperature, generator, vocab)
+        drafted = proposal.tokens.shape[1]
+        survival = None
+        if proposal.confidence is not None:
+            survival = torch.cumprod(proposal.confidence[active].double(), 1).tolist()
+            for i, c in zip(requests, proposal.confidence[active].tolist(), strict=True):
+                results[i].confidences.append(c)
+        room = [max_new_tokens - len(results[i].output_ids) - 1 for i in requests]
+        chosen = policy.lengths([drafted] * len(active), survival if policy.needs_confidence else None)
+        n = [min(c, left) for c, left in zip(chosen, room, strict=True)]
+        t1 = clock()
+        out = target.forward(
+            {r: torch.cat([anchors[r : r + 1], proposal.tokens[r, :k]]) for r, k in zip(active, n, strict=True)}
+        )
+        t2 = clock()
+        k = max(n)
+        rows_t = torch.tensor(active, device=device)
+        block = proposal.tokens[rows_t, :k]
+        lengths = torch.tensor(n, device=device)
+        logits = _padded([out[r][0] for r in active], k + 1)
+        if temperature == 0:
+            verdict = verify_greedy(block, logits, lengths)
+        else:
+            verdict = verify_sampling(
+                block,
+                proposal.probs[rows_t, :k],
+                probs_from_logits(logits, temperature),
+                lengths,
+                generator=generator,
+            )
+        feats = torch.zeros(B, k + 1, out[active[0]][1].shape[-1], dtype=out[active[0]][1].dtype, device=device)
+        kept = torch.zeros(B, k + 1, dtype=torch.long, device=device)
+        counts = torch.zeros(B, dtype=torch.long, device=device)
+        emitted_total = 0
+        emitted_rows = verdict.emitted_lists()
+        for j, (r, i) in enumerate(zip(active, requests, strict=True)):
+            m = int(verdict.num_accepted[j])
+            res = results[i]
+            res.proposed.append(n[j])
+            res.accepted.append(m)
+            emitted, done = _cut(emitted_rows[j], eos_ids, max_new_tokens - len(res.output_ids))
+            res.output_ids.extend(emitted)
+            emitted_total += len(emitted)
+            if done:
+                finish(r)
+                continue
+            target.crop(r, len(prompts[i]) + len(res.output_ids) - 1)
+            feats[r, : m + 1] = out[r][1][: m + 1]
+            kept[r, : m + 1] = torch.cat([anchors[r : r + 1], ids(emitted[:-1])])
+            counts[r] = m + 1
+            anchors[r] = emitted[-1]
+        t3 = clock()
+        if int(counts.sum()):
+            draft.extend(state, feats, counts, tokens=kept)
+        t4 = clock()
+        run.steps.append(BatchStep(len(active), sum(n), emitted_total, t4 - t0, (t1 - t0) + (t4 - t3), t2 - t1))
+        _share(results, requests, t4 - t0)
+        _share(results, requests, t2 - t1, "target_seconds")
+        _share(results, requests, (t1 - t0) + (t4 - t3), "draft_seconds")
+        admit()
+    run.seconds = clock() - start
+    return run
+
+
+@torch.inference_mode()
+def plain_generate_batch(
+    target: RaggedTarget,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    eos_ids: set[int],
+    generator: torch.Generator | None = None,
+    progress: Callable[[DecodeResult], None] | None = None,
+) -> BatchRun:
+    """Target-only decoding of ``prompts``, ``target.rows`` at a time (the batched baseline)."""
+    _check_limits(max_new_tokens, temperature)
+    clock = time.perf_counter
+    start = clock()
+    rows = _Rows(prompts, target.rows)
+    results = [DecodeResult(output_ids=[]) for _ in prompts]
+    run = BatchRun(results)
+    feeds: dict[int, torch.Tensor] = {}
+    while True:
+        for r, i in rows.admit().items():
+            target.reset(r)
+            feeds[r] = torch.tensor(list(prompts[i]), dtype=torch.long)
+        if not feeds:
+            break
+        t0 = clock()
+        out = target.forward(feeds, features=False)
+        served = [rows.request[r] for r in feeds]
+        feeds = {}
+        for r, (logits, _) in out.items():
+            res = results[rows.request[r]]
+            token = _sample(logits[-1], temperature, generator)
+            res.output_ids.append(token)
+            if token in eos_ids or len(res.output_ids) >= max_new_tokens:
+                if progress is not None:
+                    progress(res)
+                rows.request[r] = -1
+            else:
+                feeds[r] = torch.tensor([token])
+        seconds = clock() - t0
+        run.steps.append(BatchStep(len(served), 0, len(served), seconds, 0.0, seconds))
+        _share(results, served, seconds)
+        _share(results, served, seconds, "target_seconds")
+    run.seconds = clock() - start
+    return run

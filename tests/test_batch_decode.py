@@ -1,0 +1,234 @@
+"""Batched speculative decoding: the ragged target equals per-request forwards; batched
+decoding is greedy-exact, runs the same rounds as the single-request loop, and is
+lossless at temperature 1 with several requests in flight; the verification policies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deepspec.drafts import Proposal
+from deepspec.errors import ConfigError
+from deepspec.eval.batch_decode import plain_generate_batch, speculative_generate_batch
+from deepspec.eval.decode import speculative_generate
+from deepspec.eval.policies import VerifyPolicy
+from deepspec.eval.ragged_target import RaggedTarget
+from deepspec.eval.scheduler import SPSTable
+from deepspec.eval.target import HFTarget
+from deepspec.targets.tiny import TINY_FAMILIES
+from tests.test_decode import (
+    DRAFT_IDS,
+    DRAFTS,
+    PROMPT,
+    V_SMALL,
+    draft_for,
+    law_check,
+    single_thread,  # noqa: F401 - fixture
+    small_target,  # noqa: F401 - fixture
+    tiny_model,
+)
+
+PROMPTS = [[5, 9, 3], [17, 4, 4, 80, 2, 31, 64], [1], [40, 2, 77, 13], [90, 91], [5, 50, 60, 70], [8, 8]]
+FLAT = SPSTable.from_mapping({1: 10.0, 512: 10.0})
+
+
+def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
+    return model.generate(
+        torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+    )[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_ragged_target_equals_one_request_at_a_time(tmp_path_factory, single_thread, family):
+    """Packed forwards of ragged feeds, with crops in between, give each request the logits
+    and features of its own cached forward."""
+    _, model = tiny_model(tmp_path_factory, family, vocab=96)
+    single, ragged = HFTarget(model, [0, 1]), RaggedTarget(model, [0, 1], rows=3)
+    history = {0: list(PROMPTS[1]) * 3, 1: PROMPTS[0], 2: [7]}
+    feeds = [
+        dict(history),
+        {0: [3, 4, 5], 2: [8, 9]},  # row 1 idle
+        {0: [6], 1: [1, 2, 3, 4]},
+    ]
+    crops = [{}, {0: len(history[0]) + 1}, {}]  # keep one of row 0's three tokens
+    for step, (feed, crop) in enumerate(zip(feeds, crops, strict=True)):
+        if step:
+            for r, extra in feed.items():
+                history[r] = history[r] + extra
+        out = ragged.forward({r: torch.tensor(t) for r, t in feed.items()})
+        assert sorted(out) == sorted(feed)
+        for r, tokens in feed.items():
+            single.reset()
+            logits, feats = single.forward(torch.tensor(history[r]))
+            n = len(tokens)
+            torch.testing.assert_close(out[r][0], logits[-n:], atol=2e-4, rtol=1e-4)
+            torch.testing.assert_close(out[r][1], feats[-n:], atol=2e-4, rtol=1e-4)
+        for r, length in crop.items():
+            ragged.crop(r, length)
+            history[r] = history[r][:length]
+        assert ragged.lengths.tolist() == [len(history[r]) for r in range(3)]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("algo, extra", DRAFTS, ids=DRAFT_IDS)
+def test_batched_greedy_is_exact_and_runs_the_single_loops_rounds(
+    tmp_path_factory, single_thread, family, algo, extra
+):
+    target_dir, model = tiny_model(tmp_path_factory, family, vocab=96)
+    draft = draft_for(target_dir, algo, extra, block=4)
+    eos = {7}
+    singles = [
+        speculative_generate(HFTarget(model, [0, 1]), draft, p, max_new_tokens=30, temperature=0, eos_ids=eos)
+        for p in PROMPTS
+    ]
+    for p, s in zip(PROMPTS, singles, strict=True):
+        ref = greedy_reference(model, p, 30)
+        assert s.output_ids == (ref[: ref.index(7) + 1] if 7 in ref else ref)
+    for batch in (2, 5):
+        run = speculative_generate_batch(
+            RaggedTarget(model, [0, 1], batch), draft, PROMPTS, max_new_tokens=30, temperature=0, eos_ids=eos
+        )
+        for s, b in zip(singles, run.results, strict=True):
+            assert b.output_ids == s.output_ids
+            assert (b.proposed, b.accepted) == (s.proposed, s.accepted)  # tau agrees
+        assert sum(st.emitted for st in run.steps) + len(PROMPTS) == sum(len(s.output_ids) for s in singles)
+        assert max(st.requests for st in run.steps) == batch
+        assert run.seconds >= sum(r.seconds for r in run.results) * 0.99
+    plain = plain_generate_batch(
+        RaggedTarget(model, [0, 1], 3), PROMPTS, max_new_tokens=30, temperature=0, eos_ids=eos
+    )
+    assert [r.output_ids for r in plain.results] == [s.output_ids for s in singles]
+
+
+class HistoryOracle:
+    """A batched draft that proposes the target's greedy continuation of each row's history,
+    with the token at a pseudo-random position changed: acceptance lengths vary 0..k."""
+
+    algorithm = "oracle"
+
+    def __init__(self, model, k: int, vocab: int) -> None:
+        self.model, self.k, self.vocab = model, k, vocab
+
+    def new_state(self, batch, device="cpu"):
+        return [[] for _ in range(batch)]
+
+    def reset_rows(self, state, rows):
+        for r in torch.nonzero(rows).flatten().tolist():
+            state[r] = []
+
+    def extend(self, state, features, counts, tokens=None):
+        for r, n in enumerate(counts.tolist()):
+            state[r] += tokens[r, :n].tolist()
+
+    def propose(self, state, anchor, temperature=0.0, generator=None):
+        rows = []
+        for r, history in enumerate(state):
+            seq = history + [int(anchor[r])]
+            block = greedy_reference(self.model, seq, self.k)
+            wrong = (sum(seq) * 7 + len(seq)) % (self.k + 2)  # >= k: no wrong token
+            if wrong < self.k:
+                block[wrong] = (block[wrong] + 1) % self.vocab
+            rows.append(block)
+        tokens = torch.tensor(rows)
+        probs = torch.nn.functional.one_hot(tokens, self.vocab).float()
+        conf = torch.linspace(0.95, 0.4, self.k).expand(len(rows), -1)
+        return Proposal(tokens, probs, probs.log(), conf.clone())
+
+
+def test_batched_greedy_with_mixed_acceptance_eos_and_length_limits(tmp_path_factory, single_thread):
+    _, model = tiny_model(tmp_path_factory, "llama", vocab=96)
+    draft = HistoryOracle(model, k=5, vocab=96)
+    refs = [greedy_reference(model, p, 40) for p in PROMPTS]
+    eos = {refs[0][11]}  # ends prompt 0 early (and any other that reaches it)
+    expect = [r[: r.index(next(iter(eos))) + 1] if eos & set(r) else r for r in refs]
+    policies = [
+        VerifyPolicy(),
+        VerifyPolicy("fixed", 2),
+        VerifyPolicy("threshold", 0.5),
+        VerifyPolicy("scheduled", sps=FLAT),
+        VerifyPolicy("scheduled", sps=SPSTable.from_mapping({1: 10.0, 4: 8.0, 16: 2.0})),
+    ]
+    verified = []
+    for policy in policies:
+        for batch in (1, 3, 7):
+            run = speculative_generate_batch(
+                RaggedTarget(model, [0, 1], batch),
+                draft,
+                PROMPTS,
+                max_new_tokens=40,
+                temperature=0,
+                eos_ids=eos,
+                policy=policy,
+            )
+            assert [r.output_ids for r in run.results] == expect
+            accepted = [m for r in run.results for m in r.accepted]
+            if policy == VerifyPolicy():
+                assert len(set(accepted)) >= 4  # mixed acceptance lengths across the batch
+            verified.append(sum(st.verified for st in run.steps))
+        limited = speculative_generate_batch(
+            RaggedTarget(model, [0, 1], 3), draft, PROMPTS, max_new_tokens=6, temperature=0, eos_ids=set()
+        )
+        assert [r.output_ids for r in limited.results] == [r[:6] for r in refs]
+    fixed_all, fixed_2, threshold, flat, steep = (verified[i * 3 : i * 3 + 3] for i in range(5))
+    assert all(t < a for t, a in zip(threshold, fixed_all, strict=True))
+    assert flat == fixed_all  # a flat SPS table admits every token with survival > 0
+    assert all(s < f for s, f in zip(steep[1:], flat[1:], strict=True))  # a steep one admits fewer
+
+
+def test_policies_choose_lengths_and_refuse_bad_settings():
+    survival = [[0.9, 0.6, 0.3], [0.8, 0.2, 0.1]]
+    assert VerifyPolicy().lengths([3, 3], None) == [3, 3]
+    assert VerifyPolicy("fixed", 2).lengths([3, 1], None) == [2, 1]
+    assert VerifyPolicy("threshold", 0.5).lengths([3, 3], survival) == [2, 1]
+    assert VerifyPolicy("threshold", 0.5).lengths([1, 3], survival) == [1, 1]  # within what was drafted
+    assert VerifyPolicy("scheduled", sps=FLAT).lengths([3, 3], survival) == [3, 3]
+    steep = SPSTable.from_mapping({2: 10.0, 3: 6.0})  # a third token costs 40% of the steps
+    assert VerifyPolicy("scheduled", sps=steep).lengths([3, 3], survival) == [0, 0]
+    with pytest.raises(ConfigError, match="unknown verification policy"):
+        VerifyPolicy("greedy")
+    with pytest.raises(ConfigError, match="needs an SPS table"):
+        VerifyPolicy("scheduled")
+    with pytest.raises(ConfigError, match=r"in \[0, 1\]"):
+        VerifyPolicy("threshold", 1.5)
+    with pytest.raises(ConfigError, match="integer >= 0"):
+        VerifyPolicy("fixed", 1.5)
+    with pytest.raises(ConfigError, match="confidence head"):
+        VerifyPolicy("threshold", 0.5).lengths([3], None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "algo, extra, policy",
+    [
+        ("dspark", [], VerifyPolicy("threshold", 0.3)),
+        ("dspark", ["model.context_window=2", "model.qk_norm=true"], VerifyPolicy("scheduled", sps=FLAT)),
+        ("eagle3", [], VerifyPolicy()),
+    ],
+    ids=["dspark-threshold", "dspark-window-scheduled", "eagle3"],
+)
+def test_batched_speculative_sampling_is_lossless(small_target, single_thread, algo, extra, policy):  # noqa: F811
+    """4 requests in flight, each request's first three tokens follow the target's law."""
+    target_dir, model, exact = small_target
+    draft = draft_for(target_dir, algo, extra, layer_ids=(-1, 0), block=2)
+    if algo == "dspark":  # make the confidence head cut proposals often
+        with torch.no_grad():
+            draft.confidence_head.proj.bias.fill_(0.0)
+    n = 12_000
+    run = speculative_generate_batch(
+        RaggedTarget(model, [-1, 0], 4),
+        draft,
+        [PROMPT] * n,
+        max_new_tokens=3,
+        temperature=1.0,
+        eos_ids=set(),
+        generator=torch.Generator().manual_seed(0),
+        policy=policy,
+    )
+    counts = np.zeros((V_SMALL,) * 3)
+    for r in run.results:
+        counts[tuple(r.output_ids)] += 1
+    accepted = {m for r in run.results for m in r.accepted}
+    assert accepted >= {0, 1}  # rows accept different numbers of tokens in the same round
+    pvalue, tv, bound = law_check(counts, exact)
+    assert pvalue > 1e-4 and tv < bound, (pvalue, tv, bound)
