@@ -33,7 +33,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-samples", type=int, default=None, help="cap per task (default: task caps)")
     parser.add_argument("--max-new-tokens", type=int, default=2048)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--confidence-threshold", type=float, default=0.0)
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.0,
+        help="threshold policy: verify the drafted prefix whose cumulative confidence stays >= this",
+    )
+    parser.add_argument(
+        "--policy",
+        choices=("auto", "fixed", "threshold", "scheduled"),
+        default="auto",
+        help="how many drafted tokens to verify: fixed (the whole block), threshold "
+        "(--confidence-threshold), scheduled (DSpark's prefix scheduler with --sps-table); "
+        "auto = threshold when --confidence-threshold is set, else fixed",
+    )
+    parser.add_argument(
+        "--sps-table",
+        default=None,
+        metavar="JSON",
+        help="steps/s of the target per batch token count, for --policy scheduled "
+        "(python benchmarks/sps_profile.py writes it)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="requests decoded at once (continuous batching); the baseline decodes as many",
+    )
+    parser.add_argument(
+        "--split",
+        choices=("report", "calibration"),
+        default="report",
+        help="calibration: prompts disjoint from the reported ones, for python -m deepspec.eval.calibration",
+    )
     parser.add_argument("--seed", type=int, default=980406)
     parser.add_argument("--eval-datasets-dir", default="eval_datasets")
     parser.add_argument("--output-dir", default=None)
@@ -95,6 +127,20 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise ConfigError(f"--seed must be an integer in 0..{MAX_SEED}, got {args.seed}")
     if args.num_workers is not None:
         check_number("--num-workers", args.num_workers, low=1)
+    check_number("--batch-size", args.batch_size, low=1)
+    policy = args.policy
+    if policy == "auto":
+        policy = "threshold" if args.confidence_threshold > 0 else "fixed"
+    if policy == "threshold" and args.confidence_threshold <= 0:
+        raise ConfigError("--policy threshold needs --confidence-threshold > 0")
+    if policy != "threshold" and args.confidence_threshold > 0:
+        raise ConfigError(f"--confidence-threshold applies to --policy threshold, not {policy}")
+    if policy == "scheduled" and not args.sps_table:
+        raise ConfigError(
+            "--policy scheduled needs --sps-table (write one with python benchmarks/sps_profile.py)"
+        )
+    if args.sps_table and policy != "scheduled":
+        raise ConfigError("--sps-table is read by --policy scheduled only")
     if args.no_baseline and args.baseline_from:
         raise ConfigError("--baseline-from reuses a baseline that --no-baseline skips; pass only one of them")
     for flag in ("target_name_or_path", "draft_name_or_path"):
@@ -110,8 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     from deepspec.eval.settings import EvalSettings, check_output_dir, load_baseline, resolve_settings
     from deepspec.targets import load_family_spec, resolve_target
 
-    for task in tasks:  # fail on a malformed prompt file before loading any model
-        load_eval_prompts(task, args.eval_datasets_dir, max_samples=1, seed=args.seed)
+    for task in tasks:  # fail on a malformed prompt file or an impossible split before any model
+        load_eval_prompts(
+            task,
+            args.eval_datasets_dir,
+            max_samples=args.max_samples or DEFAULT_EVAL_TASKS.get(task),
+            seed=args.seed,
+            split=args.split,
+        )
+    if args.sps_table:
+        from deepspec.eval.scheduler import SPSTable
+
+        SPSTable.load(args.sps_table)
     settings = resolve_settings(
         EvalSettings(
             tasks=tasks,
@@ -125,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             baseline=not args.no_baseline,
             dtype=args.dtype,
             baseline_from=args.baseline_from,
+            split=args.split,
+            batch_size=args.batch_size,
+            policy=args.policy,
+            sps_table=args.sps_table,
         )
     )
     if args.output_dir:

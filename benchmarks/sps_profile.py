@@ -2,11 +2,19 @@
 cached context: the table DSpark's prefix scheduler reads (``deepspec.eval.scheduler``).
 
     python benchmarks/sps_profile.py [--target embedded:smollm2-135m-instruct] [--dtype bf16]
-        [--context 256] [--tokens 1,2,4,8,16,32,64] [--repeats 20] [--out out/sps_cpu.json]
+        [--rows 1] [--context 256] [--tokens 1,2,4,8,16,32,64] [--repeats 20]
+        [--out out/sps_cpu.json]
 
-One sequence: the context is prefilled once; each measurement runs a forward of B tokens
-that reads the target's features (as verification does) and crops the cache back. Median
-of ``--repeats`` after two warm-ups. On a GPU the same script profiles that device.
+``--rows R`` requests, each with ``--context`` cached positions, as the batched decode loop
+holds them (:class:`~deepspec.eval.ragged_target.RaggedTarget`); a measurement feeds B
+tokens spread over the R requests (B >= R) in one packed forward that reads the target's
+features, as verification does, and crops the caches back. Median of ``--repeats`` after
+two warm-ups. On a GPU the same script profiles that device.
+
+``--draft D`` also times the draft's part of a decode step at ``R`` rows (one proposal and
+the extension by two verified positions per row) and writes it as ``overhead_seconds``: the
+scheduler then weighs each token against the whole step (:class:`SPSTable`). Verification
+and bookkeeping add a little more; ``benchmarks/batched_policies.py`` measures the whole.
 """
 
 from __future__ import annotations
@@ -27,54 +35,97 @@ def main() -> None:
     )
     parser.add_argument("--target", default="embedded:smollm2-135m-instruct")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--rows", type=int, default=1, help="requests in flight")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--tokens", default="1,2,4,8,16,32,64")
     parser.add_argument("--layers", default="1,7,14,21,27", help="target layers whose features are read")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--draft", default=None, help="also time this draft's part of a step")
     parser.add_argument("--out", default="out/sps_cpu.json")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
-    from deepspec.eval.target import HFTarget
+    from deepspec.eval.ragged_target import RaggedTarget
     from deepspec.targets import resolve_target
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(resolve_target(args.target), dtype=dtype).to(device).eval()
-    target = HFTarget(model, [int(i) for i in args.layers.split(",")])
+    R = args.rows
+    target = RaggedTarget(model, [int(i) for i in args.layers.split(",")], R)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    target.reset()
-    target.forward(torch.randint(0, vocab, (args.context,), generator=g))
+    target.forward(
+        {r: torch.randint(0, vocab, (args.context,), generator=g) for r in range(R)}, features=False
+    )
     points = {}
-    for b in (int(x) for x in args.tokens.split(",")):
+    for b in (int(x) for x in args.tokens.split(",") if int(x) >= R):
         times = []
         for i in range(args.repeats + 2):
-            tokens = torch.randint(0, vocab, (b,), generator=g)
+            feeds = {r: torch.randint(0, vocab, (b // R + (r < b % R),), generator=g) for r in range(R)}
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            target.forward(tokens)
+            target.forward(feeds)
             if device == "cuda":
                 torch.cuda.synchronize()
             if i >= 2:
                 times.append(time.perf_counter() - t0)
-            target.crop(args.context)
+            for r in range(R):
+                target.crop(r, args.context)
         points[b] = round(1.0 / statistics.median(times), 2)
         print(f"B={b:4d}  {points[b]:8.2f} steps/s  ({1000 / points[b]:.1f} ms)", flush=True)
+    overhead = None
+    if args.draft:
+        overhead = _draft_seconds(args.draft, R, args.context, dtype, device, args.repeats)
+        print(f"draft per step at {R} rows: {1000 * overhead:.1f} ms", flush=True)
     result = {
         "target": args.target,
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "rows": R,
         "context": args.context,
         "steps_per_second": points,
+        "overhead_seconds": overhead,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=2)
     print(f"wrote {args.out}")
+
+
+def _draft_seconds(path: str, rows: int, context: int, dtype, device: str, repeats: int) -> float:
+    """Median seconds of one draft proposal plus an extension by 2 positions, at ``rows``."""
+    from deepspec.drafts import load_draft
+
+    draft = load_draft(path, device=device, dtype=dtype)
+    width = draft.fc.in_features
+    vocab = draft.spec.vocab_size
+    g = torch.Generator().manual_seed(1)
+    state = draft.new_state(rows, device)
+    counts = torch.full((rows,), context, device=device)
+    tokens = torch.randint(0, vocab, (rows, context), generator=g).to(device)
+    draft.extend(
+        state, torch.randn(rows, context, width, generator=g).to(device, dtype), counts, tokens=tokens
+    )
+    anchors = torch.randint(0, vocab, (rows,), generator=g).to(device)
+    two = torch.full((rows,), 2, device=device)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 2):
+            feats = torch.randn(rows, 2, width, generator=g).to(device, dtype)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            draft.propose(state, anchors)
+            draft.extend(state, feats, two, tokens=tokens[:, :2])
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 if __name__ == "__main__":

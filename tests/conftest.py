@@ -43,3 +43,24 @@ def tiny_target(tmp_path_factory, smollm2_dir):
         return built[family]
 
     return make
+
+
+def tiny_dspark(target_dir: str, seed: int = 0):
+    """A DSpark draft (block 3, one layer, Markov rank 8, confidence head) for a tiny
+    target whose layers 0 and 1 it reads; random weights from ``seed``."""
+    import torch
+
+    from deepspec.config import load_config
+    from deepspec.drafts import build_draft
+
+    cfg = load_config(
+        opts=[
+            "algorithm=dspark",
+            "model.target_layer_ids=[0, 1]",
+            "model.block_size=3",
+            "model.num_draft_layers=1",
+            "model.markov_rank=8",
+        ]
+    )
+    torch.manual_seed(seed)
+    return build_draft(cfg, target_dir)

@@ -10,7 +10,6 @@ import os
 import shutil
 
 import pytest
-import torch
 
 from tests.badinput import assert_one_error, assert_unchanged, digest_tree, run_cli, unwritable_dir
 from tests.conftest import ROOT
@@ -29,23 +28,13 @@ def _truncate(path: str, keep: float = 0.5) -> None:
 def world(tmp_path_factory, tiny_target):
     """A tiny target, a tiny DSpark draft saved by the project's own writer, and one real
     eval.py output directory (the 'earlier output' later cases must not touch)."""
-    from deepspec.config import load_config
-    from deepspec.drafts import build_draft, save_draft
+    from deepspec.drafts import save_draft
+    from tests.conftest import tiny_dspark
 
     root = tmp_path_factory.mktemp("bad_eval")
     target = tiny_target("llama")
-    cfg = load_config(
-        opts=[
-            "algorithm=dspark",
-            "model.target_layer_ids=[0, 1]",
-            "model.block_size=3",
-            "model.num_draft_layers=1",
-            "model.markov_rank=8",
-        ]
-    )
-    torch.manual_seed(0)
     draft = str(root / "draft")
-    save_draft(build_draft(cfg, target), draft)
+    save_draft(tiny_dspark(target), draft)
     earlier = str(root / "earlier")
     proc = run_cli(
         [
@@ -183,6 +172,9 @@ def test_eval_overflowing_draft_stops_every_worker_with_one_line(world):
         ("--confidence-threshold", "nan", "--confidence-threshold must be a finite number"),
         ("--seed", "-1", "--seed must be an integer in 0..4294967295"),
         ("--num-workers", "0", "--num-workers must be a finite number >= 1"),
+        ("--batch-size", "0", "--batch-size must be a finite number >= 1"),
+        ("--policy", "greedy", "invalid choice: 'greedy'"),
+        ("--split", "train", "invalid choice: 'train'"),
         ("--max-new-tokens", "ten", "invalid int value: 'ten'"),
         ("--dtype", "fp8", "invalid choice: 'fp8'"),
     ],
@@ -206,6 +198,53 @@ def test_eval_task_list(world, tasks, fragment):
     line = assert_one_error(_eval(world, "--tasks", tasks), fragment)
     if "task(s)" in fragment or "no task" in fragment:
         assert "gsm8k" in line and "mt-bench" in line  # the valid tasks are listed
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--policy", "scheduled"], "--policy scheduled needs --sps-table"),
+        (["--policy", "threshold"], "--policy threshold needs --confidence-threshold > 0"),
+        (["--policy", "fixed", "--confidence-threshold", "0.5"], "applies to --policy threshold, not fixed"),
+        (["--sps-table", "table.json"], "--sps-table is read by --policy scheduled only"),
+        (["--policy", "scheduled", "--sps-table", "missing.json"], "SPS table missing.json is unreadable"),
+        (["--split", "calibration", "--max-samples", "1000"], "would overlap the reported ones"),
+    ],
+)
+def test_eval_policy_and_split_arguments(world, args, fragment):
+    """Verification policy, SPS table and prompt split: refused before any model loads."""
+    before = digest_tree(world["earlier"])
+    assert_one_error(_eval(world, *args), fragment, code=2)
+    assert_unchanged(before, world["earlier"])
+
+
+def test_calibration_cli_and_file_errors(world, tmp_path):
+    """``python -m deepspec.eval.calibration`` on a missing run, and damaged calibration files
+    next to a draft: one line each, the draft untouched."""
+    from deepspec.drafts import load_draft
+    from deepspec.drafts.checkpoint import CALIBRATION_NAME
+    from deepspec.errors import DataError
+
+    draft = _copy(world, "calibrated")
+    before = digest_tree(draft)
+    cli = ["-m", "deepspec.eval.calibration", "--draft", draft]
+    assert_one_error(run_cli([*cli, "--rounds", str(tmp_path / "none")]), "unreadable eval run")
+    assert_one_error(
+        run_cli([*cli[:-2], "--draft", str(tmp_path / "none"), "--rounds", world["earlier"]]),
+        "is not a draft checkpoint directory",
+    )
+    assert_unchanged(before, draft)
+    for text, fragment in (
+        ("{", "not valid JSON"),
+        ('{"temperatures": [1.0, -2, 1.0]}', "non-empty list of numbers > 0"),
+        ('{"temperatures": [1.0, 2.0]}', "holds 2 temperatures for a block of 3"),
+    ):
+        with open(os.path.join(draft, CALIBRATION_NAME), "w") as fh:
+            fh.write(text)
+        with pytest.raises(DataError) as info:
+            load_draft(draft)
+        assert fragment in str(info.value) and "\n" not in str(info.value), str(info.value)
+    os.remove(os.path.join(draft, CALIBRATION_NAME))
 
 
 def test_eval_output_dir_that_is_a_file_or_under_one(world):

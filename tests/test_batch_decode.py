@@ -4,6 +4,8 @@ lossless at temperature 1 with several requests in flight; the verification poli
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -40,7 +42,7 @@ def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_ragged_target_equals_one_request_at_a_time(tmp_path_factory, single_thread, family):
+def test_ragged_target_equals_one_request_at_a_time(tmp_path_factory, single_thread, family):  # noqa: F811
     """Packed forwards of ragged feeds, with crops in between, give each request the logits
     and features of its own cached forward."""
     _, model = tiny_model(tmp_path_factory, family, vocab=96)
@@ -73,7 +75,11 @@ def test_ragged_target_equals_one_request_at_a_time(tmp_path_factory, single_thr
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 @pytest.mark.parametrize("algo, extra", DRAFTS, ids=DRAFT_IDS)
 def test_batched_greedy_is_exact_and_runs_the_single_loops_rounds(
-    tmp_path_factory, single_thread, family, algo, extra
+    tmp_path_factory,
+    single_thread,  # noqa: F811
+    family,
+    algo,
+    extra,
 ):
     target_dir, model = tiny_model(tmp_path_factory, family, vocab=96)
     draft = draft_for(target_dir, algo, extra, block=4)
@@ -136,7 +142,7 @@ class HistoryOracle:
         return Proposal(tokens, probs, probs.log(), conf.clone())
 
 
-def test_batched_greedy_with_mixed_acceptance_eos_and_length_limits(tmp_path_factory, single_thread):
+def test_batched_greedy_with_mixed_acceptance_eos_and_length_limits(tmp_path_factory, single_thread):  # noqa: F811
     _, model = tiny_model(tmp_path_factory, "llama", vocab=96)
     draft = HistoryOracle(model, k=5, vocab=96)
     refs = [greedy_reference(model, p, 40) for p in PROMPTS]
@@ -232,3 +238,55 @@ def test_batched_speculative_sampling_is_lossless(small_target, single_thread, a
     assert accepted >= {0, 1}  # rows accept different numbers of tokens in the same round
     pvalue, tv, bound = law_check(counts, exact)
     assert pvalue > 1e-4 and tv < bound, (pvalue, tv, bound)
+
+
+@pytest.mark.slow
+def test_eval_cli_batched_scheduled_and_sts_round_trip(tmp_path, tiny_target):
+    """eval.py decodes a calibration split at batch 2 and the report split with the scheduler
+    at batch 3, greedy-exact against the batched baseline; the calibration CLI fits STS on
+    the first run, stores it with the draft, load_draft applies it, and a run recorded with
+    other temperatures is refused."""
+    import json
+
+    from deepspec.drafts import load_draft, save_draft
+    from tests.badinput import assert_one_error, run_cli
+    from tests.conftest import ROOT, tiny_dspark
+
+    target = tiny_target("llama")
+    draft = str(tmp_path / "draft")
+    save_draft(tiny_dspark(target), draft)
+    table = tmp_path / "sps.json"
+    table.write_text(json.dumps({"steps_per_second": {"1": 20.0, "4": 18.0, "16": 9.0}}))
+    base = ["eval.py", "--target_name_or_path", target, "--draft_name_or_path", draft, "--tasks", "gsm8k"]
+    base += ["--max-samples", "3", "--max-new-tokens", "12", "--temperature", "0"]
+    base += ["--eval-datasets-dir", f"{ROOT}/eval_datasets"]
+    runs = {
+        "cal": ["--split", "calibration", "--batch-size", "2"],
+        "rep": ["--policy", "scheduled", "--sps-table", str(table), "--batch-size", "3"],
+    }
+    proc = run_cli([*base, *runs["cal"], "--output-dir", str(tmp_path / "cal")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cal = json.loads((tmp_path / "cal" / "results.json").read_text())
+    assert cal["datasets"][0]["greedy_match_rate"] == 1.0
+    assert cal["config"]["split"] == "calibration" and cal["config"]["confidence_temperatures"] is None
+    fit = run_cli(
+        ["-m", "deepspec.eval.calibration", "--rounds", str(tmp_path / "cal"), "--draft", draft]
+        + ["--plots", str(tmp_path / "plots")]
+    )
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "calibration after" in fit.stdout
+    stored = json.loads((tmp_path / "draft" / "confidence_calibration.json").read_text())
+    assert len(stored["temperatures"]) == 3 and stored["rounds"] > 0
+    assert sorted(os.listdir(tmp_path / "plots")) == [
+        "reliability_calibration_after.png",
+        "reliability_calibration_before.png",
+    ]
+    assert load_draft(draft).confidence_temperatures.tolist() == pytest.approx(stored["temperatures"])
+    proc = run_cli([*base, *runs["rep"], "--output-dir", str(tmp_path / "rep")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert rep["datasets"][0]["greedy_match_rate"] == 1.0
+    assert rep["config"]["policy"] == "scheduled" and rep["config"]["batch_size"] == 3
+    assert rep["config"]["confidence_temperatures"] == pytest.approx(stored["temperatures"])
+    again = run_cli(["-m", "deepspec.eval.calibration", "--rounds", str(tmp_path / "cal"), "--draft", draft])
+    assert_one_error(again, "decoded with other confidence temperatures")

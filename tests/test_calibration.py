@@ -77,3 +77,51 @@ def test_bad_inputs_are_refused():
         cumulative_survival(logits, np.array([1.0, 0.0, 1.0]))
     with pytest.raises(ValueError, match="grid"):
         fit_sts(logits, drafted, survived, grid=np.array([]))
+
+
+def test_recorded_rounds_give_back_raw_logits_and_the_draft_applies_its_temperatures(tiny_target):
+    """Confidences recorded by a calibrated draft are ``sigmoid(l / T)``: the reader returns
+    ``l`` given ``T``, so a new fit starts from the raw head; a DSpark draft with stored
+    temperatures proposes ``sigmoid(l_k / T_k)``."""
+    import torch
+
+    from deepspec.eval.calibration import rounds_from_records
+    from tests.conftest import tiny_dspark
+
+    raw = np.array([[2.0, -1.0, 0.5], [0.3, 1.5, -2.0]])
+    temps = np.array([2.0, 0.5, 1.0])
+    recorded = 1 / (1 + np.exp(-raw / temps))
+    records = [
+        {
+            "confidence_per_round": recorded.tolist(),
+            "proposed_per_round": [3, 2],
+            "accepted_per_round": [1, 2],
+        }
+    ]
+    logits, drafted, survived = rounds_from_records(records, temps)
+    np.testing.assert_allclose(logits, raw, rtol=1e-6)
+    assert drafted.tolist() == [[True, True, True], [True, True, False]]
+    assert survived.tolist() == [[True, False, False], [True, True, False]]
+    with pytest.raises(ValueError, match="no rounds with confidences"):
+        rounds_from_records(
+            [{"confidence_per_round": [], "proposed_per_round": [], "accepted_per_round": []}]
+        )
+
+    draft = tiny_dspark(tiny_target("llama")).eval()
+    state = draft.new_state(2)
+    draft.extend(
+        state,
+        torch.randn(2, 4, 2 * draft.spec.hidden_size),
+        torch.tensor([4, 2]),
+        tokens=torch.ones(2, 4).long(),
+    )
+    anchors = torch.tensor([3, 5])
+    plain = draft.propose(state, anchors).confidence
+    draft.confidence_temperatures = torch.tensor([2.0, 0.5, 4.0])
+    scaled = draft.propose(state, anchors).confidence
+    torch.testing.assert_close(
+        torch.logit(scaled.double()),
+        torch.logit(plain.double()) / draft.confidence_temperatures.double(),
+        rtol=1e-4,
+        atol=1e-5,
+    )

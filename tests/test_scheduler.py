@@ -92,3 +92,22 @@ def test_sps_table_reads_the_profile_benchmark_file(tmp_path):
         SPSTable.load(str(path))
     with pytest.raises(DataError, match="unreadable"):
         SPSTable.load(str(tmp_path / "missing.json"))
+
+
+def test_time_outside_the_target_makes_tokens_cheaper_and_is_read_from_the_profile(tmp_path):
+    """With per-step overhead (drafting, bookkeeping) a token's share of the step is smaller,
+    so the scheduler admits what the target-only table refuses."""
+    import json
+
+    target_only = SPSTable.from_mapping({1: 20.0, 2: 10.0})  # a second token halves the target's rate
+    assert schedule_prefixes([[0.6]], target_only).lengths == [0]  # 1.6 * 10 < 1 * 20
+    whole = target_only.with_overhead(0.2)  # steps of 0.25 s and 0.30 s
+    assert whole(1) == pytest.approx(4.0) and whole(2) == pytest.approx(1 / 0.3)
+    assert schedule_prefixes([[0.6]], whole).lengths == [1]  # 1.6 / 0.30 > 1 / 0.25
+    path = tmp_path / "sps.json"
+    path.write_text(json.dumps({"steps_per_second": {"1": 20.0, "2": 10.0}, "overhead_seconds": 0.2}))
+    assert SPSTable.load(str(path)) == whole
+    path.write_text(json.dumps({"steps_per_second": {"1": 20.0}, "overhead_seconds": None}))
+    assert SPSTable.load(str(path)).overhead_seconds == 0.0
+    with pytest.raises(ValueError, match="overhead_seconds must be"):
+        SPSTable.from_mapping({1: 20.0}, overhead_seconds=-1.0)

@@ -29,14 +29,25 @@ def available_tasks(datasets_dir: str | os.PathLike[str]) -> list[str]:
     return sorted(f[:-6] for f in os.listdir(directory) if f.endswith(".jsonl"))
 
 
+SPLITS = ("report", "calibration")
+
+
 def load_eval_prompts(
     task: str,
     datasets_dir: str | os.PathLike[str] = "eval_datasets",
     *,
     max_samples: int | None = None,
     seed: int = 980406,
+    split: str = "report",
 ) -> list[EvalPrompt]:
-    """Read ``<datasets_dir>/<task>.jsonl``; malformed rows stop with ``file:line: reason``."""
+    """Read ``<datasets_dir>/<task>.jsonl``; malformed rows stop with ``file:line: reason``.
+
+    With ``max_samples`` the prompts are a seeded sample: ``split="report"`` takes the first
+    ``max_samples`` of a seeded shuffle, ``split="calibration"`` the last ones. These never
+    overlap a reported sample of up to ``len(prompts) - max_samples`` prompts, so a confidence
+    calibration fitted on them is judged on other prompts."""
+    if split not in SPLITS:
+        raise DataError(f"unknown prompt split {split!r}; choose {' or '.join(SPLITS)}")
     path = os.path.join(os.fspath(datasets_dir), f"{task}.jsonl")
     if not os.path.isfile(path):
         tasks = available_tasks(datasets_dir)
@@ -62,8 +73,15 @@ def load_eval_prompts(
             prompts.append(EvalPrompt(task=task, index=lineno - 1, text=turns[0]))
     if not prompts:
         raise DataError(f"eval task {task!r}: {path} has no prompts")
+    if split == "calibration" and (max_samples is None or 2 * max_samples > len(prompts)):
+        raise DataError(
+            f"eval task {task!r} has {len(prompts)} prompts: a calibration split of "
+            f"{max_samples or len(prompts)} would overlap the reported ones; pass --max-samples "
+            f"<= {len(prompts) // 2}"
+        )
     if max_samples is not None and len(prompts) > max_samples:
         order = list(range(len(prompts)))
         random.Random(seed).shuffle(order)
-        prompts = [prompts[i] for i in order[:max_samples]]
+        picked = order[:max_samples] if split == "report" else order[::-1][:max_samples]
+        prompts = [prompts[i] for i in picked]
     return prompts

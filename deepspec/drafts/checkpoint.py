@@ -9,6 +9,7 @@ without the training config or the target's weights. A pruned draft vocabulary a
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 
@@ -17,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from deepspec.drafts.base import WINDOW_CONVENTION, DraftConfig, DraftModel
 from deepspec.errors import DataError
-from deepspec.utils.io import atomic_directory, read_json_object, unreadable_safetensors
+from deepspec.utils.io import atomic_directory, atomic_write_json, read_json_object, unreadable_safetensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -156,6 +157,31 @@ def weights_are_finite(path: str) -> bool:
     return True
 
 
+CALIBRATION_NAME = "confidence_calibration.json"
+
+
+def read_calibration(path: str) -> list[float] | None:
+    """The STS temperatures per block position stored with a draft checkpoint
+    (``confidence_calibration.json``, written by ``python -m deepspec.eval.calibration``),
+    or ``None`` when it has none."""
+    file = os.path.join(path, CALIBRATION_NAME)
+    if not os.path.isfile(file):
+        return None
+    fix = f"fit it again with python -m deepspec.eval.calibration, or delete {file}"
+    temps = read_json_object(file, fix).get("temperatures")
+    numbers = isinstance(temps, list) and temps and all(isinstance(t, int | float) for t in temps)
+    if not numbers or not all(math.isfinite(t) and t > 0 for t in temps):
+        raise DataError(f"{file}: 'temperatures' must be a non-empty list of numbers > 0; {fix}")
+    return [float(t) for t in temps]
+
+
+def write_calibration(path: str, temperatures: list[float], report: dict) -> str:
+    """Store STS ``temperatures`` (and the fit's ``report``) with a draft, atomically."""
+    file = os.path.join(path, CALIBRATION_NAME)
+    atomic_write_json(file, {"temperatures": [float(t) for t in temperatures], **report})
+    return file
+
+
 def load_draft(
     path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> DraftModel:
@@ -180,6 +206,18 @@ def load_draft(
             f"({type(exc).__name__}: {exc}); use a checkpoint written by train.py"
         ) from None
     load_weights(model, path)
+    temperatures = read_calibration(path)
+    if temperatures is not None:
+        if getattr(model, "confidence_head", None) is None:
+            raise DataError(
+                f"draft checkpoint {path} has a {CALIBRATION_NAME} but no confidence head; delete the file"
+            )
+        if len(temperatures) != config.block_size:
+            raise DataError(
+                f"{os.path.join(path, CALIBRATION_NAME)} holds {len(temperatures)} temperatures for a "
+                f"block of {config.block_size}; fit it again with python -m deepspec.eval.calibration"
+            )
+        model.confidence_temperatures = torch.tensor(temperatures, dtype=torch.float32)
     model = model.to(device=device)
     if dtype is not None:
         model = model.to(dtype=dtype)

@@ -40,6 +40,20 @@ class DSparkDraft(DFlashDraft):
         self.confidence_head = ConfidenceHead(spec.hidden_size, conf_dim) if config.confidence_head else None
         if self.confidence_head is not None:
             init_weights(self.confidence_head)
+        # STS temperatures per block position [G] in fp32 (deepspec.eval.calibration), read
+        # from the checkpoint's calibration file by load_draft; None = 1. Not a buffer: a
+        # bf16 draft must not round them.
+        self.confidence_temperatures: torch.Tensor | None = None
+
+    def survival_probability(self, confidence_logits: torch.Tensor) -> torch.Tensor:
+        """``sigmoid(l_k / T_k)`` of the confidence logits ``[B, G]``: the (calibrated)
+        probability that token ``k`` survives given that tokens ``< k`` did."""
+        logits = confidence_logits.float()
+        if self.confidence_temperatures is not None:
+            logits = (
+                logits / self.confidence_temperatures.to(logits.device, torch.float32)[: logits.shape[-1]]
+            )
+        return torch.sigmoid(logits)
 
     def block_logits(self, hidden: torch.Tensor, markov: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.lm_logits(hidden)
@@ -73,7 +87,7 @@ class DSparkDraft(DFlashDraft):
         if self.markov_head is None:
             tokens, probs = self.sample(base, temperature, generator)
             conf = self._confidence(hidden, torch.cat([anchor_tokens[:, None], tokens[:, :-1]], 1))
-            return Proposal(tokens, probs, base, None if conf is None else torch.sigmoid(conf.float()))
+            return Proposal(tokens, probs, base, None if conf is None else self.survival_probability(conf))
         prev = anchor_tokens
         state_h = self.markov_head.init_state((hidden.shape[0],), hidden)
         tokens, probs, logits, prevs = [], [], [], []
@@ -91,5 +105,5 @@ class DSparkDraft(DFlashDraft):
             tokens=torch.stack(tokens, 1),
             probs=torch.stack(probs, 1),
             logits=torch.stack(logits, 1),
-            confidence=None if conf is None else torch.sigmoid(conf.float()),
+            confidence=None if conf is None else self.survival_probability(conf),
         )

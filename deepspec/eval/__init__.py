@@ -22,6 +22,15 @@ _EXPORTS = {
     "residual_probs": "deepspec.eval.verify",
     "verify_greedy": "deepspec.eval.verify",
     "verify_sampling": "deepspec.eval.verify",
+    "BatchRun": "deepspec.eval.batch_decode",
+    "plain_generate_batch": "deepspec.eval.batch_decode",
+    "speculative_generate_batch": "deepspec.eval.batch_decode",
+    "RaggedTarget": "deepspec.eval.ragged_target",
+    "VerifyPolicy": "deepspec.eval.policies",
+    "SPSTable": "deepspec.eval.scheduler",
+    "schedule_prefixes": "deepspec.eval.scheduler",
+    "simulate": "deepspec.eval.simulator",
+    "fit_sts": "deepspec.eval.calibration",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -73,7 +73,9 @@ class _Rows:
         return taken
 
 
-def _share(results: list[DecodeResult], requests: Sequence[int], seconds: float, attr: str = "seconds") -> None:
+def _share(
+    results: list[DecodeResult], requests: Sequence[int], seconds: float, attr: str = "seconds"
+) -> None:
     for i in requests:
         setattr(results[i], attr, getattr(results[i], attr) + seconds / len(requests))
 
@@ -131,15 +133,15 @@ def speculative_generate_batch(
             fresh = torch.zeros(B, dtype=torch.bool, device=device)
             fresh[list(taken)] = True
             draft.reset_rows(state, fresh)
-            order = list(taken)
-            feats = _padded([out[r][1] for r in order], max(out[r][1].shape[0] for r in order))
+            width = max(len(prompts[i]) for i in taken.values())
+            some = out[next(iter(taken))][1]
+            feats = some.new_zeros(B, width, some.shape[-1])
+            tokens = torch.zeros(B, width, dtype=torch.long, device=device)
             counts = torch.zeros(B, dtype=torch.long, device=device)
-            full = feats.new_zeros(B, *feats.shape[1:])
-            tokens = torch.zeros(B, feats.shape[1], dtype=torch.long, device=device)
-            for j, r in enumerate(order):
-                n = len(prompts[taken[r]])
-                full[r], counts[r], tokens[r, :n] = feats[j], n, ids(list(prompts[taken[r]]))
-            draft.extend(state, full, counts, tokens=tokens)
+            for r, i in taken.items():
+                n = len(prompts[i])
+                feats[r, :n], tokens[r, :n], counts[r] = out[r][1], ids(list(prompts[i])), n
+            draft.extend(state, feats, counts, tokens=tokens)
             t2 = clock()
             for r, i in taken.items():
                 first, done = _cut([_sample(out[r][0][-1], temperature, generator)], eos_ids, max_new_tokens)
@@ -168,7 +170,10 @@ def speculative_generate_batch(
         n = [min(c, left) for c, left in zip(chosen, room, strict=True)]
         t1 = clock()
         out = target.forward(
-            {r: torch.cat([anchors[r : r + 1], proposal.tokens[r, :k]]) for r, k in zip(active, n, strict=True)}
+            {
+                r: torch.cat([anchors[r : r + 1], proposal.tokens[r, :k]])
+                for r, k in zip(active, n, strict=True)
+            }
         )
         t2 = clock()
         k = max(n)
@@ -186,7 +191,9 @@ def speculative_generate_batch(
                 lengths,
                 generator=generator,
             )
-        feats = torch.zeros(B, k + 1, out[active[0]][1].shape[-1], dtype=out[active[0]][1].dtype, device=device)
+        feats = torch.zeros(
+            B, k + 1, out[active[0]][1].shape[-1], dtype=out[active[0]][1].dtype, device=device
+        )
         kept = torch.zeros(B, k + 1, dtype=torch.long, device=device)
         counts = torch.zeros(B, dtype=torch.long, device=device)
         emitted_total = 0
@@ -211,7 +218,9 @@ def speculative_generate_batch(
         if int(counts.sum()):
             draft.extend(state, feats, counts, tokens=kept)
         t4 = clock()
-        run.steps.append(BatchStep(len(active), sum(n), emitted_total, t4 - t0, (t1 - t0) + (t4 - t3), t2 - t1))
+        run.steps.append(
+            BatchStep(len(active), sum(n), emitted_total, t4 - t0, (t1 - t0) + (t4 - t3), t2 - t1)
+        )
         _share(results, requests, t4 - t0)
         _share(results, requests, t2 - t1, "target_seconds")
         _share(results, requests, (t1 - t0) + (t4 - t3), "draft_seconds")

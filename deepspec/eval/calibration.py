@@ -14,6 +14,8 @@ Inputs are per round (one verification of a drafted block): ``logits`` ``[R, G]`
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from deepspec.eval.metrics import expected_calibration_error
@@ -100,3 +102,147 @@ def fit_sts(
             temps[k] = best
         prefix = prefix * _sigmoid(np.where(drafted[:, k], logits[:, k], 0.0) / temps[k])
     return temps
+
+
+# -- recorded rounds and the calibration file a draft carries -----------------------------
+
+_CLIP = 1e-6  # recorded survival probabilities are clipped to [CLIP, 1 - CLIP] before the logit
+
+
+def rounds_from_records(
+    records: list[dict], temperatures: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(logits, drafted, survived)`` ``[R, G]`` from ``eval.py`` sample records.
+
+    A round's ``confidence_per_round`` entry holds ``sigmoid(l_k / T_k)`` for the draft's
+    temperatures at the time (``temperatures``, default 1); the logits returned are the raw
+    ``l_k``, so fits compose with an earlier calibration. Position ``k`` counts as drafted
+    when it was verified (``k < proposed``) and survived when ``k < accepted``."""
+    rows = [
+        (c, k, m)
+        for r in records
+        for c, k, m in zip(
+            r["confidence_per_round"], r["proposed_per_round"], r["accepted_per_round"], strict=False
+        )
+    ]
+    if not rows:
+        raise ValueError(
+            "the records hold no rounds with confidences (a DSpark draft with a confidence head)"
+        )
+    G = max(len(c) for c, _, _ in rows)
+    temps = np.ones(G) if temperatures is None else np.asarray(temperatures, dtype=np.float64)[:G]
+    logits = np.zeros((len(rows), G))
+    drafted = np.zeros((len(rows), G), dtype=bool)
+    survived = np.zeros((len(rows), G), dtype=bool)
+    for i, (c, k, m) in enumerate(rows):
+        p = np.clip(np.asarray(c, dtype=np.float64), _CLIP, 1 - _CLIP)
+        logits[i, : len(p)] = np.log(p / (1 - p)) * temps[: len(p)]
+        drafted[i, : min(k, len(p))] = True
+        survived[i, :m] = True
+    return logits, drafted, survived
+
+
+def _read_run(directory: str) -> tuple[list[dict], np.ndarray | None]:
+    """Sample records of an ``eval.py --output-dir`` run and the temperatures it decoded with."""
+    import json
+
+    from deepspec.errors import DataError
+    from deepspec.eval.settings import RESULTS_NAME, SAMPLES_NAME
+
+    fix = "pass a directory written by eval.py --output-dir with a DSpark draft"
+    try:
+        with open(os.path.join(directory, RESULTS_NAME), encoding="utf-8") as fh:
+            config = json.load(fh)["config"]
+        with open(os.path.join(directory, SAMPLES_NAME), encoding="utf-8") as fh:
+            records = [json.loads(line) for line in fh if line.strip()]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{directory}: unreadable eval run ({type(exc).__name__}: {exc}); {fix}") from None
+    temps = config.get("confidence_temperatures")
+    return records, None if temps is None else np.asarray(temps, dtype=np.float64)
+
+
+def _ece_line(name: str, values: list[float]) -> str:
+    cells = "  ".join("   -  " if np.isnan(v) else f"{100 * v:5.2f}%" for v in values)
+    return f"{name:<22} {cells}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Fit STS on the rounds of an eval run over the calibration split and store the
+    temperatures with the draft; report ECE per position before and after."""
+    import argparse
+
+    from deepspec.cli import ArgumentParser
+    from deepspec.drafts.checkpoint import read_calibration, write_calibration
+    from deepspec.errors import DataError
+    from deepspec.eval.metrics import calibration_stats
+
+    parser = ArgumentParser(
+        prog="python -m deepspec.eval.calibration",
+        description="Sequential Temperature Scaling of a DSpark draft's confidence head. Record "
+        "rounds with: eval.py --split calibration --max-samples N --output-dir RUN --draft_name_or_path "
+        "DRAFT (greedy, full verification); then: python -m deepspec.eval.calibration --rounds RUN "
+        "--draft DRAFT [--heldout REPORT_RUN] [--plots DIR]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--rounds", required=True, help="eval.py --output-dir of the calibration split")
+    parser.add_argument("--draft", required=True, help="the draft checkpoint directory that decoded them")
+    parser.add_argument("--heldout", default=None, help="an eval run on other prompts, to judge the fit")
+    parser.add_argument("--plots", default=None, help="write reliability diagrams (before / after) here")
+    parser.add_argument("--dry-run", action="store_true", help="report only; do not write the draft's file")
+    args = parser.parse_args(argv)
+    draft = os.path.expanduser(args.draft)
+    if not os.path.isdir(draft):
+        raise DataError(f"--draft {draft} is not a draft checkpoint directory")
+    current = read_calibration(draft)
+    runs = {"calibration": _read_run(args.rounds)}
+    if args.heldout:
+        runs["held-out"] = _read_run(args.heldout)
+    data = {}
+    for name, (records, used) in runs.items():
+        if (used is None) != (current is None) or (used is not None and not np.allclose(used, current)):
+            raise DataError(
+                f"the {name} run decoded with other confidence temperatures than {draft} holds now; "
+                "decode it again with this draft"
+            )
+        try:
+            data[name] = rounds_from_records(records, used)
+        except ValueError as exc:
+            raise DataError(f"{name} run: {exc}") from None
+    logits, drafted, survived = data["calibration"]
+    G = logits.shape[1]
+    base = np.ones(G) if current is None else np.asarray(current[:G])
+    fitted = fit_sts(logits, drafted, survived)
+    report: dict = {"fitted_on": os.path.abspath(args.rounds), "rounds": int(logits.shape[0])}
+    print(f"{'ECE of prod c_i':<22} " + "  ".join(f" pos {k + 1}" for k in range(G)))
+    for name, (lg, dr, sv) in data.items():
+        before = position_ece(lg, dr, sv, base)
+        after = position_ece(lg, dr, sv, fitted)
+        report[name] = {
+            "rounds": int(lg.shape[0]),
+            "ece_before": [None if np.isnan(v) else v for v in before],
+            "ece_after": [None if np.isnan(v) else v for v in after],
+        }
+        print(_ece_line(f"{name} before", before))
+        print(_ece_line(f"{name} after", after))
+        if args.plots:
+            from deepspec.eval.plots import plot_reliability
+
+            os.makedirs(args.plots, exist_ok=True)
+            proposed = dr.sum(1)
+            accepted = sv.sum(1)
+            for when, temps in (("before", base), ("after", fitted)):
+                probs = [list(row) for row in 1 / (1 + np.exp(-lg / temps))]
+                stats = calibration_stats(probs, proposed, accepted, cumulative=True)
+                path = os.path.join(args.plots, f"reliability_{name}_{when}.png")
+                plot_reliability(stats, path, title=f"cumulative survival, {name} rounds, {when} STS")
+    temperatures = [float(t) for t in fitted]
+    print("temperatures: " + ", ".join(f"{t:.3g}" for t in temperatures))
+    if not args.dry_run:
+        print(f"wrote {write_calibration(draft, temperatures, report)}")
+    return 0
+
+
+if __name__ == "__main__":
+    from deepspec.cli import run_main
+
+    run_main(main)

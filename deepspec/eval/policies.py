@@ -55,7 +55,9 @@ class VerifyPolicy:
             )
         if self.name == "threshold":
             return [sum(1 for a in s[:k] if a >= self.value) for s, k in zip(survival, drafted, strict=True)]
-        return schedule_prefixes([list(s[:k]) for s, k in zip(survival, drafted, strict=True)], self.sps).lengths
+        return schedule_prefixes(
+            [list(s[:k]) for s, k in zip(survival, drafted, strict=True)], self.sps
+        ).lengths
 
     def describe(self) -> str:
         if self.name == "fixed":

@@ -43,13 +43,16 @@ class _Step:
     slots: Tensor  # [N] long
     positions: Tensor  # [N] long
     starts: Tensor  # [R] long: each row's length before this forward
-    width: int  # T_max: the most new tokens of one row
+    width: int  # T_max: the most new tokens of one row (at least 2)
     upto: int  # columns any query can see: max over rows of start + new tokens
     masks: dict[int, Tensor]  # sliding window (0 = none) -> [R, 1, T_max, upto] bool
 
     def mask(self, window: int) -> Tensor:
         if window not in self.masks:
-            q = self.starts[:, None, None] + torch.arange(self.width, device=self.starts.device)[None, :, None]
+            q = (
+                self.starts[:, None, None]
+                + torch.arange(self.width, device=self.starts.device)[None, :, None]
+            )
             j = torch.arange(self.upto, device=self.starts.device)[None, None]
             visible = j <= q
             if window > 0:
@@ -182,7 +185,7 @@ class RaggedTarget:
             slots=slots,
             positions=positions,
             starts=self.lengths.clone(),
-            width=int(counts.max()),
+            width=max(2, int(counts.max())),  # CPU SDPA is ~3x slower for one query per row
             upto=int((self.lengths + counts).max()),
             masks={},
         )

@@ -96,6 +96,48 @@ class Evaluator:
             )
         return spec, base
 
+    def _policy(self):
+        from deepspec.eval.policies import VerifyPolicy
+        from deepspec.eval.scheduler import SPSTable
+
+        s = self.settings
+        sps = SPSTable.load(s.sps_table) if s.policy == "scheduled" else None
+        return VerifyPolicy(s.policy, s.confidence_threshold if s.policy == "threshold" else 0.0, sps)
+
+    def _generate_batch(
+        self, prompts: list[list[int]], seed: int, max_new: int, plain: list[bool], bar=None
+    ) -> tuple[list[DecodeResult], list[DecodeResult | None]]:
+        """Continuous batching of ``prompts``; the baseline (where ``plain``) decodes the
+        same prompts at the same batch size."""
+        from deepspec.eval.batch_decode import plain_generate_batch, speculative_generate_batch
+        from deepspec.eval.ragged_target import RaggedTarget
+
+        s = self.settings
+        rows = min(s.batch_size, len(prompts))
+        common = dict(max_new_tokens=max_new, temperature=s.temperature, eos_ids=self.eos_ids)
+        model = self.target.model
+        spec = speculative_generate_batch(
+            RaggedTarget(model, self.draft.config.target_layer_ids, rows),
+            self.draft,
+            prompts,
+            **common,
+            generator=torch.Generator(self.device).manual_seed(seed),
+            policy=self._policy(),
+            progress=None if bar is None else lambda result: bar.update(1),
+        ).results
+        base: list[DecodeResult | None] = [None] * len(prompts)
+        todo = [i for i, p in enumerate(plain) if p]
+        if s.baseline and todo:
+            done = plain_generate_batch(
+                RaggedTarget(model, [], min(rows, len(todo))),
+                [prompts[i] for i in todo],
+                **common,
+                generator=torch.Generator(self.device).manual_seed(seed),
+            ).results
+            for i, result in zip(todo, done, strict=True):
+                base[i] = result
+        return spec, base
+
     def records(self, task: str, prompts: list, desc: str) -> list[dict[str, Any]]:
         """Decode ``prompts`` (speculative, then plain) → one record per prompt."""
         s = self.settings
@@ -103,17 +145,36 @@ class Evaluator:
         if not prompts:
             return out
         encoded = [self.chat.prompt_ids([{"role": "user", "content": p.text}]) for p in prompts]
-        self._generate(encoded[0], s.seed, min(8, s.max_new_tokens), plain=not self.reused)  # warm-up
-        bar = tqdm(list(zip(prompts, encoded)), desc=desc, unit="prompt", disable=not s.progress)
-        rounds = accepted = 0
-        for prompt, ids in bar:
+        olds = []
+        for prompt, ids in zip(prompts, encoded, strict=True):
             old = self.reused.get((task, prompt.index))
             if self.reused and (old is None or old["prompt_token_ids"] != ids):
                 raise DataError(
                     f"--baseline-from {s.baseline_from} has no record of {task} prompt {prompt.index} "
                     "with these token ids; evaluate the same tasks and --max-samples there"
                 )
-            spec, base = self._generate(ids, s.seed + prompt.index, s.max_new_tokens, plain=old is None)
+            olds.append(old)
+        bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not s.progress)
+        if s.batched:
+            warm = encoded[: s.batch_size]
+            self._generate_batch(warm, s.seed, min(8, s.max_new_tokens), [not self.reused] * len(warm))
+            specs, bases = self._generate_batch(
+                encoded, s.seed, s.max_new_tokens, [old is None for old in olds], bar
+            )
+        else:
+            self._generate(encoded[0], s.seed, min(8, s.max_new_tokens), plain=not self.reused)  # warm-up
+            specs, bases = [], []
+            rounds = accepted = 0
+            for prompt, ids, old in zip(prompts, encoded, olds, strict=True):
+                spec, base = self._generate(ids, s.seed + prompt.index, s.max_new_tokens, plain=old is None)
+                specs.append(spec)
+                bases.append(base)
+                rounds += len(spec.accepted)
+                accepted += sum(spec.accepted)
+                bar.update(1)
+                bar.set_postfix(tau=f"{(accepted + rounds) / max(1, rounds):.2f}")
+        bar.close()
+        for prompt, ids, old, spec, base in zip(prompts, encoded, olds, specs, bases, strict=True):
             record = {
                 "dataset": task,
                 "index": prompt.index,
@@ -133,9 +194,6 @@ class Evaluator:
                 record["baseline_output_token_ids"] = old["baseline_output_token_ids"]
                 record["baseline_seconds"] = old["baseline_seconds"]
             out.append(record)
-            rounds += len(spec.accepted)
-            accepted += sum(spec.accepted)
-            bar.set_postfix(tau=f"{(accepted + rounds) / max(1, rounds):.2f}")
         return out
 
 
@@ -166,7 +224,7 @@ def task_metrics(task: str, records: list[dict[str, Any]], settings: EvalSetting
     if conf and len(conf) == len(proposed):
         cut = [c[:k] for c, k in zip(conf, proposed)]  # positions that were verified
         out["calibration"] = [c.to_dict() for c in calibration_stats(cut, proposed, accepted)]
-        if settings.confidence_threshold == 0:  # the sweep needs untruncated proposals
+        if settings.policy == "fixed":  # the sweep needs untruncated proposals
             out["threshold_sweep"] = threshold_sweep(cut, proposed, accepted).to_dict()
     return out
 
@@ -178,6 +236,7 @@ def _task_prompts(settings: EvalSettings) -> dict[str, list]:
             settings.eval_datasets_dir,
             max_samples=settings.max_samples or DEFAULT_EVAL_TASKS.get(task),
             seed=settings.seed,
+            split=settings.split,
         )
         for task in settings.tasks
     }
@@ -247,6 +306,7 @@ def evaluate(
     """Evaluate a draft checkpoint on ``settings.tasks``; one worker per visible GPU (prompts
     split round-robin), else one CPU worker. Writes outputs when ``output_dir`` is set."""
     from deepspec.drafts import read_draft_config
+    from deepspec.drafts.checkpoint import read_calibration
 
     s = resolve_settings(settings)
     workers = _worker_count(num_workers)
@@ -290,6 +350,7 @@ def evaluate(
             "target": target_name or target_dir,
             "draft": draft_path,
             "draft_algorithm": draft_config.algorithm,
+            "confidence_temperatures": read_calibration(os.path.expanduser(draft_path)),
             "workers": workers,
         },
         "datasets": per_task,

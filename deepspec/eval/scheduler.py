@@ -21,32 +21,45 @@ import numpy as np
 
 @dataclass(frozen=True)
 class SPSTable:
-    """Steps per second of the target's verification forward at ``B`` tokens, linearly
-    interpolated between profiled points and held constant beyond the last one."""
+    """Decode steps per second at ``B`` verified tokens: the target's verification forward
+    (profiled points, linearly interpolated, constant beyond the last one) plus
+    ``overhead_seconds`` per step spent outside it (drafting, verification, bookkeeping), so
+    ``SPS(B) = 1 / (1 / SPS_target(B) + overhead)``. With the overhead the scheduler weighs
+    a token's cost against the whole step, as the paper's steps-per-second table does."""
 
     tokens: tuple[int, ...]
     steps_per_second: tuple[float, ...]
+    overhead_seconds: float = 0.0
 
     @classmethod
-    def from_mapping(cls, points: Mapping[int, float]) -> SPSTable:
+    def from_mapping(cls, points: Mapping[int, float], overhead_seconds: float = 0.0) -> SPSTable:
         if not points:
             raise ValueError("an SPS table needs at least one (tokens, steps/s) point")
         items = sorted((int(b), float(s)) for b, s in points.items())
         if items[0][0] < 1 or any(s <= 0 or not np.isfinite(s) for _, s in items):
             raise ValueError("SPS points need token counts >= 1 and finite steps/s > 0")
-        return cls(tuple(b for b, _ in items), tuple(s for _, s in items))
+        if not (np.isfinite(overhead_seconds) and overhead_seconds >= 0):
+            raise ValueError(f"overhead_seconds must be a finite number >= 0, got {overhead_seconds}")
+        return cls(tuple(b for b, _ in items), tuple(s for _, s in items), float(overhead_seconds))
+
+    def with_overhead(self, seconds: float) -> SPSTable:
+        """The same profile with ``seconds`` per step outside the target's forward."""
+        return SPSTable.from_mapping(dict(zip(self.tokens, self.steps_per_second, strict=True)), seconds)
 
     @classmethod
     def load(cls, path: str) -> SPSTable:
-        """A table written by ``benchmarks/sps_profile.py`` (``steps_per_second``: {B: steps/s})."""
+        """A table written by ``benchmarks/sps_profile.py`` (``steps_per_second``: {B: steps/s},
+        optional ``overhead_seconds``)."""
         import json
 
         from deepspec.errors import DataError
 
         try:
             with open(path, encoding="utf-8") as fh:
-                points = json.load(fh)["steps_per_second"]
-            return cls.from_mapping({int(b): float(v) for b, v in points.items()})
+                data = json.load(fh)
+            points = data["steps_per_second"]
+            overhead = float(data.get("overhead_seconds") or 0.0)
+            return cls.from_mapping({int(b): float(v) for b, v in points.items()}, overhead)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise DataError(
                 f"SPS table {path} is unreadable ({type(exc).__name__}: {exc}); write it with "
@@ -54,7 +67,8 @@ class SPSTable:
             ) from None
 
     def __call__(self, batch_tokens: int) -> float:
-        return float(np.interp(batch_tokens, self.tokens, self.steps_per_second))
+        target = float(np.interp(batch_tokens, self.tokens, self.steps_per_second))
+        return target if not self.overhead_seconds else 1.0 / (1.0 / target + self.overhead_seconds)
 
 
 @dataclass(frozen=True)

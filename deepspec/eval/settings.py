@@ -29,17 +29,38 @@ class EvalSettings:
     dtype: str = "auto"  # auto: fp32 at temperature 0 (bit-exact greedy), else bf16
     progress: bool = True
     baseline_from: str | None = None  # reuse the plain-decoding records of this output dir
+    split: str = "report"  # or "calibration": prompts disjoint from the reported ones
+    batch_size: int = 1  # requests in flight (continuous batching when > 1)
+    policy: str = "auto"  # verification: fixed, threshold, scheduled; auto = threshold iff one is set
+    sps_table: str | None = None  # the scheduled policy's SPS(B) table (benchmarks/sps_profile.py)
+
+    @property
+    def batched(self) -> bool:
+        """Decode with the batched loop (also at batch 1 for the scheduler)."""
+        return self.batch_size > 1 or self.policy == "scheduled"
 
 
-BASELINE_KEYS = ("target", "temperature", "max_new_tokens", "seed", "dtype", "eval_datasets_dir")
+BASELINE_KEYS = (
+    "target",
+    "temperature",
+    "max_new_tokens",
+    "seed",
+    "dtype",
+    "eval_datasets_dir",
+    "split",
+    "batch_size",
+)
 RESULTS_NAME = "results.json"
 SAMPLES_NAME = "samples.jsonl"
 
 
 def resolve_settings(settings: EvalSettings) -> EvalSettings:
-    """Fill in ``dtype="auto"``: fp32 at temperature 0 (bit-exact greedy), else bf16."""
+    """Fill in ``dtype="auto"`` (fp32 at temperature 0, bit-exact greedy, else bf16) and
+    ``policy="auto"`` (threshold when a confidence threshold is set, else fixed)."""
     if settings.dtype == "auto":
         settings.dtype = "fp32" if settings.temperature == 0 else "bf16"
+    if settings.policy == "auto":
+        settings.policy = "threshold" if settings.confidence_threshold > 0 else "fixed"
     return settings
 
 
@@ -94,8 +115,11 @@ def load_baseline(directory: str, settings: EvalSettings, target_name: str) -> d
             f"(an interrupted or mixed write); {redo}"
         )
     mine = {**asdict(settings), "target": target_name}
+    defaults = {"split": "report", "batch_size": 1}  # runs written before these settings existed
     diff = [
-        f"{k} {config.get(k)!r} there, {mine[k]!r} here" for k in BASELINE_KEYS if config.get(k) != mine[k]
+        f"{k} {config.get(k, defaults.get(k))!r} there, {mine[k]!r} here"
+        for k in BASELINE_KEYS
+        if config.get(k, defaults.get(k)) != mine[k]
     ]
     if not config.get("baseline"):
         diff.append("it ran without the baseline")

@@ -6,7 +6,9 @@ each drafted position (calibrated confidences) and how many drafted tokens the t
 accepted (``accepted``, the length of the accepted prefix when all were verified). When a
 policy verifies only ``n`` of them, the request gains ``min(accepted, n) + 1`` tokens (the
 target's own token after the last accepted one), because acceptance stops at the first
-rejection. A batch step takes ``draft_seconds + 1 / SPS(R + sum n_r)``.
+rejection. A batch step takes ``draft_seconds + 1 / SPS(R + sum n_r)`` (a table with
+``overhead_seconds`` already counts the time outside the target's forward: leave
+``draft_seconds`` at 0 then).
 
 Policies are those of the decode loop (:mod:`deepspec.eval.policies`): ``fixed``,
 ``threshold`` and ``scheduled`` (Algorithm 1).
