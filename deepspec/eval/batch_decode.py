@@ -14,9 +14,12 @@ its request ends. One round, over the rows that hold a request:
 5. each row's target cache is cropped to its accepted tokens and the draft's context grows
    by their features, independently per row.
 
-Prompts that enter together are prefilled in one packed forward too. A round's wall time
-is shared evenly by the requests it served, so the ``seconds`` of all requests add up to
-the run's wall time and ``tokens / seconds`` is the batch's throughput.
+A row freed in one round takes its next prompt in the next round: the prompt is prefilled
+in that round's packed target forward, beside the other rows' verification (as the plain
+baseline prefills beside its decode tokens), and the draft reads its features in the
+round's one batched extension. A step's wall time is shared evenly by the requests it
+served, so the ``seconds`` of all requests add up to the run's wall time and
+``tokens / seconds`` is the batch's throughput.
 """
 
 from __future__ import annotations
@@ -36,14 +39,16 @@ from deepspec.eval.verify import probs_from_logits, verify_greedy, verify_sampli
 
 @dataclass
 class BatchStep:
-    """One decode round of the batch (prefills are not steps)."""
+    """One step of the batch: a decode round of the drafting rows, with the prompts of newly
+    admitted requests prefilled in the same target forward."""
 
-    requests: int  # rows that held a request
+    requests: int  # rows that drafted and verified (requests past their first token)
     verified: int  # drafted tokens verified over all rows
-    emitted: int  # tokens the round added over all rows
+    emitted: int  # tokens the step added over all rows (first tokens of new requests included)
     seconds: float
-    draft_seconds: float
+    draft_seconds: float  # drafting, verification and bookkeeping: all but the target's forward
     target_seconds: float
+    prefill: int = 0  # prompt tokens of requests admitted in this step's forward
 
 
 @dataclass
@@ -60,9 +65,6 @@ class _Rows:
         self.prompts = prompts
         self.waiting = deque(range(len(prompts)))
         self.request = [-1] * batch
-
-    def active(self) -> list[int]:
-        return [r for r, i in enumerate(self.request) if i >= 0]
 
     def admit(self) -> dict[int, int]:
         """Give every free row the next waiting prompt; ``{row: prompt index}``."""
@@ -101,13 +103,15 @@ def speculative_generate_batch(
     policy: VerifyPolicy | None = None,
     progress: Callable[[DecodeResult], None] | None = None,
 ) -> BatchRun:
-    """Decode ``prompts`` with ``target.rows`` of them in flight; lossless per request.
-    ``progress`` is called with each finished request's result."""
+    """Decode ``prompts`` with ``target.rows`` of them in flight (at most one row per prompt);
+    lossless per request. ``progress`` is called with each finished request's result."""
     policy = policy or VerifyPolicy()
     _check_limits(max_new_tokens, temperature)
+    B, device = target.rows, target.device
+    if B > len(prompts):
+        raise ValueError(f"{B} rows for {len(prompts)} prompts: use at most one row per prompt")
     clock = time.perf_counter
     start = clock()
-    B, device = target.rows, target.device
     vocab = target.vocab_size
     rows = _Rows(prompts, B)
     results = [DecodeResult(output_ids=[]) for _ in prompts]
@@ -115,116 +119,108 @@ def speculative_generate_batch(
     state = draft.new_state(B, device)
     anchors = torch.zeros(B, dtype=torch.long, device=device)
     ids = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    decoding: list[int] = []  # rows whose request has its first token (they draft)
 
     def finish(r: int) -> None:
         if progress is not None:
             progress(results[rows.request[r]])
         rows.request[r] = -1
 
-    def admit() -> None:
-        """Prefill waiting prompts into free rows (one packed forward), until no free row
-        can take one (a prompt may end at its first token)."""
-        while taken := rows.admit():
-            t0 = clock()
-            for r in taken:
-                target.reset(r)
-            out = target.forward({r: ids(list(prompts[i])) for r, i in taken.items()})
-            t1 = clock()
-            fresh = torch.zeros(B, dtype=torch.bool, device=device)
-            fresh[list(taken)] = True
-            draft.reset_rows(state, fresh)
-            width = max(len(prompts[i]) for i in taken.values())
-            some = out[next(iter(taken))][1]
-            feats = some.new_zeros(B, width, some.shape[-1])
-            tokens = torch.zeros(B, width, dtype=torch.long, device=device)
-            counts = torch.zeros(B, dtype=torch.long, device=device)
-            for r, i in taken.items():
-                n = len(prompts[i])
-                feats[r, :n], tokens[r, :n], counts[r] = out[r][1], ids(list(prompts[i])), n
-            draft.extend(state, feats, counts, tokens=tokens)
-            t2 = clock()
-            for r, i in taken.items():
-                first, done = _cut([_sample(out[r][0][-1], temperature, generator)], eos_ids, max_new_tokens)
-                results[i].output_ids = first
-                anchors[r] = first[-1]
-                if done:
-                    finish(r)
-            t3 = clock()
-            _share(results, list(taken.values()), t3 - t0)
-            _share(results, list(taken.values()), t1 - t0, "target_seconds")
-            _share(results, list(taken.values()), t2 - t1, "draft_seconds")
-
-    admit()
-    while active := rows.active():
+    while True:
         t0 = clock()
+        active = list(decoding)
         requests = [rows.request[r] for r in active]
-        proposal = _propose(draft, state, anchors, temperature, generator, vocab)
-        drafted = proposal.tokens.shape[1]
-        survival = None
-        if proposal.confidence is not None:
-            survival = torch.cumprod(proposal.confidence[active].double(), 1).tolist()
-            for i, c in zip(requests, proposal.confidence[active].tolist(), strict=True):
-                results[i].confidences.append(c)
-        room = [max_new_tokens - len(results[i].output_ids) - 1 for i in requests]
-        chosen = policy.lengths([drafted] * len(active), survival if policy.needs_confidence else None)
-        n = [min(c, left) for c, left in zip(chosen, room, strict=True)]
+        feeds: dict[int, torch.Tensor] = {}
+        proposal, n = None, []
+        if active:  # rows being admitted still hold a valid old state: drafting first is safe
+            proposal = _propose(draft, state, anchors, temperature, generator, vocab)
+            survival = None
+            if proposal.confidence is not None:
+                survival = torch.cumprod(proposal.confidence[active].double(), 1).tolist()
+                for i, c in zip(requests, proposal.confidence[active].tolist(), strict=True):
+                    results[i].confidences.append(c)
+            drafted = proposal.tokens.shape[1]
+            chosen = policy.lengths([drafted] * len(active), survival if policy.needs_confidence else None)
+            room = [max_new_tokens - len(results[i].output_ids) - 1 for i in requests]
+            n = [min(c, left) for c, left in zip(chosen, room, strict=True)]
+            for r, k in zip(active, n, strict=True):
+                feeds[r] = torch.cat([anchors[r : r + 1], proposal.tokens[r, :k]])
+        taken = rows.admit()  # new prompts are prefilled in the same packed forward
+        for r, i in taken.items():
+            target.reset(r)
+            feeds[r] = ids(list(prompts[i]))
+        if not feeds:
+            break
         t1 = clock()
-        out = target.forward(
-            {
-                r: torch.cat([anchors[r : r + 1], proposal.tokens[r, :k]])
-                for r, k in zip(active, n, strict=True)
-            }
-        )
+        out = target.forward(feeds)
         t2 = clock()
-        k = max(n)
-        rows_t = torch.tensor(active, device=device)
-        block = proposal.tokens[rows_t, :k]
-        lengths = torch.tensor(n, device=device)
-        logits = _padded([out[r][0] for r in active], k + 1)
-        if temperature == 0:
-            verdict = verify_greedy(block, logits, lengths)
-        else:
-            verdict = verify_sampling(
-                block,
-                proposal.probs[rows_t, :k],
-                probs_from_logits(logits, temperature),
-                lengths,
-                generator=generator,
-            )
-        feats = torch.zeros(
-            B, k + 1, out[active[0]][1].shape[-1], dtype=out[active[0]][1].dtype, device=device
-        )
-        kept = torch.zeros(B, k + 1, dtype=torch.long, device=device)
+        width = max(len(f) for f in feeds.values())
+        some = out[next(iter(feeds))][1]
+        feats = some.new_zeros(B, width, some.shape[-1])
+        kept = torch.zeros(B, width, dtype=torch.long, device=device)
         counts = torch.zeros(B, dtype=torch.long, device=device)
         emitted_total = 0
-        emitted_rows = verdict.emitted_lists()
-        for j, (r, i) in enumerate(zip(active, requests, strict=True)):
-            m = int(verdict.num_accepted[j])
-            res = results[i]
-            res.proposed.append(n[j])
-            res.accepted.append(m)
-            emitted, done = _cut(emitted_rows[j], eos_ids, max_new_tokens - len(res.output_ids))
-            res.output_ids.extend(emitted)
-            emitted_total += len(emitted)
+        if active:
+            k = max(n)
+            at = torch.tensor(active, device=device)
+            block = proposal.tokens[at, :k]
+            lengths = torch.tensor(n, device=device)
+            logits = _padded([out[r][0] for r in active], k + 1)
+            if temperature == 0:
+                verdict = verify_greedy(block, logits, lengths)
+            else:
+                verdict = verify_sampling(
+                    block,
+                    proposal.probs[at, :k],
+                    probs_from_logits(logits, temperature),
+                    lengths,
+                    generator=generator,
+                )
+            for j, (r, i, emitted) in enumerate(zip(active, requests, verdict.emitted_lists(), strict=True)):
+                m = int(verdict.num_accepted[j])
+                res = results[i]
+                res.proposed.append(n[j])
+                res.accepted.append(m)
+                emitted, done = _cut(emitted, eos_ids, max_new_tokens - len(res.output_ids))
+                res.output_ids.extend(emitted)
+                emitted_total += len(emitted)
+                if done:
+                    decoding.remove(r)
+                    finish(r)
+                    continue
+                target.crop(r, len(prompts[i]) + len(res.output_ids) - 1)
+                feats[r, : m + 1] = out[r][1][: m + 1]
+                kept[r, : m + 1] = torch.cat([anchors[r : r + 1], ids(emitted[:-1])])
+                counts[r] = m + 1
+                anchors[r] = emitted[-1]
+        fresh = torch.zeros(B, dtype=torch.bool, device=device)
+        for r, i in taken.items():
+            first, done = _cut([_sample(out[r][0][-1], temperature, generator)], eos_ids, max_new_tokens)
+            results[i].output_ids = first
+            emitted_total += 1
+            fresh[r] = True
+            # the draft reads the prompt even when the request already ended: its row must
+            # hold a valid state for the rows that still draft
+            n_prompt = len(prompts[i])
+            feats[r, :n_prompt], kept[r, :n_prompt], counts[r] = out[r][1], feeds[r], n_prompt
+            anchors[r] = first[-1]
             if done:
                 finish(r)
-                continue
-            target.crop(r, len(prompts[i]) + len(res.output_ids) - 1)
-            feats[r, : m + 1] = out[r][1][: m + 1]
-            kept[r, : m + 1] = torch.cat([anchors[r : r + 1], ids(emitted[:-1])])
-            counts[r] = m + 1
-            anchors[r] = emitted[-1]
+            else:
+                decoding.append(r)
         t3 = clock()
+        if taken:
+            draft.reset_rows(state, fresh)
         if int(counts.sum()):
             draft.extend(state, feats, counts, tokens=kept)
         t4 = clock()
-        run.steps.append(
-            BatchStep(len(active), sum(n), emitted_total, t4 - t0, (t1 - t0) + (t4 - t3), t2 - t1)
-        )
-        _share(results, requests, t4 - t0)
-        _share(results, requests, t2 - t1, "target_seconds")
-        _share(results, requests, (t1 - t0) + (t4 - t3), "draft_seconds")
-        admit()
+        prefill = sum(len(prompts[i]) for i in taken.values())
+        step = BatchStep(len(active), sum(n), emitted_total, t4 - t0, (t1 - t0) + (t4 - t3), t2 - t1, prefill)
+        run.steps.append(step)
+        served = requests + list(taken.values())
+        _share(results, served, step.seconds)
+        _share(results, served, step.target_seconds, "target_seconds")
+        _share(results, served, step.draft_seconds, "draft_seconds")
     run.seconds = clock() - start
     return run
 
@@ -249,12 +245,15 @@ def plain_generate_batch(
     run = BatchRun(results)
     feeds: dict[int, torch.Tensor] = {}
     while True:
+        t0 = clock()
+        decoding = len(feeds)
+        prefill = 0
         for r, i in rows.admit().items():
             target.reset(r)
             feeds[r] = torch.tensor(list(prompts[i]), dtype=torch.long)
+            prefill += len(prompts[i])
         if not feeds:
             break
-        t0 = clock()
         out = target.forward(feeds, features=False)
         served = [rows.request[r] for r in feeds]
         feeds = {}
@@ -269,7 +268,7 @@ def plain_generate_batch(
             else:
                 feeds[r] = torch.tensor([token])
         seconds = clock() - t0
-        run.steps.append(BatchStep(len(served), 0, len(served), seconds, 0.0, seconds))
+        run.steps.append(BatchStep(decoding, 0, len(served), seconds, 0.0, seconds, prefill))
         _share(results, served, seconds)
         _share(results, served, seconds, "target_seconds")
     run.seconds = clock() - start
