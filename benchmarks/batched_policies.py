@@ -18,8 +18,8 @@ against plain batched decoding, at several batch sizes.
   fixed-length run at that batch size (each request's drafts, calibrated survival and
   accepted length) with nothing else from the runs: a step takes ``1 / SPS(B + verified)``
   of the same table (profiled with ``--draft``, so it includes the draft's time). It is
-  compared with the measured throughput over the steps where all ``B`` rows held a
-  request (prefills and the draining tail excluded).
+  compared with the measured throughput over the steady steps: all ``B`` rows decoding and
+  no prompt prefilled in the step (the start and the draining tail excluded).
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ import torch
 
 
 def _decode_steps(run, batch: int) -> tuple[float, int]:
-    """(tokens/s over the full-batch steps, number of such steps)."""
-    full = [s for s in run.steps if s.requests == batch]
+    """(tokens/s over the steady steps, their number): all ``batch`` rows decoding, no prompt
+    prefilled in the step."""
+    full = [s for s in run.steps if s.requests == batch and not s.prefill]
     seconds = sum(s.seconds for s in full)
     return (sum(s.emitted for s in full) / seconds if seconds else float("nan")), len(full)
 
@@ -136,7 +137,7 @@ def main() -> None:
                     rounds_from_records,
                     cumulative_survival,
                 )
-            full = [s for s in run.steps if s.requests == batch]
+            full = [s for s in run.steps if s.requests == batch and not s.prefill]
             sim = simulate(fixed_rounds, sps, batch=batch, policy=policy.name, value=policy.value, steps=2000)
             row = dict(
                 batch=batch,

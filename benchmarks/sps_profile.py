@@ -11,10 +11,10 @@ tokens spread over the R requests (B >= R) in one packed forward that reads the 
 features, as verification does, and crops the caches back. Median of ``--repeats`` after
 two warm-ups. On a GPU the same script profiles that device.
 
-``--draft D`` also times the draft's part of a decode step at ``R`` rows (one proposal and
-the extension by two verified positions per row) and writes it as ``overhead_seconds``: the
-scheduler then weighs each token against the whole step (:class:`SPSTable`). Verification
-and bookkeeping add a little more; ``benchmarks/batched_policies.py`` measures the whole.
+``--draft D`` also runs the batched decode loop with that draft on ``R`` random prompts of
+``--context`` tokens and writes the median time per step outside the target's forward
+(drafting, verification, bookkeeping) as ``overhead_seconds``: the scheduler then weighs
+each token against the whole step (:class:`~deepspec.eval.scheduler.SPSTable`).
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ def main() -> None:
         print(f"B={b:4d}  {points[b]:8.2f} steps/s  ({1000 / points[b]:.1f} ms)", flush=True)
     overhead = None
     if args.draft:
-        overhead = _draft_seconds(args.draft, R, args.context, dtype, device, args.repeats)
-        print(f"draft per step at {R} rows: {1000 * overhead:.1f} ms", flush=True)
+        overhead = _draft_seconds(model, args.draft, R, args.context, dtype, device)
+        print(f"outside the target per step at {R} rows: {1000 * overhead:.1f} ms", flush=True)
     result = {
         "target": args.target,
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
@@ -96,36 +96,26 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
-def _draft_seconds(path: str, rows: int, context: int, dtype, device: str, repeats: int) -> float:
-    """Median seconds of one draft proposal plus an extension by 2 positions, at ``rows``."""
+def _draft_seconds(model, path: str, rows: int, context: int, dtype, device: str) -> float:
+    """Median seconds per decode step outside the target's forward (drafting, verification,
+    bookkeeping) of the batched loop, run with this draft on ``rows`` random prompts."""
     from deepspec.drafts import load_draft
+    from deepspec.eval.batch_decode import speculative_generate_batch
+    from deepspec.eval.ragged_target import RaggedTarget
 
     draft = load_draft(path, device=device, dtype=dtype)
-    width = draft.fc.in_features
-    vocab = draft.spec.vocab_size
     g = torch.Generator().manual_seed(1)
-    state = draft.new_state(rows, device)
-    counts = torch.full((rows,), context, device=device)
-    tokens = torch.randint(0, vocab, (rows, context), generator=g).to(device)
-    draft.extend(
-        state, torch.randn(rows, context, width, generator=g).to(device, dtype), counts, tokens=tokens
+    prompts = [torch.randint(0, draft.spec.vocab_size, (context,), generator=g).tolist() for _ in range(rows)]
+    run = speculative_generate_batch(
+        RaggedTarget(model, draft.config.target_layer_ids, rows),
+        draft,
+        prompts,
+        max_new_tokens=40,
+        temperature=0.0,
+        eos_ids=set(),
     )
-    anchors = torch.randint(0, vocab, (rows,), generator=g).to(device)
-    two = torch.full((rows,), 2, device=device)
-    times = []
-    with torch.inference_mode():
-        for i in range(repeats + 2):
-            feats = torch.randn(rows, 2, width, generator=g).to(device, dtype)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            draft.propose(state, anchors)
-            draft.extend(state, feats, two, tokens=tokens[:, :2])
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    steps = [s for s in run.steps if s.requests == rows and not s.prefill][2:]  # two warm-ups
+    return statistics.median(s.seconds - s.target_seconds for s in steps)
 
 
 if __name__ == "__main__":

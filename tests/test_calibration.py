@@ -54,6 +54,12 @@ def test_sts_fits_in_order_with_earlier_positions_fixed():
     # a position no round drafted keeps temperature 1
     drafted[:, -1] = survived[:, -1] = False
     assert fit_sts(logits, drafted, survived)[-1] == 1.0
+    # so does one with too few survivals to fit (here 5), whatever its miscalibration
+    drafted[:, :-1] = True
+    survived[:, -2] = False
+    survived[:5, :-1] = True
+    assert fit_sts(logits, drafted, survived)[-2] == 1.0
+    assert fit_sts(logits, drafted, survived, min_survivals=5)[-2] != 1.0
 
 
 def test_cumulative_survival_is_the_product_of_scaled_sigmoids():

@@ -78,9 +78,12 @@ def fit_sts(
     survived: np.ndarray,
     grid: np.ndarray = DEFAULT_GRID,
     num_bins: int = 10,
+    min_survivals: int = 20,
 ) -> np.ndarray:
     """Temperatures ``[G]``, fitted position by position in order (grid search on ECE;
-    ties go to the temperature closest to 1; positions never drafted keep 1)."""
+    ties go to the temperature closest to 1). A position with fewer than ``min_survivals``
+    surviving or fewer than ``min_survivals`` failing drafts keeps 1: its ECE is flat in the
+    temperature, and a grid search over noise would pick an extreme one."""
     logits, drafted, survived = _check(logits, drafted, survived)
     grid = np.asarray(grid, dtype=np.float64)
     if grid.ndim != 1 or grid.size == 0 or not np.all(grid > 0):
@@ -91,7 +94,8 @@ def fit_sts(
     prefix = np.ones(logits.shape[0])  # prod_{i<k} c_i with the fitted temperatures
     for k in range(G):
         rows = drafted[:, k]
-        if rows.any():
+        hits = int(survived[rows, k].sum())
+        if min(hits, int(rows.sum()) - hits) >= min_survivals:
             best, best_ece = 1.0, np.inf
             for t in grid[order]:
                 ece = expected_calibration_error(

@@ -34,31 +34,46 @@ from deepspec.eval.target import cache_argument
 ATTENTION_NAME = "deepspec_ragged"
 
 
+LONG = 16  # a row feeding more tokens than this (a prompt) attends on its own
+
+
 @dataclass
 class _Step:
     """Where the packed tokens of one forward go: token ``i`` belongs to row ``rows[i]``,
-    is that row's ``slots[i]``-th new token and sits at position ``positions[i]``."""
+    is that row's ``slots[i]``-th new token and sits at position ``positions[i]``.
+
+    Rows feeding at most ``LONG`` tokens (drafts under verification, decode tokens) attend
+    together, their queries padded to ``width``; each longer row (a prompt being prefilled)
+    attends on its own, so one prompt does not pad every other row to its length."""
 
     rows: Tensor  # [N] long
     slots: Tensor  # [N] long
     positions: Tensor  # [N] long
     starts: Tensor  # [R] long: each row's length before this forward
-    width: int  # T_max: the most new tokens of one row (at least 2)
+    short: Tensor  # [N] bool: the token's row feeds at most LONG tokens
+    long_rows: list[tuple[int, int, int]]  # (row, first packed index, tokens) of the long rows
+    width: int  # the most new tokens of one short row (at least 2)
     upto: int  # columns any query can see: max over rows of start + new tokens
-    masks: dict[int, Tensor]  # sliding window (0 = none) -> [R, 1, T_max, upto] bool
+    masks: dict[tuple, Tensor]
 
     def mask(self, window: int) -> Tensor:
-        if window not in self.masks:
-            q = (
-                self.starts[:, None, None]
-                + torch.arange(self.width, device=self.starts.device)[None, :, None]
-            )
-            j = torch.arange(self.upto, device=self.starts.device)[None, None]
+        """``[R, 1, width, upto]`` bool for the short rows."""
+        return self._mask(("short", window), self.starts, self.width, self.upto, window)[:, None]
+
+    def long_mask(self, row: int, count: int, window: int) -> Tensor:
+        """``[1, 1, count, start + count]`` bool for long row ``row``."""
+        start = self.starts[row : row + 1]
+        return self._mask((row, window), start, count, int(start) + count, window)[:, None]
+
+    def _mask(self, key: tuple, starts: Tensor, width: int, upto: int, window: int) -> Tensor:
+        if key not in self.masks:
+            q = starts[:, None, None] + torch.arange(width, device=starts.device)[None, :, None]
+            j = torch.arange(upto, device=starts.device)[None, None]
             visible = j <= q
             if window > 0:
                 visible = visible & (q - j < window)
-            self.masks[window] = visible[:, None]
-        return self.masks[window]
+            self.masks[key] = visible
+        return self.masks[key]
 
 
 class _RaggedCache:
@@ -103,14 +118,29 @@ def _ragged_attention(module, query, key, value, attention_mask, scaling=None, d
         raise TargetError("batched decoding does not support attention logit soft-capping (Gemma 2)")
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None) or 0
     R, heads, dim = step.starts.shape[0], query.shape[1], query.shape[3]
-    flat = step.rows * step.width + step.slots  # [N] where each query goes in [R * T_max]
-    q = query.new_zeros(R * step.width, heads, dim)
-    q[flat] = query[0].transpose(0, 1)
-    q = q.view(R, step.width, heads, dim).transpose(1, 2)  # [R, H, T_max, hd]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, key, value, attn_mask=step.mask(int(window)), scale=scaling, enable_gqa=key.shape[1] != heads
-    )  # [R, H, T_max, hd]
-    out = out.transpose(1, 2).reshape(R * step.width, heads, dim)[flat]  # [N, H, hd]
+    gqa = key.shape[1] != heads
+    packed = query[0].transpose(0, 1)  # [N, H, hd]
+    out = torch.empty_like(packed)
+    if bool(step.short.any()):
+        flat = (step.rows * step.width + step.slots)[step.short]  # where each query goes in [R * width]
+        q = query.new_zeros(R * step.width, heads, dim)
+        q[flat] = packed[step.short]
+        q = q.view(R, step.width, heads, dim).transpose(1, 2)  # [R, H, width, hd]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q, key, value, attn_mask=step.mask(int(window)), scale=scaling, enable_gqa=gqa
+        )  # [R, H, width, hd]
+        out[step.short] = o.transpose(1, 2).reshape(R * step.width, heads, dim)[flat]
+    for row, first, count in step.long_rows:
+        end = int(step.starts[row]) + count
+        o = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, first : first + count],
+            key[row : row + 1, :, :end],
+            value[row : row + 1, :, :end],
+            attn_mask=step.long_mask(row, count, int(window)),
+            scale=scaling,
+            enable_gqa=gqa,
+        )  # [1, H, count, hd]
+        out[first : first + count] = o[0].transpose(0, 1)
     return out[None], None
 
 
@@ -180,12 +210,21 @@ class RaggedTarget:
         row_ids = torch.cat([torch.full((int(counts[r]),), r, device=self.device) for r in rows])
         slots = torch.cat([torch.arange(int(counts[r]), device=self.device) for r in rows])
         positions = self.lengths[row_ids] + slots
+        long_rows, first = [], 0
+        for r in rows:
+            n = int(counts[r])
+            if n > LONG:
+                long_rows.append((r, first, n))
+            first += n
+        short_counts = [int(counts[r]) for r in rows if int(counts[r]) <= LONG]
         step = _Step(
             rows=row_ids,
             slots=slots,
             positions=positions,
             starts=self.lengths.clone(),
-            width=max(2, int(counts.max())),  # CPU SDPA is ~3x slower for one query per row
+            short=counts[row_ids] <= LONG,
+            long_rows=long_rows,
+            width=max([2, *short_counts]),  # CPU SDPA is ~3x slower for one query per row
             upto=int((self.lengths + counts).max()),
             masks={},
         )
