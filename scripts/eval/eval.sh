@@ -8,7 +8,8 @@
 #
 # Variables: target_name_or_path, draft_name_or_path, output_dir, temperature.
 # Extra arguments go to eval.py (--tasks, --max-samples, --max-new-tokens,
-# --confidence-threshold, --seed, --no-baseline, --dtype). Default tasks and caps:
+# --confidence-threshold, --seed, --no-baseline, --dtype, --batch-size,
+# --policy fixed|threshold|scheduled, --sps-table, --split). Default tasks and caps:
 # gsm8k 500, math500 500, aime25 30, humaneval 164, mbpp 256, livecodebench 500,
 # mt-bench 80, alpaca 500, arena-hard-v2 500; max_new_tokens 2048, temperature 1.0.
 set -euo pipefail
