@@ -128,9 +128,9 @@ def check_args(args: argparse.Namespace) -> list[str]:
     if args.num_workers is not None:
         check_number("--num-workers", args.num_workers, low=1)
     check_number("--batch-size", args.batch_size, low=1)
-    policy = args.policy
-    if policy == "auto":
-        policy = "threshold" if args.confidence_threshold > 0 else "fixed"
+    from deepspec.eval.settings import resolve_policy
+
+    policy = resolve_policy(args.policy, args.confidence_threshold)
     if policy == "threshold" and args.confidence_threshold <= 0:
         raise ConfigError("--policy threshold needs --confidence-threshold > 0")
     if policy != "threshold" and args.confidence_threshold > 0:

@@ -63,11 +63,11 @@ def main() -> None:
     from deepspec.drafts import load_draft
     from deepspec.drafts.checkpoint import read_calibration
     from deepspec.eval.batch_decode import plain_generate_batch, speculative_generate_batch
-    from deepspec.eval.calibration import cumulative_survival, rounds_from_records
+    from deepspec.eval.calibration import read_eval_run
     from deepspec.eval.policies import VerifyPolicy
     from deepspec.eval.ragged_target import RaggedTarget
     from deepspec.eval.scheduler import SPSTable
-    from deepspec.eval.simulator import simulate
+    from deepspec.eval.simulator import recorded_rounds, simulate
     from deepspec.targets import resolve_target
     from deepspec.targets.load import load_target_model, load_target_tokenizer
 
@@ -84,9 +84,8 @@ def main() -> None:
     temps = read_calibration(args.draft)
     calibration_rounds = None
     if args.calibration_run:
-        with open(os.path.join(args.calibration_run, "samples.jsonl"), encoding="utf-8") as fh:
-            records = [json.loads(line) for line in fh if line.strip()]
-        calibration_rounds = _rounds(records, temps, rounds_from_records, cumulative_survival)
+        records, decoded_with = read_eval_run(args.calibration_run)
+        calibration_rounds = recorded_rounds(records, decoded_with, temps)
     common = dict(max_new_tokens=args.max_new_tokens, temperature=0.0, eos_ids=eos)
     speculative_generate_batch(RaggedTarget(model, layers, 2), draft, all_prompts[:2], **common)  # warm-up
     rows_out = []
@@ -124,19 +123,15 @@ def main() -> None:
             verified = sum(sum(r.proposed) for r in results) / rounds
             decode_tps, full_steps = _decode_steps(run, batch)
             if policy.name == "fixed":
-                fixed_rounds = _rounds(
-                    [
-                        {
-                            "confidence_per_round": r.confidences,
-                            "proposed_per_round": r.proposed,
-                            "accepted_per_round": r.accepted,
-                        }
-                        for r in results
-                    ],
-                    None,  # recorded confidences already carry the draft's temperatures
-                    rounds_from_records,
-                    cumulative_survival,
-                )
+                records = [
+                    {
+                        "confidence_per_round": r.confidences,
+                        "proposed_per_round": r.proposed,
+                        "accepted_per_round": r.accepted,
+                    }
+                    for r in results
+                ]
+                fixed_rounds = recorded_rounds(records, temps, temps)
             full = [s for s in run.steps if s.requests == batch and not s.prefill]
             sim = simulate(fixed_rounds, sps, batch=batch, policy=policy.name, value=policy.value, steps=2000)
             row = dict(
@@ -184,20 +179,6 @@ def main() -> None:
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=2)
     print(f"wrote {args.out}")
-
-
-def _rounds(records, temps, rounds_from_records, cumulative_survival):
-    """Simulator rounds (calibrated cumulative survival, accepted) from decode records whose
-    confidences were recorded with temperatures ``temps`` (None: use them as recorded)."""
-    from deepspec.eval.simulator import RecordedRound
-
-    logits, drafted, survived = rounds_from_records(records)
-    G = logits.shape[1]
-    scale = np.ones(G) if temps is None else np.asarray(temps[:G])
-    a = cumulative_survival(logits, scale)
-    return [
-        RecordedRound(tuple(a[i, : int(drafted[i].sum())]), int(survived[i].sum())) for i in range(len(a))
-    ]
 
 
 if __name__ == "__main__":

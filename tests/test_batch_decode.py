@@ -173,6 +173,18 @@ def test_batched_greedy_with_mixed_acceptance_eos_and_length_limits(tmp_path_fac
             if policy == VerifyPolicy():
                 assert len(set(accepted)) >= 4  # mixed acceptance lengths across the batch
             verified.append(sum(st.verified for st in run.steps))
+            if batch == 1:  # the single-request loop takes the same policies, same choices
+                for p, r in zip(PROMPTS, run.results, strict=True):
+                    single = speculative_generate(
+                        HFTarget(model, [0, 1]),
+                        draft,
+                        p,
+                        max_new_tokens=40,
+                        temperature=0,
+                        eos_ids=eos,
+                        policy=policy,
+                    )
+                    assert (single.output_ids, single.proposed) == (r.output_ids, r.proposed)
         limited = speculative_generate_batch(
             RaggedTarget(model, [0, 1], 3), draft, PROMPTS, max_new_tokens=6, temperature=0, eos_ids=set()
         )

@@ -17,6 +17,7 @@ import deepspec.eval.decode as decode
 from deepspec.config import load_config
 from deepspec.drafts import Proposal, build_draft
 from deepspec.eval.decode import plain_generate, speculative_generate
+from deepspec.eval.policies import VerifyPolicy
 from deepspec.eval.target import HFTarget
 from deepspec.targets.family import load_family_spec
 from deepspec.targets.tiny import build_tiny_target
@@ -277,7 +278,7 @@ def empirical_joint(target, draft, n: int, threshold: float = 0.0, seed: int = 0
             temperature=1.0,
             eos_ids=set(),
             generator=g,
-            confidence_threshold=threshold,
+            policy=VerifyPolicy("threshold", threshold) if threshold else None,
         )
         counts[tuple(out.output_ids)] += 1
     return counts

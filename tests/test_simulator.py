@@ -33,9 +33,9 @@ def test_threshold_and_scheduled_policies():
 
 
 def test_draft_time_and_sps_enter_the_step_time():
-    table = SPSTable.from_mapping({1: 20.0, 9: 4.0})  # B = 1 + 8 verified tokens: 0.25 s
+    table = SPSTable.from_mapping({1: 20.0, 9: 4.0}, overhead_seconds=0.05)  # 9 tokens: 0.25 + 0.05 s
     rounds = [RecordedRound((1.0,) * 8, accepted=8)]
-    run = simulate(rounds, table, batch=1, policy="fixed", value=8, steps=4, draft_seconds=0.05)
+    run = simulate(rounds, table, batch=1, policy="fixed", value=8, steps=4)
     assert run.tokens_per_second == pytest.approx(9 / 0.30)
 
 
@@ -46,3 +46,28 @@ def test_bad_inputs_are_refused():
         simulate([], FLAT, batch=1, policy="fixed")
     with pytest.raises(ValueError, match="unknown verification policy"):
         simulate([RecordedRound((0.5,), 0)], FLAT, batch=1, policy="greedy")
+
+
+def test_recorded_rounds_rescore_eval_records_with_any_temperatures():
+    """Records decoded with temperatures T replay with the raw head, or with T again (the
+    confidences as recorded); a round's drafted positions are those it verified."""
+    import numpy as np
+
+    from deepspec.eval.simulator import recorded_rounds
+
+    raw = np.array([[2.0, -1.0, 0.5], [0.3, 1.5, -2.0]])
+    temps = [2.0, 0.5, 1.0]
+    recorded = 1 / (1 + np.exp(-raw / temps))
+    records = [
+        {
+            "confidence_per_round": recorded.tolist(),
+            "proposed_per_round": [3, 2],
+            "accepted_per_round": [1, 2],
+        }
+    ]
+    as_recorded = recorded_rounds(records, temps, temps)
+    assert [r.accepted for r in as_recorded] == [1, 2]
+    assert [len(r.survival) for r in as_recorded] == [3, 2]
+    np.testing.assert_allclose(as_recorded[0].survival, np.cumprod(recorded[0]), rtol=1e-5)
+    raw_head = recorded_rounds(records, temps)
+    np.testing.assert_allclose(raw_head[1].survival, np.cumprod(1 / (1 + np.exp(-raw[1])))[:2], rtol=1e-5)

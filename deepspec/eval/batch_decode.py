@@ -46,7 +46,7 @@ class BatchStep:
     verified: int  # drafted tokens verified over all rows
     emitted: int  # tokens the step added over all rows (first tokens of new requests included)
     seconds: float
-    draft_seconds: float  # drafting, verification and bookkeeping: all but the target's forward
+    draft_seconds: float  # proposing, choosing lengths, resetting and extending the draft
     target_seconds: float
     prefill: int = 0  # prompt tokens of requests admitted in this step's forward
 
@@ -62,7 +62,6 @@ class _Rows:
     """Which request each row serves, and the prompts still waiting."""
 
     def __init__(self, prompts: Sequence[Sequence[int]], batch: int) -> None:
-        self.prompts = prompts
         self.waiting = deque(range(len(prompts)))
         self.request = [-1] * batch
 
@@ -139,8 +138,7 @@ def speculative_generate_batch(
                 survival = torch.cumprod(proposal.confidence[active].double(), 1).tolist()
                 for i, c in zip(requests, proposal.confidence[active].tolist(), strict=True):
                     results[i].confidences.append(c)
-            drafted = proposal.tokens.shape[1]
-            chosen = policy.lengths([drafted] * len(active), survival if policy.needs_confidence else None)
+            chosen = policy.lengths([proposal.tokens.shape[1]] * len(active), survival)
             room = [max_new_tokens - len(results[i].output_ids) - 1 for i in requests]
             n = [min(c, left) for c, left in zip(chosen, room, strict=True)]
             for r, k in zip(active, n, strict=True):

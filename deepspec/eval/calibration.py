@@ -146,7 +146,7 @@ def rounds_from_records(
     return logits, drafted, survived
 
 
-def _read_run(directory: str) -> tuple[list[dict], np.ndarray | None]:
+def read_eval_run(directory: str) -> tuple[list[dict], np.ndarray | None]:
     """Sample records of an ``eval.py --output-dir`` run and the temperatures it decoded with."""
     import json
 
@@ -198,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isdir(draft):
         raise DataError(f"--draft {draft} is not a draft checkpoint directory")
     current = read_calibration(draft)
-    runs = {"calibration": _read_run(args.rounds)}
+    runs = {"calibration": read_eval_run(args.rounds)}
     if args.heldout:
-        runs["held-out"] = _read_run(args.heldout)
+        runs["held-out"] = read_eval_run(args.heldout)
     data = {}
     for name, (records, used) in runs.items():
         if (used is None) != (current is None) or (used is not None and not np.allclose(used, current)):
@@ -232,11 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             from deepspec.eval.plots import plot_reliability
 
             os.makedirs(args.plots, exist_ok=True)
-            proposed = dr.sum(1)
-            accepted = sv.sum(1)
             for when, temps in (("before", base), ("after", fitted)):
-                probs = [list(row) for row in 1 / (1 + np.exp(-lg / temps))]
-                stats = calibration_stats(probs, proposed, accepted, cumulative=True)
+                stats = calibration_stats(_sigmoid(lg / temps), dr.sum(1), sv.sum(1), cumulative=True)
                 path = os.path.join(args.plots, f"reliability_{name}_{when}.png")
                 plot_reliability(stats, path, title=f"cumulative survival, {name} rounds, {when} STS")
     temperatures = [float(t) for t in fitted]

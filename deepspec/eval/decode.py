@@ -3,8 +3,9 @@
 One round, with ``a`` the anchor (last emitted token, not yet seen by the target):
 
 1. the draft proposes ``x_1..x_k`` from its context state and ``a``;
-2. DSpark with a confidence threshold keeps the prefix whose cumulative confidence
-   ``prod_{i<=j} c_i`` stays >= the threshold;
+2. the verification policy (:mod:`deepspec.eval.policies`) keeps a prefix: the whole
+   block, the prefix whose cumulative confidence ``prod_{i<=j} c_i`` stays >= a threshold
+   (DSpark), or the prefix scheduler's choice;
 3. the target scores ``[a, x_1..x_k]`` in one forward: ``k+1`` distributions;
 4. verification (``verify.py``) accepts ``m`` tokens and draws the next token ``y``
    (the correction at the first rejection, or the bonus);
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from deepspec.errors import NumericalError, check_number
+from deepspec.eval.policies import VerifyPolicy
 from deepspec.eval.target import Target
 from deepspec.eval.verify import probs_from_logits, sample_from_probs, verify_greedy, verify_sampling
 
@@ -70,10 +72,9 @@ def _propose(draft, state, anchor: torch.Tensor, temperature: float, generator, 
     return proposal
 
 
-def _check_limits(max_new_tokens: int, temperature: float, threshold: float = 0.0) -> None:
+def _check_limits(max_new_tokens: int, temperature: float) -> None:
     check_number("max_new_tokens", max_new_tokens, low=1)
     check_number("temperature", temperature, low=0)
-    check_number("confidence_threshold", threshold, low=0, high=1)
 
 
 def _cut(tokens: list[int], eos_ids: set[int], room: int) -> tuple[list[int], bool]:
@@ -94,10 +95,12 @@ def speculative_generate(
     temperature: float,
     eos_ids: set[int],
     generator: torch.Generator | None = None,
-    confidence_threshold: float = 0.0,
+    policy: VerifyPolicy | None = None,
 ) -> DecodeResult:
-    """Generate with ``draft`` proposing and ``target`` verifying; lossless by construction."""
-    _check_limits(max_new_tokens, temperature, confidence_threshold)
+    """Generate with ``draft`` proposing and ``target`` verifying; lossless by construction.
+    ``policy`` (default: verify the whole block) picks how many drafted tokens to verify."""
+    _check_limits(max_new_tokens, temperature)
+    policy = policy or VerifyPolicy()
     start = time.perf_counter()
     params = list(draft.parameters()) if hasattr(draft, "parameters") else []
     device = params[0].device if params else torch.device("cpu")
@@ -118,12 +121,11 @@ def speculative_generate(
         t0 = clock()
         proposal = _propose(draft, state, ids([anchor]), temperature, generator, vocab)
         result.draft_seconds += clock() - t0
-        k = proposal.tokens.shape[1]
+        survival = None
         if proposal.confidence is not None:
             result.confidences.append(proposal.confidence[0].tolist())
-            if confidence_threshold > 0:
-                survive = torch.cumprod(proposal.confidence[0], 0) >= confidence_threshold
-                k = int(survive.long().cumprod(0).sum())
+            survival = torch.cumprod(proposal.confidence.double(), 1).tolist()
+        k = policy.lengths([proposal.tokens.shape[1]], survival)[0]
         k = min(k, max_new_tokens - len(output) - 1)  # a round emits at most k + 1 tokens
         drafted = proposal.tokens[:, :k]
         t0 = clock()

@@ -40,10 +40,6 @@ class VerifyPolicy:
                 "(write one with python benchmarks/sps_profile.py)"
             )
 
-    @property
-    def needs_confidence(self) -> bool:
-        return self.name != "fixed"
-
     def lengths(self, drafted: Sequence[int], survival: Sequence[Sequence[float]] | None) -> list[int]:
         """Tokens to verify per request, given how many each drafted and (for ``threshold``
         and ``scheduled``) the cumulative survival of each drafted position."""

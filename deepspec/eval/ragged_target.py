@@ -5,7 +5,9 @@ Every forward is *packed*: the new tokens of all requests form one sequence ``[1
 the target's linear layers (most of its cost) run over exactly ``N = sum_r n_r`` tokens,
 the quantity the prefix scheduler's ``SPS(B)`` table is indexed by. Only attention needs
 the requests apart: it runs through a registered attention function that scatters the
-packed queries into ``[R, T_max]`` rows and attends to each request's own cache.
+packed queries of short feeds (drafts under verification, decode tokens) into ``[R, width]``
+rows attending together, and lets each long feed (a prompt) attend on its own, each to its
+request's own cache.
 
 The cache holds, per layer, keys and values ``[R, KVH, capacity, hd]``; row ``r``'s
 position ``p`` lives at column ``p``. ``lengths[r]`` counts the positions that count, so
@@ -51,7 +53,8 @@ class _Step:
     positions: Tensor  # [N] long
     starts: Tensor  # [R] long: each row's length before this forward
     short: Tensor  # [N] bool: the token's row feeds at most LONG tokens
-    long_rows: list[tuple[int, int, int]]  # (row, first packed index, tokens) of the long rows
+    flat: Tensor  # [N_short] long: where each short token's query goes in [R * width]
+    long_rows: list[tuple[int, int, int, int]]  # (row, first packed index, tokens, start) per long row
     width: int  # the most new tokens of one short row (at least 2)
     upto: int  # columns any query can see: max over rows of start + new tokens
     masks: dict[tuple, Tensor]
@@ -60,10 +63,9 @@ class _Step:
         """``[R, 1, width, upto]`` bool for the short rows."""
         return self._mask(("short", window), self.starts, self.width, self.upto, window)[:, None]
 
-    def long_mask(self, row: int, count: int, window: int) -> Tensor:
+    def long_mask(self, row: int, count: int, start: int, window: int) -> Tensor:
         """``[1, 1, count, start + count]`` bool for long row ``row``."""
-        start = self.starts[row : row + 1]
-        return self._mask((row, window), start, count, int(start) + count, window)[:, None]
+        return self._mask((row, window), self.starts[row : row + 1], count, start + count, window)[:, None]
 
     def _mask(self, key: tuple, starts: Tensor, width: int, upto: int, window: int) -> Tensor:
         if key not in self.masks:
@@ -121,22 +123,20 @@ def _ragged_attention(module, query, key, value, attention_mask, scaling=None, d
     gqa = key.shape[1] != heads
     packed = query[0].transpose(0, 1)  # [N, H, hd]
     out = torch.empty_like(packed)
-    if bool(step.short.any()):
-        flat = (step.rows * step.width + step.slots)[step.short]  # where each query goes in [R * width]
+    if step.flat.numel():
         q = query.new_zeros(R * step.width, heads, dim)
-        q[flat] = packed[step.short]
+        q[step.flat] = packed[step.short]
         q = q.view(R, step.width, heads, dim).transpose(1, 2)  # [R, H, width, hd]
         o = torch.nn.functional.scaled_dot_product_attention(
             q, key, value, attn_mask=step.mask(int(window)), scale=scaling, enable_gqa=gqa
         )  # [R, H, width, hd]
-        out[step.short] = o.transpose(1, 2).reshape(R * step.width, heads, dim)[flat]
-    for row, first, count in step.long_rows:
-        end = int(step.starts[row]) + count
+        out[step.short] = o.transpose(1, 2).reshape(R * step.width, heads, dim)[step.flat]
+    for row, first, count, start in step.long_rows:
         o = torch.nn.functional.scaled_dot_product_attention(
             query[:, :, first : first + count],
-            key[row : row + 1, :, :end],
-            value[row : row + 1, :, :end],
-            attn_mask=step.long_mask(row, count, int(window)),
+            key[row : row + 1, :, : start + count],
+            value[row : row + 1, :, : start + count],
+            attn_mask=step.long_mask(row, count, start, int(window)),
             scale=scaling,
             enable_gqa=gqa,
         )  # [1, H, count, hd]
@@ -214,17 +214,19 @@ class RaggedTarget:
         for r in rows:
             n = int(counts[r])
             if n > LONG:
-                long_rows.append((r, first, n))
+                long_rows.append((r, first, n, int(self.lengths[r])))
             first += n
-        short_counts = [int(counts[r]) for r in rows if int(counts[r]) <= LONG]
+        width = max([2, *(int(counts[r]) for r in rows if int(counts[r]) <= LONG)])  # CPU SDPA:
+        short = counts[row_ids] <= LONG  # ~3x slower for one query per row than for two
         step = _Step(
             rows=row_ids,
             slots=slots,
             positions=positions,
             starts=self.lengths.clone(),
-            short=counts[row_ids] <= LONG,
+            short=short,
+            flat=(row_ids * width + slots)[short],
             long_rows=long_rows,
-            width=max([2, *short_counts]),  # CPU SDPA is ~3x slower for one query per row
+            width=width,
             upto=int((self.lengths + counts).max()),
             masks={},
         )

@@ -75,6 +75,7 @@ class Evaluator:
             eos.add(int(self.chat.tokenizer.eos_token_id))
         self.eos_ids = eos
         self.reused: dict[tuple[str, int], dict] = {}
+        self.policy = settings.verify_policy()
 
     def _generate(
         self, prompt_ids: list[int], seed: int, max_new: int, plain: bool = True
@@ -87,7 +88,7 @@ class Evaluator:
             prompt_ids,
             **common,
             generator=torch.Generator(self.device).manual_seed(seed),
-            confidence_threshold=s.confidence_threshold,
+            policy=self.policy,
         )
         base = None
         if s.baseline and plain:
@@ -95,14 +96,6 @@ class Evaluator:
                 self.target, prompt_ids, **common, generator=torch.Generator(self.device).manual_seed(seed)
             )
         return spec, base
-
-    def _policy(self):
-        from deepspec.eval.policies import VerifyPolicy
-        from deepspec.eval.scheduler import SPSTable
-
-        s = self.settings
-        sps = SPSTable.load(s.sps_table) if s.policy == "scheduled" else None
-        return VerifyPolicy(s.policy, s.confidence_threshold if s.policy == "threshold" else 0.0, sps)
 
     def _generate_batch(
         self, prompts: list[list[int]], seed: int, max_new: int, plain: list[bool], bar=None
@@ -122,7 +115,7 @@ class Evaluator:
             prompts,
             **common,
             generator=torch.Generator(self.device).manual_seed(seed),
-            policy=self._policy(),
+            policy=self.policy,
             progress=None if bar is None else lambda result: bar.update(1),
         ).results
         base: list[DecodeResult | None] = [None] * len(prompts)
@@ -155,7 +148,7 @@ class Evaluator:
                 )
             olds.append(old)
         bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not s.progress)
-        if s.batched:
+        if s.batch_size > 1:
             warm = encoded[: s.batch_size]
             self._generate_batch(warm, s.seed, min(8, s.max_new_tokens), [not self.reused] * len(warm))
             specs, bases = self._generate_batch(

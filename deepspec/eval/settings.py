@@ -34,10 +34,21 @@ class EvalSettings:
     policy: str = "auto"  # verification: fixed, threshold, scheduled; auto = threshold iff one is set
     sps_table: str | None = None  # the scheduled policy's SPS(B) table (benchmarks/sps_profile.py)
 
-    @property
-    def batched(self) -> bool:
-        """Decode with the batched loop (also at batch 1 for the scheduler)."""
-        return self.batch_size > 1 or self.policy == "scheduled"
+    def verify_policy(self):
+        """The :class:`~deepspec.eval.policies.VerifyPolicy` these settings describe."""
+        from deepspec.eval.policies import VerifyPolicy
+        from deepspec.eval.scheduler import SPSTable
+
+        policy = resolve_policy(self.policy, self.confidence_threshold)
+        sps = SPSTable.load(self.sps_table) if policy == "scheduled" else None
+        return VerifyPolicy(policy, self.confidence_threshold if policy == "threshold" else 0.0, sps)
+
+
+def resolve_policy(policy: str, confidence_threshold: float) -> str:
+    """``auto`` means the threshold policy when a threshold is set, else the fixed one."""
+    if policy != "auto":
+        return policy
+    return "threshold" if confidence_threshold > 0 else "fixed"
 
 
 BASELINE_KEYS = (
@@ -59,8 +70,7 @@ def resolve_settings(settings: EvalSettings) -> EvalSettings:
     ``policy="auto"`` (threshold when a confidence threshold is set, else fixed)."""
     if settings.dtype == "auto":
         settings.dtype = "fp32" if settings.temperature == 0 else "bf16"
-    if settings.policy == "auto":
-        settings.policy = "threshold" if settings.confidence_threshold > 0 else "fixed"
+    settings.policy = resolve_policy(settings.policy, settings.confidence_threshold)
     return settings
 
 

@@ -6,9 +6,9 @@ each drafted position (calibrated confidences) and how many drafted tokens the t
 accepted (``accepted``, the length of the accepted prefix when all were verified). When a
 policy verifies only ``n`` of them, the request gains ``min(accepted, n) + 1`` tokens (the
 target's own token after the last accepted one), because acceptance stops at the first
-rejection. A batch step takes ``draft_seconds + 1 / SPS(R + sum n_r)`` (a table with
-``overhead_seconds`` already counts the time outside the target's forward: leave
-``draft_seconds`` at 0 then).
+rejection. A batch step takes ``1 / SPS(R + sum n_r)``: give the table the time per step
+outside the target's forward as its ``overhead_seconds`` (``sps_profile.py --draft``).
+:func:`recorded_rounds` reads the rounds of an ``eval.py`` run (``samples.jsonl``).
 
 Policies are those of the decode loop (:mod:`deepspec.eval.policies`): ``fixed``,
 ``threshold`` and ``scheduled`` (Algorithm 1).
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from deepspec.eval.calibration import cumulative_survival, rounds_from_records
 from deepspec.eval.policies import VerifyPolicy
 from deepspec.eval.scheduler import SPSTable
 
@@ -33,6 +34,23 @@ class RecordedRound:
     def __post_init__(self) -> None:
         if not 0 <= self.accepted <= len(self.survival):
             raise ValueError(f"accepted {self.accepted} is outside 0..{len(self.survival)} drafted tokens")
+
+
+def recorded_rounds(
+    records: list[dict],
+    decoded_with: Sequence[float] | None = None,
+    temperatures: Sequence[float] | None = None,
+) -> list[RecordedRound]:
+    """The rounds of ``eval.py`` sample records, decoded with confidence temperatures
+    ``decoded_with`` (``None``: none), rescored with ``temperatures`` (``None``: raw head).
+    A round's drafted positions are those it verified; replay policies that verify fewer
+    from a run that verified whole blocks."""
+    logits, drafted, survived = rounds_from_records(records, decoded_with)
+    G = logits.shape[1]
+    a = cumulative_survival(logits, np.ones(G) if temperatures is None else np.asarray(temperatures[:G]))
+    return [
+        RecordedRound(tuple(a[i, : int(drafted[i].sum())]), int(survived[i].sum())) for i in range(len(a))
+    ]
 
 
 @dataclass(frozen=True)
@@ -52,7 +70,6 @@ def simulate(
     policy: str,
     value: float = 0.0,
     steps: int = 2000,
-    draft_seconds: float = 0.0,
     seed: int = 0,
 ) -> SimulatedRun:
     """``steps`` batch steps of ``batch`` requests, each request's round drawn from
@@ -70,6 +87,6 @@ def simulate(
         lengths = chooser.lengths([len(r.survival) for r in picked], [r.survival for r in picked])
         tokens += sum(min(r.accepted, n) + 1 for r, n in zip(picked, lengths))
         verified += sum(lengths)
-        seconds += draft_seconds + 1.0 / sps(batch + sum(lengths))
+        seconds += 1.0 / sps(batch + sum(lengths))
     n = steps * batch
     return SimulatedRun(policy, batch, tokens / seconds, tokens / n, verified / n)
