@@ -56,6 +56,8 @@ class Preempted(DeepSpecError):
 _OS_FIXES = {
     errno.ENOSPC: "free disk space or choose another output directory",
     errno.EDQUOT: "free disk space or choose another output directory",
+    errno.EFBIG: "a file-size limit was reached (see `ulimit -f` and the file system's limit): raise "
+    "it or choose another output directory",
     errno.EROFS: "the file system is read-only: choose a writable output directory",
     errno.EACCES: "check its permissions or choose another path",
     errno.EPERM: "check its permissions or choose another path",

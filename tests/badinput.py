@@ -95,3 +95,23 @@ def unwritable_dir(tmp_path) -> str:
         os.rmdir(probe)
     locked.chmod(0o755)
     pytest.skip("no directory refuses writes for this user")
+
+
+def rewrite_draft_weights(path, tensors: dict) -> None:
+    """Save ``tensors`` as the draft checkpoint's ``model.safetensors`` and record their
+    checksum in its ``config.json``, as a writer that saved bad weights (a diverged run, a
+    wrong shape) would have: the checks after the checksum must catch them."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from deepspec.drafts.checkpoint import CONFIG_NAME, WEIGHTS_CHECKSUM, WEIGHTS_NAME, weights_checksum
+
+    path = os.fspath(path)
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    config_path = os.path.join(path, CONFIG_NAME)
+    with open(config_path, encoding="utf-8") as fh:
+        config = json.load(fh)
+    config[WEIGHTS_CHECKSUM] = weights_checksum(path)
+    with open(config_path, "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=2)

@@ -45,9 +45,10 @@ def tiny_target(tmp_path_factory, smollm2_dir):
     return make
 
 
-def tiny_dspark(target_dir: str, seed: int = 0):
+def tiny_dspark(target_dir: str, seed: int = 0, opts: tuple[str, ...] = ()):
     """A DSpark draft (block 3, one layer, Markov rank 8, confidence head) for a tiny
-    target whose layers 0 and 1 it reads; random weights from ``seed``."""
+    target whose layers 0 and 1 it reads; random weights from ``seed``; ``opts`` are more
+    config overrides."""
     import torch
 
     from deepspec.config import load_config
@@ -60,6 +61,7 @@ def tiny_dspark(target_dir: str, seed: int = 0):
             "model.block_size=3",
             "model.num_draft_layers=1",
             "model.markov_rank=8",
+            *opts,
         ]
     )
     torch.manual_seed(seed)

@@ -11,7 +11,14 @@ import shutil
 
 import pytest
 
-from tests.badinput import assert_one_error, assert_unchanged, digest_tree, run_cli, unwritable_dir
+from tests.badinput import (
+    assert_one_error,
+    assert_unchanged,
+    digest_tree,
+    rewrite_draft_weights,
+    run_cli,
+    unwritable_dir,
+)
 from tests.conftest import ROOT
 
 DATASETS = os.path.join(ROOT, "eval_datasets")
@@ -121,13 +128,13 @@ def test_eval_missing_draft_path_says_it_does_not_exist(world):
 
 
 def test_eval_diverged_draft_is_refused_at_load(world):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     copy = _copy(world, "diverged")
     weights = os.path.join(copy, "model.safetensors")
     state = load_file(weights)
     state["fc.weight"][0, 0] = float("nan")
-    save_file(state, weights, metadata={"format": "pt"})
+    rewrite_draft_weights(copy, state)
     before = digest_tree(copy, world["earlier"])
     assert_one_error(
         _eval(world, draft=copy),
@@ -141,13 +148,13 @@ def test_eval_diverged_draft_is_refused_at_load(world):
 def test_eval_overflowing_draft_stops_every_worker_with_one_line(world):
     """Finite weights whose scores overflow pass the load check; at run time the decode stops
     with one NumericalError line, also when it happens inside a spawned worker."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     copy = _copy(world, "overflow")
     weights = os.path.join(copy, "model.safetensors")
     state = load_file(weights)
     state["norm.weight"].fill_(3e38)
-    save_file(state, weights, metadata={"format": "pt"})
+    rewrite_draft_weights(copy, state)
     before = digest_tree(copy, world["earlier"])
     assert_one_error(
         _eval(world, "--num-workers", "2", "--max-samples", "2", draft=copy),
@@ -410,7 +417,7 @@ def test_train_missing_config_file(tmp_path):
 def test_load_draft_errors_are_one_line(world, tmp_path):
     """``load_draft`` itself (also used by benchmarks and tests): each problem is one
     DataError line naming the path."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from deepspec.drafts import load_draft
     from deepspec.errors import DataError
@@ -428,12 +435,12 @@ def test_load_draft_errors_are_one_line(world, tmp_path):
     shape = shutil.copytree(world["draft"], tmp_path / "shape")
     state = load_file(shape / "model.safetensors")
     state["fc.weight"] = state["fc.weight"][:, :5].contiguous()
-    save_file(state, shape / "model.safetensors")
+    rewrite_draft_weights(shape, state)
     cases["shape"] = (str(shape), "does not match its config.json")
     inf = shutil.copytree(world["draft"], tmp_path / "inf")
     state = load_file(inf / "model.safetensors")
     state["norm.weight"][0] = float("inf")
-    save_file(state, inf / "model.safetensors")
+    rewrite_draft_weights(inf, state)
     cases["inf"] = (str(inf), "weights are not finite (the training diverged)")
     fields = shutil.copytree(world["draft"], tmp_path / "fields")
     raw = json.loads((fields / "config.json").read_text())

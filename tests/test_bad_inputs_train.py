@@ -18,11 +18,18 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from deepspec.data.cache_builder import CacheBuildOptions, build_target_cache
 from deepspec.train import checkpoint as ckpt
-from tests.badinput import assert_one_error, assert_unchanged, digest_tree, run_cli, unwritable_dir
+from tests.badinput import (
+    assert_one_error,
+    assert_unchanged,
+    digest_tree,
+    rewrite_draft_weights,
+    run_cli,
+    unwritable_dir,
+)
 from tests.conftest import ROOT
 from tests.test_train import opts_for
 
@@ -214,12 +221,28 @@ def test_checkpoint_weights_must_match_and_be_finite(base, done, damage, fragmen
         weights["layers.9.extra.weight"] = torch.zeros(2)
     else:
         weights[name] = torch.full_like(weights[name], float("nan"))
-    save_file(weights, str(file), metadata={"format": "pt"})
+    rewrite_draft_weights(file.parent, weights)
     proc = train(base, out, **{"train.max_train_steps": 6})
     assert_one_error(proc, "cannot resume", *fragments)
     assert_unchanged(
         {k: v for k, v in before.items() if "step_4" not in k}, *[p for p in watched if "step_4" not in p]
     )
+
+
+def test_a_second_run_into_a_running_experiment_is_refused(base, done):
+    """While a process holds the experiment directory's lock (a running train.py does, for
+    its whole life), train.py into the same directory stops in one line naming the holder's
+    pid, and neither resumes from nor writes into the live run."""
+    from deepspec.utils.locks import LOCK_NAME, exclusive_lock
+
+    out, watched, before = done
+    metrics = digest_tree(str(run_dir(out) / "metrics.jsonl"))
+    with exclusive_lock(str(run_dir(out) / LOCK_NAME)):
+        proc = train(base, out, **{"train.max_train_steps": 6})
+    assert_one_error(proc, f"checkpoint directory {run_dir(out)}", f"pid {os.getpid()}", "exp_name")
+    assert_unchanged(before, *watched)
+    assert_unchanged(metrics, str(run_dir(out) / "metrics.jsonl"))
+    assert not (run_dir(out) / "step_6").exists()
 
 
 # -- output directories ------------------------------------------------------------------

@@ -24,6 +24,7 @@ from deepspec.drafts import build_draft
 from deepspec.errors import DataError
 from deepspec.export import export_draft
 from deepspec.export.source import ExportRefused
+from tests.badinput import rewrite_draft_weights
 from tests.conftest import ROOT
 
 SMALL = ["model.num_draft_layers=1", "model.draft_vocab_size=2048"]
@@ -142,13 +143,13 @@ def test_export_refuses_what_the_engine_cannot_represent(tmp_path, smollm2_dir, 
 
 
 def test_a_diverged_checkpoint_exports_nowhere(tmp_path, smollm2_dir):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     draft = _draft(tmp_path, smollm2_dir, "dflash")
     weights = os.path.join(draft, "model.safetensors")
     tensors = load_file(weights)
     tensors["norm.weight"][3] = float("nan")
-    save_file(tensors, weights)
+    rewrite_draft_weights(draft, tensors)
     with pytest.raises(DataError, match=r"not finite .*NaN/inf in norm.weight"):
         export_draft(draft, "vllm", str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()

@@ -30,6 +30,7 @@ def build_draft(
     if draft_ids is not None:
         model.set_draft_vocab(draft_ids)
     if target_dir is not None:
+        model.target_dir = target_dir  # save_pretrained records its fingerprint
         model.load_target_embeddings(target_dir)
         model.init_output_norm(cfg.model.output_norm_init, target_dir, scale=cfg.model.output_norm_scale)
     return model

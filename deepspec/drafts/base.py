@@ -268,6 +268,10 @@ class DraftModel(nn.Module):
     """
 
     algorithm = ""
+    # which target the draft belongs to, recorded by save_pretrained: the directory
+    # build_draft copied the embeddings from, or the fingerprint a loaded checkpoint carries
+    target_dir: str | None = None
+    target_fingerprint: str | None = None
 
     def __init__(self, config: DraftConfig) -> None:
         super().__init__()

@@ -14,38 +14,93 @@ import os
 from collections.abc import Iterable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from deepspec.drafts.base import WINDOW_CONVENTION, DraftConfig, DraftModel
 from deepspec.errors import DataError
-from deepspec.utils.io import atomic_directory, atomic_write_json, read_json_object, unreadable_safetensors
+from deepspec.utils.io import (
+    atomic_directory,
+    atomic_write_json,
+    read_json_object,
+    save_tensors,
+    unreadable_safetensors,
+    writing,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+WEIGHTS_CHECKSUM = "weights_checksum"  # xxh3-128 of model.safetensors, in config.json
+TARGET_FINGERPRINT = "target_fingerprint"  # deepspec.data.fingerprint of the target trained for
+IDENTITY_KEYS = (WEIGHTS_CHECKSUM, TARGET_FINGERPRINT)
+
+
+def weights_checksum(path: str) -> str:
+    """``xxh3-128:<hex>`` of a checkpoint directory's ``model.safetensors``."""
+    from deepspec.data.fingerprint import file_xxh3_128
+
+    return "xxh3-128:" + file_xxh3_128(os.path.join(path, WEIGHTS_NAME))
+
+
 def write_draft_files(
-    model: DraftModel, directory: str, state: dict[str, torch.Tensor] | None = None
+    model: DraftModel,
+    directory: str,
+    state: dict[str, torch.Tensor] | None = None,
+    *,
+    target_fingerprint: str | None = None,
 ) -> None:
     """Write ``config.json`` + ``model.safetensors`` into an existing ``directory``.
 
     ``state`` defaults to the model's own state dict (a trainer passes the gathered full
     state of a sharded model). A tied LM head is stored once, as ``embed_tokens.weight``.
+    ``config.json`` records the weights' checksum and, when given, the fingerprint of the
+    target the draft was trained for; :func:`read_weights` and :func:`check_draft_target`
+    check them.
     """
     state = model.state_dict() if state is None else state
     tied = model.head_is_tied
     tensors = {
         k: v.detach().contiguous().cpu() for k, v in state.items() if not (tied and k == "lm_head.weight")
     }
-    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as fh:
-        json.dump(model.config_json(), fh, indent=2)
+    save_tensors(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    config = model.config_json()
+    config[WEIGHTS_CHECKSUM] = weights_checksum(directory)
+    if target_fingerprint:
+        config[TARGET_FINGERPRINT] = target_fingerprint
+    config_path = os.path.join(directory, CONFIG_NAME)
+    with writing(config_path), open(config_path, "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=2)
+
+
+def is_draft_dir(path: str) -> bool:
+    """``path`` holds a draft checkpoint deepspec wrote (a config.json naming one of its
+    architectures, and weights)."""
+    from deepspec.drafts.registry import ARCHITECTURES
+
+    try:
+        with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as fh:
+            arch = (json.load(fh).get("architectures") or [""])[0]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
+    return arch in ARCHITECTURES and os.path.isfile(os.path.join(path, WEIGHTS_NAME))
 
 
 def save_draft(model: DraftModel, out_dir: str) -> None:
-    """Write the draft atomically: a temporary directory renamed over ``out_dir``."""
-    with atomic_directory(out_dir) as tmp:
-        write_draft_files(model, tmp)
+    """Write the draft atomically: a temporary directory renamed over ``out_dir``, which
+    may only be new, empty or an earlier draft checkpoint. The target's fingerprint is
+    recorded when known: the one a loaded draft recorded, else that of the target directory
+    :func:`~deepspec.drafts.build_draft` built it from."""
+    from deepspec.data.fingerprint import target_fingerprint
+
+    fingerprint = getattr(model, "target_fingerprint", None)
+    target = getattr(model, "target_dir", None)
+    if fingerprint is None and target and os.path.isfile(os.path.join(target, CONFIG_NAME)):
+        fingerprint = target_fingerprint(target)
+    with atomic_directory(
+        out_dir, flag="save_pretrained", ours=is_draft_dir, what="a draft checkpoint"
+    ) as tmp:
+        write_draft_files(model, tmp, target_fingerprint=fingerprint)
 
 
 def check_draft_dir(path: str) -> str:
@@ -76,6 +131,8 @@ def read_draft_config(path: str) -> tuple[str, DraftConfig]:
     raw = read_json_object(cfg_path, "copy it again or use another checkpoint")
     arch = (raw.pop("architectures", None) or [""])[0]
     raw.pop("deepspec_version", None)
+    for key in IDENTITY_KEYS:
+        raw.pop(key, None)
     known = set(DraftConfig.__dataclass_fields__)
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -98,17 +155,57 @@ def read_draft_config(path: str) -> tuple[str, DraftConfig]:
     return str(arch), config
 
 
+def recorded_identity(path: str) -> dict[str, str]:
+    """The identity keys (:data:`IDENTITY_KEYS`) a checkpoint's ``config.json`` records
+    (none for drafts written before deepspec recorded them, or by other code)."""
+    raw = read_json_object(os.path.join(check_draft_dir(path), CONFIG_NAME), "copy the checkpoint again")
+    return {k: raw[k] for k in IDENTITY_KEYS if isinstance(raw.get(k), str)}
+
+
+def draft_fingerprint(path: str) -> str:
+    """What identifies a draft's weights: the recorded checksum, else the file's own."""
+    return recorded_identity(path).get(WEIGHTS_CHECKSUM) or weights_checksum(os.path.expanduser(path))
+
+
 def read_weights(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint directory (one-line errors when missing or unreadable)."""
+    """The tensors of a checkpoint directory (one-line errors when missing, unreadable, or
+    not the bytes its ``config.json`` checksum names)."""
     weights = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(weights):
         raise DataError(f"draft checkpoint {path} has no {WEIGHTS_NAME}; copy the checkpoint again")
+    expected = recorded_identity(path).get(WEIGHTS_CHECKSUM)
+    if expected is not None and weights_checksum(path) != expected:
+        raise DataError(
+            f"draft checkpoint {path}: {WEIGHTS_NAME} does not match the {WEIGHTS_CHECKSUM} in its "
+            f"{CONFIG_NAME} (damaged or changed after it was written); copy the checkpoint again or use "
+            f"an earlier one (if you changed the weights on purpose, delete {WEIGHTS_CHECKSUM} from "
+            f"{CONFIG_NAME})"
+        )
     try:
         return load_file(weights)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise unreadable_safetensors(
             weights, exc, "copy the checkpoint again or use an earlier one"
         ) from None
+
+
+def check_draft_target(path: str, target_dir: str, *, allow_other: bool = False, flag: str = "") -> None:
+    """Refuse a target that is not the one the draft was trained for (by the fingerprint
+    the draft recorded; drafts that recorded none pass). ``allow_other`` lets a user who
+    means it through; ``flag`` names the option that does so."""
+    from deepspec.data.fingerprint import target_fingerprint
+
+    recorded = recorded_identity(path).get(TARGET_FINGERPRINT)
+    if recorded is None or allow_other:
+        return
+    actual = target_fingerprint(target_dir)
+    if actual != recorded:
+        _, config = read_draft_config(path)
+        raise DataError(
+            f"draft checkpoint {path} was trained for another target than {target_dir} (fingerprint "
+            f"{recorded} recorded, {actual} there); use the target it was trained for "
+            f"({config.target_model_name_or_path})" + (f", or pass {flag} if you mean it" if flag else "")
+        )
 
 
 def check_finite_weights(named: Iterable[tuple[str, torch.Tensor]], path: str) -> None:
@@ -167,7 +264,7 @@ def read_calibration(path: str) -> list[float] | None:
     file = os.path.join(path, CALIBRATION_NAME)
     if not os.path.isfile(file):
         return None
-    fix = f"fit it again with python -m deepspec.eval.calibration, or delete {file}"
+    fix = f"delete {file} (and fit it again with python -m deepspec.eval.calibration)"
     temps = read_json_object(file, fix).get("temperatures")
     numbers = isinstance(temps, list) and temps and all(isinstance(t, int | float) for t in temps)
     if not numbers or not all(math.isfinite(t) and t > 0 for t in temps):
@@ -206,6 +303,7 @@ def load_draft(
             f"({type(exc).__name__}: {exc}); use a checkpoint written by train.py"
         ) from None
     load_weights(model, path)
+    model.target_fingerprint = recorded_identity(path).get(TARGET_FINGERPRINT)
     temperatures = read_calibration(path)
     if temperatures is not None:
         if getattr(model, "confidence_head", None) is None:

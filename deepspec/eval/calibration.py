@@ -146,8 +146,11 @@ def rounds_from_records(
     return logits, drafted, survived
 
 
-def read_eval_run(directory: str) -> tuple[list[dict], np.ndarray | None]:
-    """Sample records of an ``eval.py --output-dir`` run and the temperatures it decoded with."""
+def read_eval_run(directory: str) -> tuple[list[dict], np.ndarray | None, dict]:
+    """Sample records of an ``eval.py --output-dir`` run, the confidence temperatures it
+    decoded with, and its settings (``results.json``'s ``config``). A ``samples.jsonl`` that
+    does not match the SHA-256 its ``results.json`` recorded is refused."""
+    import hashlib
     import json
 
     from deepspec.errors import DataError
@@ -156,13 +159,84 @@ def read_eval_run(directory: str) -> tuple[list[dict], np.ndarray | None]:
     fix = "pass a directory written by eval.py --output-dir with a DSpark draft"
     try:
         with open(os.path.join(directory, RESULTS_NAME), encoding="utf-8") as fh:
-            config = json.load(fh)["config"]
-        with open(os.path.join(directory, SAMPLES_NAME), encoding="utf-8") as fh:
-            records = [json.loads(line) for line in fh if line.strip()]
+            results = json.load(fh)
+        config = results["config"]
+        with open(os.path.join(directory, SAMPLES_NAME), "rb") as fh:
+            raw = fh.read()
+        records = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
+        if not isinstance(config, dict):
+            raise TypeError("config is not an object")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{directory}: unreadable eval run ({type(exc).__name__}: {exc}); {fix}") from None
+    expected = results.get("samples_sha256")
+    if expected != hashlib.sha256(raw).hexdigest():
+        raise DataError(
+            f"{directory}: {SAMPLES_NAME} does not match the SHA-256 its {RESULTS_NAME} recorded "
+            f"({'none recorded' if not expected else 'an interrupted, mixed or edited write'}); decode it "
+            "again with eval.py --output-dir"
+        )
     temps = config.get("confidence_temperatures")
-    return records, None if temps is None else np.asarray(temps, dtype=np.float64)
+    return records, None if temps is None else np.asarray(temps, dtype=np.float64), config
+
+
+def check_rounds_source(name: str, directory: str, config: dict, draft: str, fingerprint: str) -> None:
+    """Refuse rounds this fit cannot vouch for: decoded by another draft (by the weights'
+    fingerprint, not the path), not greedy, not fully verified, or on the wrong prompt split
+    (calibration rounds on the calibration split; held-out rounds on the report split)."""
+    from deepspec.errors import DataError
+
+    redo = f"decode them again: eval.py --draft_name_or_path {draft} --temperature 0 --policy fixed"
+    split = "calibration" if name == "calibration" else "report"
+    recorded = config.get("draft_checksum")
+    if recorded is None:
+        raise DataError(
+            f"the {name} run {directory} records no draft fingerprint (an earlier deepspec wrote it); "
+            f"{redo} --split {split} --output-dir {directory}"
+        )
+    if recorded != fingerprint:
+        raise DataError(
+            f"the {name} run {directory} was decoded by another draft ({config.get('draft')}, weights "
+            f"{recorded}) than --draft {draft} ({fingerprint}); {redo} --split {split}"
+        )
+    if config.get("temperature") != 0:
+        raise DataError(
+            f"the {name} run {directory} was decoded at temperature {config.get('temperature')}; STS fits "
+            f"greedy rounds: {redo} --split {split}"
+        )
+    if config.get("policy", "fixed") != "fixed":
+        raise DataError(
+            f"the {name} run {directory} was verified with --policy {config.get('policy')}, which cuts "
+            f"drafts by the confidences being calibrated; {redo} --split {split}"
+        )
+    if config.get("split", "report") != split:
+        why = (
+            "the temperatures must not be fitted on the prompts the report scores"
+            if name == "calibration"
+            else "the fit must be judged on prompts it was not fitted on"
+        )
+        raise DataError(
+            f"the {name} run {directory} decoded the {config.get('split', 'report')} split; {why}: {redo} "
+            f"--split {split}"
+        )
+
+
+def check_draft_writable(draft: str) -> None:
+    """Refuse, before fitting, a draft directory the temperatures cannot be written into."""
+    import tempfile
+
+    from deepspec.drafts.checkpoint import CALIBRATION_NAME
+    from deepspec.errors import EnvironmentProblem
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".deepspec-write-test-", dir=draft)
+    except OSError as exc:
+        raise EnvironmentProblem(
+            f"--draft {draft}: cannot write {CALIBRATION_NAME} there ({exc.strerror or exc}); make the "
+            "directory writable, or copy the draft somewhere writable and pass the copy, or pass --dry-run "
+            "to report only"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _ece_line(name: str, values: list[float]) -> str:
@@ -176,7 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from deepspec.cli import ArgumentParser
-    from deepspec.drafts.checkpoint import read_calibration, write_calibration
+    from deepspec.drafts.checkpoint import (
+        draft_fingerprint,
+        read_calibration,
+        read_weights,
+        write_calibration,
+    )
     from deepspec.errors import DataError
     from deepspec.eval.metrics import calibration_stats
 
@@ -197,12 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     draft = os.path.expanduser(args.draft)
     if not os.path.isdir(draft):
         raise DataError(f"--draft {draft} is not a draft checkpoint directory")
+    read_weights(draft)  # weights that are not what the draft recorded stop here
+    fingerprint = draft_fingerprint(draft)
     current = read_calibration(draft)
-    runs = {"calibration": read_eval_run(args.rounds)}
+    if not args.dry_run:
+        check_draft_writable(draft)
+    runs = {"calibration": (args.rounds, read_eval_run(args.rounds))}
     if args.heldout:
-        runs["held-out"] = read_eval_run(args.heldout)
+        runs["held-out"] = (args.heldout, read_eval_run(args.heldout))
     data = {}
-    for name, (records, used) in runs.items():
+    for name, (directory, (records, used, config)) in runs.items():
+        check_rounds_source(name, directory, config, draft, fingerprint)
         if (used is None) != (current is None) or (used is not None and not np.allclose(used, current)):
             raise DataError(
                 f"the {name} run decoded with other confidence temperatures than {draft} holds now; "

@@ -299,7 +299,7 @@ def evaluate(
     """Evaluate a draft checkpoint on ``settings.tasks``; one worker per visible GPU (prompts
     split round-robin), else one CPU worker. Writes outputs when ``output_dir`` is set."""
     from deepspec.drafts import read_draft_config
-    from deepspec.drafts.checkpoint import read_calibration
+    from deepspec.drafts.checkpoint import draft_fingerprint, read_calibration
 
     s = resolve_settings(settings)
     workers = _worker_count(num_workers)
@@ -343,6 +343,7 @@ def evaluate(
             "target": target_name or target_dir,
             "draft": draft_path,
             "draft_algorithm": draft_config.algorithm,
+            "draft_checksum": draft_fingerprint(os.path.expanduser(draft_path)),
             "confidence_temperatures": read_calibration(os.path.expanduser(draft_path)),
             "workers": workers,
         },

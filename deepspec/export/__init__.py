@@ -20,9 +20,24 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from deepspec.export.source import ExportRefused, read_source
+from deepspec.errors import ConfigError
+from deepspec.export.source import MANIFEST, ExportRefused, check_out, is_export_dir, read_source
 
 FORMATS = ("llamacpp", "vllm", "sglang", "speculators")
+OUTTYPES = ("f32", "bf16", "f16", "q8_0")
+
+
+def _local_target(target: str, to: str) -> str | None:
+    """The local directory ``--target`` names (resolved like every target name), or None
+    for a hub id that speculators only records. A path that does not exist is refused."""
+    from deepspec.targets import resolve_target
+
+    looks_local = target.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(target))
+    if to == "speculators" and not looks_local and ":" not in target:
+        return None  # a hub name: recorded as the verifier, checked by whoever loads it
+    if looks_local and not os.path.exists(os.path.expanduser(target)):
+        raise ConfigError(f"--target {target} does not exist; pass the target's HF directory, GGUF or name")
+    return resolve_target(target)
 
 
 def export_draft(
@@ -31,23 +46,44 @@ def export_draft(
     out: str,
     *,
     target_dir: str | None = None,
-    outtype: str = "f32",
+    outtype: str | None = None,
     mask_host_id: int | None = None,
+    allow_other_target: bool = False,
 ) -> dict[str, Any]:
     """Write ``draft_dir`` in engine ``to``'s format into ``out``; returns the manifest
-    (also written as ``out/deepspec_export.json``)."""
+    (also written as ``out/deepspec_export.json``).
+
+    Checked before anything is written: ``out`` (:func:`check_out`), the draft's weights
+    against their checksum, and ``target_dir`` against the target the draft was trained
+    for (``allow_other_target`` skips that one)."""
+    from deepspec.drafts.checkpoint import check_draft_dir, check_draft_target
     from deepspec.export import engines
 
     if to not in FORMATS:
         raise ExportRefused(f"unknown export format {to!r}; choose one of {', '.join(FORMATS)}")
+    if outtype is not None and to != "llamacpp":
+        raise ConfigError(f"--outtype applies to --to llamacpp only (a GGUF weight type); drop it for {to}")
+    if outtype is not None and outtype not in OUTTYPES:
+        raise ConfigError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
+    if target_dir is not None and to not in ("llamacpp", "speculators"):
+        raise ConfigError(f"--target is read by --to llamacpp and speculators only; drop it for {to}")
+    draft_dir = check_draft_dir(draft_dir)
+    out = check_out(out, draft_dir, target_dir and os.path.expanduser(target_dir))
     src = read_source(draft_dir)
-    if to == "llamacpp":
-        if target_dir is None:
-            from deepspec.targets import resolve_target
+    local_target = None
+    if target_dir is not None:
+        local_target = _local_target(target_dir, to)
+    elif to == "llamacpp":
+        from deepspec.targets import resolve_target
 
-            target_dir = resolve_target(src.config.target_model_name_or_path)
+        local_target = resolve_target(src.config.target_model_name_or_path)
+    if local_target is not None:
+        check_draft_target(
+            draft_dir, local_target, allow_other=allow_other_target, flag="--allow-other-target"
+        )
+    if to == "llamacpp":
         manifest = engines.export_llamacpp(
-            src, out, target_dir=target_dir, outtype=outtype, mask_host=mask_host_id
+            src, out, target_dir=local_target, outtype=outtype or "f32", mask_host=mask_host_id
         )
     elif to == "speculators":
         manifest = engines.export_speculators(src, out, mask_host=mask_host_id, verifier=target_dir)
@@ -55,7 +91,7 @@ def export_draft(
         manifest = engines.export_hf_style(
             src, out, engine={"vllm": "vLLM", "sglang": "SGLang"}[to], mask_host=mask_host_id
         )
-    return {"format": to, "algorithm": src.algorithm, "source": os.path.abspath(src.path), **manifest}
+    return manifest
 
 
-__all__ = ["FORMATS", "ExportRefused", "export_draft"]
+__all__ = ["FORMATS", "MANIFEST", "ExportRefused", "export_draft", "is_export_dir"]

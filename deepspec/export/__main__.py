@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from deepspec.cli import ArgumentParser, run_main
-from deepspec.export import FORMATS, export_draft
+from deepspec.export import FORMATS, OUTTYPES, export_draft
 
 
 def main() -> int:
@@ -15,7 +15,12 @@ def main() -> int:
     )
     parser.add_argument("draft", help="draft checkpoint directory (e.g. <checkpoints>/step_latest)")
     parser.add_argument("--to", required=True, choices=FORMATS, help="target engine format")
-    parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output directory: new, empty, or an earlier export (replaced atomically); anything else, "
+        "and a directory holding the draft, the target or the working directory, is refused",
+    )
     parser.add_argument(
         "--target",
         default=None,
@@ -23,7 +28,12 @@ def main() -> int:
         "speculators records it as the verifier (default: the draft's target)",
     )
     parser.add_argument(
-        "--outtype", default="f32", choices=("f32", "bf16", "f16", "q8_0"), help="llamacpp: GGUF weight type"
+        "--outtype", default=None, choices=OUTTYPES, help="llamacpp only: GGUF weight type (default f32)"
+    )
+    parser.add_argument(
+        "--allow-other-target",
+        action="store_true",
+        help="export against a --target other than the one the draft was trained for (refused by default)",
     )
     parser.add_argument(
         "--mask-host-id",
@@ -40,6 +50,7 @@ def main() -> int:
         target_dir=args.target,
         outtype=args.outtype,
         mask_host_id=args.mask_host_id,
+        allow_other_target=args.allow_other_target,
     )
     print(json.dumps(manifest, indent=2))
     return 0

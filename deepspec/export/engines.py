@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from deepspec.errors import EnvironmentProblem
 from deepspec.export.layouts import (
@@ -26,10 +27,15 @@ from deepspec.export.layouts import (
     mask_vector,
     text_config,
 )
-from deepspec.export.source import DraftSource, input_layer_ids, mask_host_id
-from deepspec.utils.io import atomic_directory
-
-MANIFEST = "deepspec_export.json"
+from deepspec.export.source import (
+    MANIFEST,
+    DraftSource,
+    check_out,
+    input_layer_ids,
+    is_export_dir,
+    mask_host_id,
+)
+from deepspec.utils.io import atomic_directory, atomic_write_json, save_tensors, writing
 
 
 def write_hf_dir(
@@ -40,12 +46,15 @@ def write_hf_dir(
 ) -> None:
     """``config.json`` + ``model.safetensors`` (+ ``mask_embedding.pt``) into ``directory``."""
     os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as fh:
+    save_tensors(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    config_path = os.path.join(directory, "config.json")
+    with writing(config_path), open(config_path, "w", encoding="utf-8") as fh:
         json.dump(config, fh, indent=2)
     if mask is not None:
         host, vector = mask
-        torch.save({"mask_token_id": host, "embedding": vector}, os.path.join(directory, "mask_embedding.pt"))
+        mask_path = os.path.join(directory, "mask_embedding.pt")
+        with writing(mask_path):
+            torch.save({"mask_token_id": host, "embedding": vector}, mask_path)
 
 
 def _mask(src: DraftSource, requested: int | None) -> tuple[int, tuple[int, torch.Tensor] | None]:
@@ -171,21 +180,31 @@ def export_llamacpp(
     llama_cpp_converter()  # a missing converter fails before anything is written
 
     def write(tmp: str) -> dict[str, Any]:
-        hf = os.path.join(tmp, "hf")
+        hf = os.path.join(tmp, "hf")  # the converter's input, removed once it has read it
         write_hf_dir(hf, layout["config"], layout["tensors"], layout["mask"])
         run_converter(hf, os.path.join(tmp, "draft.gguf"), outtype, "--target-model-dir", target_dir)
+        shutil.rmtree(hf)
         return {
             "gguf": "draft.gguf",
+            "outtype": outtype,
             "spec_type": layout["spec_type"],
             "n_max": layout["n_max"],
             "mask_token_id": layout["config"].get("dflash_config", {}).get("mask_token_id"),
-            "serve": (
-                f"bash scripts/serve/llamacpp.sh --draft {os.path.join(out, 'draft.gguf')} "
-                f"--spec-type {layout['spec_type']} --n-max {layout['n_max']}"
+            "serve": shlex.join(
+                [
+                    "bash",
+                    "scripts/serve/llamacpp.sh",
+                    "--draft",
+                    os.path.join(out, "draft.gguf"),
+                    "--spec-type",
+                    layout["spec_type"],
+                    "--n-max",
+                    str(layout["n_max"]),
+                ]
             ),
         }
 
-    return _atomic_export(out, write)
+    return _atomic_export(src, "llamacpp", out, write)
 
 
 # -- vLLM / SGLang (HF-style directories, no prefix) -----------------------------------
@@ -241,7 +260,7 @@ def export_hf_style(
         write_hf_dir(tmp, layout["config"], layout["tensors"], layout["mask"])
         return {"method": layout["method"], "num_speculative_tokens": layout["num_speculative_tokens"]}
 
-    return _atomic_export(out, write)
+    return _atomic_export(src, "sglang" if engine == "SGLang" else "vllm", out, write)
 
 
 def check_sglang_block_draft(src: DraftSource) -> None:
@@ -360,15 +379,26 @@ def export_speculators(
         write_hf_dir(tmp, layout["config"], layout["tensors"], layout["mask"])
         return {"notes": layout["notes"]}
 
-    return _atomic_export(out, write)
+    return _atomic_export(src, "speculators", out, write)
 
 
 # -- shared ----------------------------------------------------------------------------
-def _atomic_export(out: str, write: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
-    """Run ``write(tmp)`` in a fresh directory that replaces ``out`` once it holds the
-    export and its manifest (:func:`deepspec.utils.io.atomic_directory`)."""
-    with atomic_directory(out) as tmp:
-        manifest = write(tmp)
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
-            json.dump(manifest, fh, indent=2)
+def _atomic_export(
+    src: DraftSource, fmt: str, out: str, write: Callable[[str], dict[str, Any]]
+) -> dict[str, Any]:
+    """Run ``write(tmp)`` in a fresh directory that replaces ``out`` (new, empty or an earlier
+    export) once it holds the export and its manifest
+    (:func:`deepspec.utils.io.atomic_directory`). Returns the manifest."""
+    check_out(out, src.path)
+    with atomic_directory(
+        out, flag="--out", ours=is_export_dir, what="an earlier deepspec export", protect=[src.path]
+    ) as tmp:
+        manifest = {
+            "format": fmt,
+            "algorithm": src.algorithm,
+            "source": os.path.abspath(src.path),
+            "source_checksum": src.checksum,
+            **write(tmp),
+        }
+        atomic_write_json(os.path.join(tmp, MANIFEST), manifest)
     return manifest

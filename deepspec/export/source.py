@@ -9,15 +9,43 @@ llama.cpp's Eagle3 mean "input of layer k": one higher. :func:`input_layer_ids` 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
 import torch
 
 from deepspec.drafts.base import DraftConfig
-from deepspec.drafts.checkpoint import check_finite_weights, read_draft_config, read_weights
+from deepspec.drafts.checkpoint import (
+    check_finite_weights,
+    draft_fingerprint,
+    read_draft_config,
+    read_weights,
+)
 from deepspec.errors import DataError
 from deepspec.targets.family import FamilySpec
+
+MANIFEST = "deepspec_export.json"
+
+
+def is_export_dir(path: str) -> bool:
+    """``path`` holds an export deepspec wrote earlier (its manifest is a JSON object)."""
+    try:
+        with open(os.path.join(path, MANIFEST), encoding="utf-8") as fh:
+            return isinstance(json.load(fh), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def check_out(out: str, draft_dir: str, target_dir: str | None = None) -> str:
+    """``out`` made absolute when an export may be written there: new, empty or an earlier
+    export, and neither the draft, the target nor the working directory inside it."""
+    from deepspec.utils.io import check_replaceable
+
+    protect = [draft_dir] + ([target_dir] if target_dir and os.path.exists(target_dir) else [])
+    return check_replaceable(
+        out, "--out", ours=is_export_dir, what="an earlier deepspec export", protect=protect
+    )
 
 
 class ExportRefused(DataError):
@@ -30,6 +58,7 @@ class DraftSource:
     architecture: str
     config: DraftConfig
     tensors: dict[str, torch.Tensor]
+    checksum: str  # what identifies the draft's weights (drafts.checkpoint.draft_fingerprint)
 
     @property
     def algorithm(self) -> str:
@@ -78,9 +107,10 @@ def read_source(path: str) -> DraftSource:
     architecture, config = read_draft_config(path)
     if config.algorithm not in ("dflash", "dspark", "eagle3"):
         raise DataError(f"draft checkpoint {path}: unknown algorithm {config.algorithm!r}")
-    tensors = read_weights(os.path.expanduser(path))
+    path = os.path.expanduser(path)
+    tensors = read_weights(path)  # checked against the checksum config.json records
     check_finite_weights(tensors.items(), path)
-    return DraftSource(os.path.expanduser(path), architecture, config, tensors)
+    return DraftSource(path, architecture, config, tensors, draft_fingerprint(path))
 
 
 def input_layer_ids(src: DraftSource, engine: str) -> list[int]:

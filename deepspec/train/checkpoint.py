@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from deepspec.errors import DeepSpecError
-from deepspec.utils.io import atomic_write_json, fsync_dir, make_dir_public
+from deepspec.utils.io import atomic_write_json, fsync_dir, make_dir_public, writing
 
 COMPLETE = "COMPLETE"
 LATEST = "step_latest"
@@ -91,14 +91,20 @@ def begin_save(root: str, step: int) -> str:
 
 
 def save_rank_state(tmp: str, rank: int, state: dict[str, Any]) -> None:
-    torch.save(state, os.path.join(tmp, STATE_DIR, f"rank{rank}.pt"))
+    _save(state, os.path.join(tmp, STATE_DIR, f"rank{rank}.pt"))
+
+
+def _save(obj: Any, path: str) -> None:
+    """``torch.save`` whose write errors name ``path`` (:func:`deepspec.utils.io.writing`)."""
+    with writing(path):
+        torch.save(obj, path)
 
 
 def finish_save(
     root: str, tmp: str, step: int, shared: dict[str, Any], meta: dict[str, Any], keep_last: int
 ) -> str:
     """Rank 0: write shared state + marker, rename into place, repoint ``step_latest``, prune."""
-    torch.save(shared, os.path.join(tmp, STATE_DIR, "shared.pt"))
+    _save(shared, os.path.join(tmp, STATE_DIR, "shared.pt"))
     atomic_write_json(os.path.join(tmp, STATE_DIR, "meta.json"), meta)
     with open(os.path.join(tmp, COMPLETE), "w") as fh:
         fh.write(f"{step}\n")

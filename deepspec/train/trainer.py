@@ -195,13 +195,15 @@ class Trainer:
         check_output_dirs(cfg)  # before any data is read: a read-only root fails here, in one line
         if cfg.train.torch_compile and info.device == "cpu":
             check_compile_toolchain()
-        previous_handlers = self._install_stop_handlers()
-        try:
-            return self._run(target_dir, spec, accum)
-        finally:
-            for sig, handler in previous_handlers.items():
-                if handler is not None:
-                    signal.signal(sig, handler)
+        with contextlib.ExitStack() as held:
+            dist_utils.run_on_main(lambda: held.enter_context(experiment_lock(cfg)))
+            previous_handlers = self._install_stop_handlers()
+            try:
+                return self._run(target_dir, spec, accum)
+            finally:
+                for sig, handler in previous_handlers.items():
+                    if handler is not None:
+                        signal.signal(sig, handler)
 
     def _run(self, target_dir: str, spec: Any, accum: int) -> RunResult:
         cfg, info = self.cfg, self.info
@@ -486,7 +488,9 @@ class Trainer:
         final = None
         if info.is_main and not failed:
             try:
-                write_draft_files(draft, tmp, full_state)
+                write_draft_files(
+                    draft, tmp, full_state, target_fingerprint=identity.get("target_fingerprint")
+                )
                 save_config(cfg, os.path.join(tmp, ckpt.STATE_DIR, "config.yaml"))
                 meta = {
                     "step": step,
@@ -588,6 +592,21 @@ def check_output_dirs(cfg: Any) -> None:
         ("logging.tensorboard_root", cfg.logging.tensorboard_dir),
     ):
         check_writable_dir(path, f"{key} (or its _dir)")
+
+
+def experiment_lock(cfg: Any) -> contextlib.AbstractContextManager[None]:
+    """An exclusive lock on the run's checkpoint directory, held by rank 0 for the whole run:
+    a second run into the same directory (which would resume from the first one's live
+    checkpoints and interleave its metrics) is refused in one line naming the holder."""
+    from deepspec.utils.locks import directory_lock
+
+    root = cfg.logging.checkpoint_dir
+    return directory_lock(
+        root,
+        f"checkpoint directory {root}",
+        "another train.py is writing it; wait for it to finish, stop it, or set another exp_name "
+        "(or logging.checkpoint_dir)",
+    )
 
 
 def _all_finite(tensors) -> bool:

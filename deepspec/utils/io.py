@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 
@@ -28,11 +28,55 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) ->
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = path  # a failed write() names no file: name the one being written
         raise
     fsync_dir(directory)
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Name ``path`` in what fails while the body writes it: an ``OSError`` gets it as its
+    filename; a library's own write error (safetensors, ``torch.save``) becomes an
+    ``OSError`` (when it carries an OS error code) or an
+    :class:`~deepspec.errors.EnvironmentProblem` naming the file and the usual fix."""
+    import re
+
+    from deepspec.errors import EnvironmentProblem
+
+    path = os.fspath(path)
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = path
+        raise
+    except Exception as exc:  # noqa: BLE001 - sorted below: a library's write error or a bug
+        kind = f"{type(exc).__module__}.{type(exc).__name__}"
+        text = " ".join(str(exc).split())
+        library = "safetensors" in kind.lower() or isinstance(exc, RuntimeError)
+        if not (library and ("serializ" in text.lower() or "writ" in text.lower())):
+            raise
+        code = re.search(r"(?:os error|code:|errno) ?(\d+)", text)
+        if code:
+            num = int(code.group(1))
+            raise OSError(num, os.strerror(num), path) from None
+        raise EnvironmentProblem(
+            f"writing {path} failed ({text[:200]}); is the disk full? free disk space or choose "
+            "another output directory"
+        ) from None
+
+
+def save_tensors(tensors: dict[str, Any], path: str, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors`` ``save_file`` whose write errors name ``path`` (:func:`writing`)."""
+    from safetensors.torch import save_file
+
+    with writing(path):
+        save_file(tensors, path, metadata=metadata)
+        os.chmod(path, 0o666 & ~_umask())  # safetensors writes 0600; give it a config's mode
 
 
 def _umask() -> int:
@@ -56,24 +100,98 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
             os.close(fd)
 
 
+TMP_MARK = ".deepspec-tmp-"
+
+
+def _temp_prefix(path: str) -> str:
+    return f".{os.path.basename(path)}{TMP_MARK}"
+
+
+def check_replaceable(
+    path: str | os.PathLike[str],
+    flag: str,
+    *,
+    ours: Callable[[str], bool],
+    what: str,
+    protect: Iterable[str] = (),
+) -> str:
+    """``path`` made absolute, when deepspec may write a directory there: it does not exist,
+    is an empty directory, or is ``what`` deepspec wrote earlier (``ours(path)``). Refused in
+    one :class:`~deepspec.errors.ConfigError` line: an empty name, a path that contains the
+    working directory or one of ``protect`` (what the command reads), anything else that
+    exists. ``flag`` names the option."""
+    from deepspec.errors import ConfigError
+
+    raw = os.fspath(path)
+    if not raw.strip():
+        raise ConfigError(f"{flag} is empty; name the directory to write")
+    path = os.path.abspath(os.path.expanduser(raw))
+    real = os.path.realpath(path)
+
+    def inside(other: str) -> bool:
+        other = os.path.realpath(other)
+        return other == real or other.startswith(real.rstrip(os.sep) + os.sep)
+
+    if inside(os.getcwd()):
+        raise ConfigError(
+            f"{flag} {raw} contains the working directory {os.getcwd()}, which replacing it would "
+            "delete; choose a new directory"
+        )
+    for kept in protect:
+        if inside(kept):
+            raise ConfigError(
+                f"{flag} {raw} contains {kept}, which this command reads; choose a new directory"
+            )
+    if os.path.lexists(path):
+        empty = os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
+        if not (empty or (os.path.isdir(path) and not os.path.islink(path) and ours(path))):
+            raise ConfigError(
+                f"{flag} {raw} already exists and is not {what}; deepspec replaces only what it "
+                "wrote itself: choose a new path or remove it yourself"
+            )
+    return path
+
+
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike[str]) -> Iterator[str]:
+def atomic_directory(
+    path: str | os.PathLike[str],
+    *,
+    flag: str = "output directory",
+    ours: Callable[[str], bool],
+    what: str,
+    protect: Iterable[str] = (),
+) -> Iterator[str]:
     """Yield a fresh directory beside ``path`` to fill; on success it replaces ``path`` (a
     reader sees the old directory or the complete new one). On any exception it is removed
-    and ``path`` is left untouched."""
-    path = os.path.abspath(os.fspath(path))
+    and ``path`` is left untouched.
+
+    Only what :func:`check_replaceable` allows is replaced (checked before and after the
+    work). The temporary directory is locked while it is filled, so leftovers of killed
+    runs (``.<name>.deepspec-tmp-*``) are recognised and removed by the next run."""
+    from deepspec.utils.locks import hold_directory, remove_abandoned
+
+    path = check_replaceable(path, flag, ours=ours, what=what, protect=protect)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
-    make_dir_public(tmp)
+    remove_abandoned(parent, _temp_prefix(path))
+    tmp = tempfile.mkdtemp(prefix=_temp_prefix(path), dir=parent)
+    fd = hold_directory(tmp)
     try:
+        make_dir_public(tmp)
         yield tmp
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.rename(tmp, path)
+        check_replaceable(path, flag, ours=ours, what=what, protect=protect)
+        if os.path.lexists(path):  # move the old one aside, put the new one in, then delete
+            aside = tempfile.mkdtemp(prefix=_temp_prefix(path), dir=parent)
+            os.rename(path, os.path.join(aside, "old"))
+            os.rename(tmp, path)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(fd)
     fsync_dir(parent)
 
 
