@@ -71,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default=None)
     parser.add_argument("--no-baseline", action="store_true", help="skip plain target decoding")
     parser.add_argument(
+        "--allow-other-target",
+        action="store_true",
+        help="evaluate the draft with a target other than the one it was trained for (refused by default)",
+    )
+    parser.add_argument(
         "--baseline-from",
         default=None,
         metavar="DIR",
@@ -153,7 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tasks = check_args(args)
     from deepspec.data import load_eval_prompts
-    from deepspec.eval.settings import EvalSettings, check_output_dir, load_baseline, resolve_settings
+    from deepspec.eval.settings import (
+        EvalSettings,
+        check_draft_supports_policy,
+        check_output_dir,
+        load_baseline,
+        resolve_settings,
+    )
     from deepspec.targets import load_family_spec, resolve_target
 
     for task in tasks:  # fail on a malformed prompt file or an impossible split before any model
@@ -164,10 +175,12 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             split=args.split,
         )
-    if args.sps_table:
+    if args.sps_table:  # unreadable or implausible: refused before any model loads
         from deepspec.eval.scheduler import SPSTable
 
         SPSTable.load(args.sps_table)
+    # a policy that reads confidences needs a draft with a confidence head: its config.json says
+    check_draft_supports_policy(args.policy, args.draft_name_or_path, args.confidence_threshold)
     settings = resolve_settings(
         EvalSettings(
             tasks=tasks,
@@ -196,9 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from deepspec.drafts import load_draft
+    from deepspec.drafts.checkpoint import check_draft_target
     from deepspec.eval.runner import check_draft_matches_target, evaluate, format_table
 
     torch.manual_seed(args.seed)
+    check_draft_target(
+        os.path.expanduser(args.draft_name_or_path),
+        target_dir,
+        allow_other=args.allow_other_target,
+        flag="--allow-other-target",
+    )
     draft = load_draft(args.draft_name_or_path)  # fail here, once, on a bad checkpoint
     check_draft_matches_target(draft, spec, args.target_name_or_path)
     results = evaluate(

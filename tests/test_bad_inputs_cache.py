@@ -129,7 +129,48 @@ def test_every_row_dropped(env, tmp_path):
     data.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": f"q{i}"}]}) + "\n"
                             for i in range(3)))  # fmt: skip
     refused(prepare(env, data=data, out=tmp_path / "out"), "all 3 conversation(s)", "were dropped",
-            "3 with < 4 loss tokens", "data.min_loss_tokens", watch=[data], untouched=tmp_path / "out")  # fmt: skip
+            "3 with no assistant answer", "regenerate them", watch=[data], untouched=tmp_path / "out")  # fmt: skip
+
+
+def _row(conv_id, answer="2+2 is 4."):
+    turns = [{"role": "user", "content": "What is 2+2?"}]
+    if answer is not None:
+        turns.append({"role": "assistant", "content": answer})
+    return json.dumps({"id": conv_id, "conversations": turns}) + "\n"
+
+
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_duplicate_ids_name_the_file_the_id_and_both_lines(env, tmp_path, nproc):
+    """As regeneration does: an id twice in one file is refused, with its two line numbers
+    (the blank line 2 counts: lines, not rows)."""
+    data = tmp_path / "dup.jsonl"
+    data.write_text(_row("a") + "\n" + _row("b") + _row("a"))
+    line = refused(prepare(env, "--nproc", nproc, data=data, out=tmp_path / "out"), str(data), "id 'a'",
+                   "appears twice (lines 1 and 4)", "remove the repeated row", watch=[data],
+                   untouched=tmp_path / "out")  # fmt: skip
+    assert line.count("error:") == 1
+
+
+def test_rows_without_an_answer_are_counted_as_such(env, tmp_path):
+    """An empty or absent assistant turn is 'no assistant answer' (regenerate), not too few
+    loss tokens; a short answer keeps its own reason (data.min_loss_tokens)."""
+    data = tmp_path / "unanswered.jsonl"
+    data.write_text(_row("empty", "") + _row("blank", "   ") + _row("absent", None) + _row("short", "4."))
+    refused(prepare(env, data=data, out=tmp_path / "out"), "all 4 conversation(s)",
+            "3 with no assistant answer", "1 with < 4 loss tokens", "regenerate them",
+            "lower data.min_loss_tokens", watch=[data], untouched=tmp_path / "out")  # fmt: skip
+
+
+def test_cut_row_reports_the_real_column(env, tmp_path):
+    """The parser sees the newline after a cut row as line 2 column 1; the column reported is
+    the one in the file's line."""
+    data = tmp_path / "cut.jsonl"
+    cut = GOOD_ROW[: GOOD_ROW.index("{", 20)].rstrip()  # '{"conversations": [{"role": ...},'
+    data.write_text(GOOD_ROW + "\n" + GOOD_ROW + "\n" + cut + "\n")
+    line = refused(prepare(env, data=data, out=tmp_path / "out"), f"{data}:3: invalid JSON",
+                   f"at column {len(cut) + 1}, the end of the line: the row is cut short",
+                   watch=[data], untouched=tmp_path / "out")  # fmt: skip
+    assert "column 1)" not in line
 
 
 def test_malformed_row_with_two_workers_is_reported_once(env, tmp_path):
@@ -194,12 +235,24 @@ def test_resume_with_other_settings_is_refused(env, cache_copy):
             "rows_per_shard 4 -> 2", watch=[cache_copy, env["data"]])  # fmt: skip
 
 
+def test_a_cache_being_built_is_not_built_twice(env, cache_copy):
+    """While a process holds the cache directory's lock (a running build does), a second
+    build into it (here an --overwrite that would delete its shards) stops in one line
+    naming the holder's pid."""
+    from deepspec.utils.locks import LOCK_NAME, exclusive_lock
+
+    with exclusive_lock(str(cache_copy / LOCK_NAME)):
+        refused(prepare(env, "--overwrite", out=cache_copy), f"target cache {cache_copy}",
+                f"is in use by pid {os.getpid()}", watch=[cache_copy])  # fmt: skip
+
+
 def test_overwrite_refuses_a_directory_that_is_not_a_cache(env, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     refused(prepare(env, "--overwrite", out=mine), "is not a target cache", "refusing to delete it",
             watch=[mine])  # fmt: skip
+    assert sorted(os.listdir(mine)) == ["notes.txt"]  # not even a lock file left behind
 
 
 def test_resume_refuses_a_directory_without_a_plan(env, tmp_path):
@@ -271,6 +324,53 @@ def test_reader_without_a_cache_directory(tmp_path):
 
 
 # ---- training on a damaged cache -------------------------------------------------------------
+
+
+def train_args(env, cache, tmp_path, **extra):
+    opts = {
+        "model.target_model_name_or_path": env["target"], "model.target_layer_ids": "[0,2]",
+        "model.block_size": 4, "model.num_draft_layers": 1, "model.markov_rank": 8, "model.num_anchors": 16,
+        "data.target_cache_path": str(cache), "data.max_length": 256, "data.min_loss_tokens": 4,
+        "data.num_workers": 0, "train.precision": "fp32", "train.torch_compile": "false",
+        "train.global_batch_size": 2, "train.local_batch_size": 2, "train.max_train_steps": 2,
+        "logging.checkpoint_root": str(tmp_path / "ck"), "logging.tensorboard_root": str(tmp_path / "tb"),
+        "exp_name": "run", **extra,
+    }  # fmt: skip
+    return ["train.py", "--config", "config/dspark/dspark_smollm2_135m.py", "--opts",
+            *[f"{k}={v}" for k, v in opts.items()]]  # fmt: skip
+
+
+def test_draft_vocabulary_scan_names_the_damaged_cache_and_shard(env, cache_copy, tmp_path):
+    """A flipped byte in a supervised token id: the vocabulary scan (model.draft_vocab_size)
+    reads ids without hashing samples; it must report a damaged cache (directory, shard,
+    row, checksum), not a data set built for another target."""
+    cache = CacheDataset(cache_copy)
+    ids, mask = cache.tokens(0)
+    pos = int(np.flatnonzero(mask)[0])
+    rec = cache.index[0]
+    flip_byte(cache_copy / cache.shards[int(rec["shard"])]["file"], int(rec["offset"]) + 4 * pos + 3)
+    line = refused(train_args(env, cache_copy, tmp_path, **{"model.draft_vocab_size": 64}),
+                   f"target cache {cache_copy}", f"(row {int(rec['row'])}) in shards/shard-",
+                   "failed its checksum", "--resume", "python -m deepspec.data.cache_reader",
+                   watch=[cache_copy])  # fmt: skip
+    assert "rebuild the data with this target" not in line
+
+
+@pytest.mark.parametrize("held", ["all", "all-but-one"])
+def test_heldout_samples_that_leave_less_than_a_batch(env, tmp_path, held):
+    """The message names the held-out count and suggests another value that works."""
+    import re
+
+    n = len(CacheDataset(env["cache"]))
+    batch = 4
+    heldout = n if held == "all" else n - 1
+    line = refused(train_args(env, env["cache"], tmp_path, **{"data.heldout_samples": heldout,
+                   "train.global_batch_size": batch, "train.local_batch_size": 2}),
+                   f"data.heldout_samples={heldout} holds out {heldout} of the {n} samples",
+                   f"fewer than one global batch (train.global_batch_size={batch})", f"at most {n - batch}",
+                   watch=[env["cache"]])  # fmt: skip
+    suggested = int(re.search(r"--opts data\.heldout_samples=(\d+)", line).group(1))
+    assert suggested != heldout and 0 < suggested <= n - batch
 
 
 def test_training_on_a_corrupted_cache_stops_with_one_line(env, cache_copy, tmp_path):

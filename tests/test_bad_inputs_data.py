@@ -117,6 +117,52 @@ def test_generate_server_address_typo(tmp_path, address, problem):
 
 
 @pytest.mark.parametrize(
+    "address, problem",
+    [
+        ("http://[::1", "not a valid URL (Invalid IPv6 URL); close the IPv6 address's bracket"),
+        ("[::1:30000", "close the IPv6 address's bracket, e.g. http://[::1]:30000"),
+        ("http://[zz]:30000", "not a valid URL"),
+        ("127.0.0.1:30000:1", "more than one ':' after the host"),
+    ],
+)
+def test_generate_malformed_server_url(tmp_path, address, problem):
+    """urllib raises ValueError on these: one line naming the option, not a traceback."""
+    src = _prompts(tmp_path / "in.jsonl")
+    before = digest_tree(str(tmp_path))
+    proc = generate(tmp_path, "--server-address", "127.0.0.1:1", address, "--input-file-path", src,
+                    "--output-file-path", str(tmp_path / "out.jsonl"))  # fmt: skip
+    assert_one_error(proc, f"--server-address {address!r}", problem, "expected HOST:PORT", code=2)
+    _assert_untouched(before, str(tmp_path))
+
+
+def test_generate_duplicate_ids_name_both_lines(tmp_path):
+    """Line numbers, not row numbers: the blank line 2 and the malformed line 3 count."""
+    src = tmp_path / "in.jsonl"
+    rows = [
+        json.dumps({"id": i, "conversations": [{"role": "user", "content": "q"}]}) for i in ("a", "b", "a")
+    ]
+    src.write_text(f"{rows[0]}\n\n{{cut\n{rows[1]}\n{rows[2]}\n")
+    before = digest_tree(str(tmp_path))
+    proc = generate(tmp_path, "--server-address", _dead_address(), "--input-file-path", str(src),
+                    "--output-file-path", str(tmp_path / "out.jsonl"), "--skip-bad-rows")  # fmt: skip
+    assert_one_error(proc, str(src), "id 'a' appears twice (lines 1 and 5)", "--resume matches rows by id")
+    _assert_untouched(before, str(tmp_path))
+
+
+def test_generate_cut_input_row_reports_its_real_column(tmp_path):
+    src = tmp_path / "in.jsonl"
+    _prompts(src)
+    cut = '{"id": "cut", "conversations": [{"role": "user", "content": "q"},'
+    with open(src, "a", encoding="utf-8") as fh:
+        fh.write(cut + "\n")
+    before = digest_tree(str(tmp_path))
+    proc = generate(tmp_path, "--server-address", _dead_address(), "--input-file-path", str(src),
+                    "--output-file-path", str(tmp_path / "out.jsonl"))  # fmt: skip
+    assert_one_error(proc, f"{src}:4: invalid JSON", f"at column {len(cut) + 1}, the end of the line")
+    _assert_untouched(before, str(tmp_path))
+
+
+@pytest.mark.parametrize(
     "flag, value, fragment",
     [
         ("--temperature", "nan", "--temperature must be a finite number >= 0"),
@@ -282,6 +328,17 @@ def test_split_malformed_line_and_missing_input(tmp_path):
     assert_one_error(proc, f"{src}:2: not a JSON row", "--skip-bad-rows")
     proc = split("--input", str(tmp_path / "nope.jsonl"), "--output-dir", str(tmp_path / "o"))
     assert_one_error(proc, "nope.jsonl not found", "--input")
+    _assert_untouched(before, str(tmp_path))
+
+
+def test_split_cut_line_reports_its_real_column(tmp_path):
+    src = tmp_path / "in.jsonl"
+    cut = '{"prompt": "cut", "id":'
+    src.write_text('{"prompt": "fine"}\n' + cut + "\n")
+    before = digest_tree(str(tmp_path))
+    proc = split("--input", str(src), "--output-dir", str(tmp_path / "o"))
+    assert_one_error(proc, f"{src}:2: not a JSON row", f"at column {len(cut) + 1}, the end of the line",
+                     "--skip-bad-rows")  # fmt: skip
     _assert_untouched(before, str(tmp_path))
 
 

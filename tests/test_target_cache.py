@@ -139,7 +139,8 @@ def test_two_gloo_ranks_round_trip_equals_the_targets_hidden_states(tmp_path, ti
     expected = {i: chat(r["conversations"]) for i, r in enumerate(rows)}
     kept = {i for i, s in expected.items() if s is not None}
     assert list(cache.rows) == sorted(kept) and len(kept) < 16  # rows without answers were dropped
-    assert manifest["counts"]["dropped"] == {f"with < {MIN_LOSS} loss tokens": 16 - len(kept)}
+    assert manifest["counts"]["dropped"] == dict(chat.stats.dropped)  # the tokenizer's reasons, counted
+    assert sum(chat.stats.dropped.values()) == 16 - len(kept)
     assert manifest["counts"]["tokens"] == sum(len(expected[i].input_ids) for i in kept)
 
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
@@ -591,7 +592,7 @@ def test_empty_or_fully_dropped_input_is_refused_and_leaves_no_cache(tmp_path, t
                                   for i in range(5)))  # fmt: skip
     with pytest.raises(
         DataError,
-        match=rf"all 5 conversation\(s\) of .*questions.jsonl were dropped \(5 with < {MIN_LOSS} loss",
+        match=r"all 5 conversation\(s\) of .*questions.jsonl were dropped \(5 with no assistant answer\)",
     ) as exc:
         build_target_cache(options(tmp_path / "b", tiny, no_answers))
     one_line(exc)

@@ -13,6 +13,7 @@ writes the index and manifest.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -41,7 +42,7 @@ from deepspec.data.cache_plan import (
     settle_plan,
 )
 from deepspec.data.cache_writer import ShardWriter, finalize_cache, load_commit_record
-from deepspec.data.conversations import ReadStats, read_conversations
+from deepspec.data.conversations import ReadStats, duplicate_id_error, read_conversations
 from deepspec.data.target_features import TargetFeatureExtractor
 from deepspec.errors import DataError, DeepSpecError, as_user_error
 from deepspec.utils import distributed as dist_utils
@@ -138,7 +139,18 @@ def build_target_cache(opts: CacheBuildOptions) -> BuildResult:
     def read_rows() -> None:
         nonlocal num_rows
         for path in opts.train_data_paths:
+            seen: dict[str, int] = {}  # id -> line: a file must not hold a conversation twice
             for conv in read_conversations(path, skip_bad=opts.skip_bad_rows, stats=read_stats):
+                if conv.id in seen:
+                    raise duplicate_id_error(
+                        path,
+                        conv.id,
+                        seen[conv.id],
+                        conv.line,
+                        "ids must be unique within a file (a repeated id is usually a conversation "
+                        "copied twice)",
+                    )
+                seen[conv.id] = conv.line
                 if (num_rows // opts.rows_per_shard) % info.world_size == info.rank:
                     mine.append((num_rows, conv.messages, conv.id))
                 num_rows += 1
@@ -151,6 +163,35 @@ def build_target_cache(opts: CacheBuildOptions) -> BuildResult:
     target_dir = _everywhere(resolve_target, opts.target)
     plan = _on_main(make_plan, opts, target_dir)
 
+    with contextlib.ExitStack() as held:  # one build per cache directory at a time
+        _on_main(lambda: held.enter_context(cache_lock(out)))
+        return _build(out, opts, plan, target_dir, mine, num_shards, num_rows, read, read_stats)
+
+
+def cache_lock(out: str) -> contextlib.AbstractContextManager[None]:
+    """The exclusive lock a build holds on its cache directory (rank 0, for the whole build)."""
+    from deepspec.utils.locks import directory_lock
+
+    return directory_lock(
+        out,
+        f"target cache {out}",
+        "another prepare_target_cache.py is building it; wait for it to finish or stop it",
+    )
+
+
+def _build(
+    out: str,
+    opts: CacheBuildOptions,
+    plan: dict[str, Any],
+    target_dir: str,
+    mine: list[tuple[int, list, str]],
+    num_shards: int,
+    num_rows: int,
+    read: dict[str, int],
+    read_stats: ReadStats,
+) -> BuildResult:
+    """Prepare the directory, write this rank's shards and finalize (under :func:`cache_lock`)."""
+    info = dist_utils.get_info()
     state = _on_main(prepare_output_dir, out, opts)
     try:
         prepared = _prepare_work(out, opts, state, plan, target_dir, mine, num_shards, read)

@@ -32,6 +32,7 @@ from deepspec.data.target_features import LAYER_ID_CONVENTION
 from deepspec.errors import DataError
 from deepspec.utils import distributed as dist_utils
 from deepspec.utils.io import atomic_write_json
+from deepspec.utils.locks import LOCK_NAME
 
 TARGET_DTYPE_NAMES = ("bf16", "fp32")
 
@@ -101,7 +102,7 @@ def prepare_output_dir(out: str, opts: CacheBuildOptions) -> str:
     """'fresh' | 'resume' | 'complete'; clears the directory for --overwrite."""
     has_manifest = os.path.isfile(os.path.join(out, MANIFEST))
     has_plan = os.path.isfile(os.path.join(out, PLAN))
-    non_empty = os.path.isdir(out) and bool(os.listdir(out))
+    non_empty = os.path.isdir(out) and bool(set(os.listdir(out)) - {LOCK_NAME})  # the build's own lock
     if not non_empty:
         os.makedirs(out, exist_ok=True)
         return "fresh"
@@ -277,7 +278,7 @@ def check_not_empty(
     before any shard is written."""
     from collections import Counter
 
-    from deepspec.data.chat import PROMPT_TOO_LONG
+    from deepspec.data.chat import NO_ANSWER, PROMPT_TOO_LONG
 
     done = [load_commit_record(out, k) for k in range(num_shards)]
     if pending_samples + sum(r["samples"] for r in done if r) > 0:
@@ -305,11 +306,12 @@ def check_not_empty(
     for reason in drops:
         if reason == PROMPT_TOO_LONG:
             fixes.append("raise data.max_length")
-        elif reason.startswith("with <"):
+        elif reason == NO_ANSWER:
             fixes.append(
-                "the rows need assistant answers (regenerate them with scripts/data/generate_train_data.py) "
-                "or a lower data.min_loss_tokens"
+                "the rows need assistant answers: regenerate them with scripts/data/generate_train_data.py"
             )
+        elif reason.startswith("with <"):
+            fixes.append("their answers are too short: lower data.min_loss_tokens")
         elif reason == "untokenizable":
             fixes.append("fix the rows the chat template rejects")
     counts = ", ".join(f"{n} {reason}" for reason, n in sorted(drops.items()))

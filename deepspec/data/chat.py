@@ -23,6 +23,7 @@ from typing import Any
 from deepspec.errors import DataError
 
 PROMPT_TOO_LONG = "prompt longer than max_length"
+NO_ANSWER = "with no assistant answer"  # no assistant turn, or only empty ones
 
 
 @dataclass
@@ -182,9 +183,10 @@ class ChatTokenizer:
         """Tokenize, truncate to ``max_length`` and drop (return None) samples with fewer
         than ``min_loss_tokens`` supervised tokens; counts go to :attr:`stats`.
 
-        Drop reasons (keys of ``stats.dropped``): :data:`PROMPT_TOO_LONG` when the
-        conversation has supervised tokens but none of them lies within ``max_length``
-        (the text before the first answer fills the window), otherwise
+        Drop reasons (keys of ``stats.dropped``): :data:`NO_ANSWER` when the conversation
+        has no assistant turn with text (nothing to learn from: it needs regenerating),
+        :data:`PROMPT_TOO_LONG` when it has supervised tokens but none of them lies within
+        ``max_length`` (the text before the first answer fills the window), otherwise
         ``"with < k loss tokens"``."""
         sample = self.encode(messages)
         had_loss = sample.num_loss_tokens > 0
@@ -194,7 +196,9 @@ class ChatTokenizer:
                 sample.input_ids[:n], sample.attention_mask[:n], sample.loss_mask[:n], truncated=True
             )
         if sample.num_loss_tokens < max(self.min_loss_tokens, 1):
-            if had_loss and sample.num_loss_tokens == 0:
+            if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+                self.stats.dropped[NO_ANSWER] += 1
+            elif had_loss and sample.num_loss_tokens == 0:
                 self.stats.dropped[PROMPT_TOO_LONG] += 1
             else:
                 self.stats.dropped[f"with < {max(self.min_loss_tokens, 1)} loss tokens"] += 1

@@ -39,6 +39,7 @@ class Conversation:
     id: str
     messages: list[dict[str, str]]  # [{"role": ..., "content": ...}, ...]
     extra: dict[str, Any] = field(default_factory=dict)
+    line: int = field(default=0, compare=False)  # line of its file (0: not read from a file)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, **self.extra, "conversations": self.messages}
@@ -93,6 +94,30 @@ def parse_conversation(row: Any, default_id: str) -> Conversation:
     return Conversation(id=str(raw_id), messages=messages, extra=extra)
 
 
+def describe_json_error(exc: json.JSONDecodeError) -> str:
+    """``invalid JSON (<reason> at column N)`` for an error in one line of a JSONL file.
+
+    ``exc`` comes from parsing that line (its newline included, so the parser's own line and
+    column point past a row cut short: ``line 2 column 1``). The column reported here is the
+    real one in the line, counted in characters from 1; an error at the end of the line's
+    text says the row is cut short."""
+    text = exc.doc.rstrip("\r\n")
+    pos = min(exc.pos, len(text))
+    column = pos - (text.rfind("\n", 0, pos) + 1) + 1  # a JSONL row holds no newline of its own
+    msg = exc.msg.removesuffix(" at")  # "Invalid control character at"
+    if not text[pos:].strip():
+        return f"invalid JSON ({msg} at column {column}, the end of the line: the row is cut short)"
+    return f"invalid JSON ({msg} at column {column})"
+
+
+def duplicate_id_error(path: str, conv_id: str, first_line: int, line: int, why: str) -> DataError:
+    """The error for an id seen twice in one file: the file, the id, both lines and the fix."""
+    return DataError(
+        f"{path}: id {conv_id!r} appears twice (lines {first_line} and {line}); {why}: "
+        "remove the repeated row or give it another id"
+    )
+
+
 def check_data_file(path: str | os.PathLike[str]) -> None:
     """Raise a one-line :class:`DataError` unless ``path`` is a readable regular file."""
     path = os.fspath(path)
@@ -133,8 +158,9 @@ def read_conversations(
                 try:
                     row = json.loads(text)
                     conv = parse_conversation(row, default_id=f"{os.path.basename(path)}:{lineno}")
+                    conv.line = lineno
                 except json.JSONDecodeError as exc:
-                    reason = f"invalid JSON ({exc.msg} at column {exc.colno})"
+                    reason = describe_json_error(exc)
                 except ValueError as exc:
                     reason = str(exc)
                 else:

@@ -12,6 +12,7 @@ import os
 import random
 from dataclasses import dataclass
 
+from deepspec.data.conversations import describe_json_error
 from deepspec.errors import DataError
 
 
@@ -67,7 +68,7 @@ def load_eval_prompts(
             except UnicodeDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte {exc.start}") from None
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+                raise DataError(f"{path}:{lineno}: {describe_json_error(exc)}") from None
             except ValueError as exc:
                 raise DataError(f"{path}:{lineno}: {exc}") from None
             prompts.append(EvalPrompt(task=task, index=lineno - 1, text=turns[0]))

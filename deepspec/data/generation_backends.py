@@ -88,12 +88,23 @@ def parse_address(address: str) -> str:
     if not text:
         raise DataError(f"empty --server-address (expected {ADDRESS_FORM})")
     url = text if "://" in text else "http://" + text
-    parts = urllib.parse.urlsplit(url)
     problem = ""
-    if parts.scheme not in ("http", "https"):
+    try:
+        parts = urllib.parse.urlsplit(url)
+        hostname = parts.hostname  # parses a bracketed IPv6 host: "[zz]" raises
+    except ValueError as exc:  # "http://[::1" (an unclosed bracket), a bad IPv6 address
+        parts, hostname = None, None
+        problem = f"not a valid URL ({' '.join(str(exc).split())})"
+        if "[" in text and "]" not in text:
+            problem += "; close the IPv6 address's bracket, e.g. http://[::1]:30000"
+    if parts is None:
+        pass
+    elif parts.scheme not in ("http", "https"):
         problem = f"scheme {parts.scheme!r} is not http or https"
-    elif not parts.hostname:
+    elif not hostname:
         problem = "no host"
+    elif any(c.isspace() for c in hostname):
+        problem = f"host {hostname!r} contains whitespace"
     else:
         netloc_port = parts.netloc.rpartition("]")[2].rpartition(":")
         port_text = netloc_port[2] if netloc_port[1] else ""
@@ -101,6 +112,10 @@ def parse_address(address: str) -> str:
             problem = "no port"
         elif port_text and not (port_text.isdigit() and 1 <= int(port_text) <= 65535):
             problem = f"port {port_text!r} is not a number from 1 to 65535"
+        elif ":" in netloc_port[0].rpartition("@")[2] and "]" not in parts.netloc:
+            problem = (
+                "more than one ':' after the host (an IPv6 address goes in brackets: http://[::1]:30000)"
+            )
         elif parts.query or parts.fragment:
             problem = "a query or fragment is not expected"
     if problem:

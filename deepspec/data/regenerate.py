@@ -31,7 +31,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from deepspec.data.conversations import Conversation, ReadStats, read_conversations
+from deepspec.data.conversations import (
+    Conversation,
+    ReadStats,
+    describe_json_error,
+    duplicate_id_error,
+    read_conversations,
+)
 from deepspec.data.generation_backends import Completion, RequestError, SamplingParams
 from deepspec.errors import DataError
 from deepspec.utils.io import check_writable_dir, same_file
@@ -118,15 +124,20 @@ def _scan_rows(path: str) -> tuple[set[str], int, int]:
     with open(path, "rb") as fh:
         data = fh.read()
     end = data.rfind(b"\n") + 1
-    for lineno, raw in enumerate(data[:end].splitlines(), start=1):
+    for lineno, raw in enumerate(data[:end].split(b"\n"), start=1):  # "\n" only: the editor's lines
         if not raw.strip():
             continue
         try:
             row = json.loads(raw)
             ids.add(str(row["id"]))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError) as exc:
+            why = (
+                describe_json_error(exc)
+                if isinstance(exc, json.JSONDecodeError)
+                else "no JSON object with an id"
+            )
             raise DataError(
-                f"{path}:{lineno}: not a row written by the generator (no JSON object with an id); "
+                f"{path}:{lineno}: not a row written by the generator ({why}); "
                 "choose another output path, or move this file away"
             ) from None
     return ids, end, len(data)
@@ -209,13 +220,16 @@ def load_input(options: RegenOptions) -> tuple[list[Conversation], ReadStats]:
     stats = ReadStats()
     conversations = list(read_conversations(options.input_path, skip_bad=options.skip_bad_rows, stats=stats))
     seen: dict[str, int] = {}
-    for index, conv in enumerate(conversations, start=1):
+    for conv in conversations:
         if conv.id in seen:
-            raise DataError(
-                f"{options.input_path}: id {conv.id!r} appears twice (rows {seen[conv.id]} and {index}); "
-                f"ids must be unique because --resume matches rows by id"
+            raise duplicate_id_error(
+                options.input_path,
+                conv.id,
+                seen[conv.id],
+                conv.line,
+                "ids must be unique because --resume matches rows by id",
             )
-        seen[conv.id] = index
+        seen[conv.id] = conv.line
     if not conversations:
         what = f"all {stats.skipped} rows are malformed" if stats.skipped else "it has no rows"
         raise DataError(f"--input-file-path {options.input_path}: nothing to regenerate ({what})")

@@ -26,7 +26,7 @@ import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
-from deepspec.data.conversations import Conversation, parse_conversation
+from deepspec.data.conversations import Conversation, describe_json_error, parse_conversation
 from deepspec.errors import DataError
 
 PROMPT_KEYS = ("prompt", "instruction", "question", "query", "problem")
@@ -37,9 +37,15 @@ def _hub_reachable(timeout: float = 5.0) -> tuple[bool, str]:
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False, "HF_HUB_OFFLINE is set"
-    parsed = urllib.parse.urlparse(endpoint)
-    host = parsed.hostname or "huggingface.co"
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        parsed = urllib.parse.urlparse(endpoint)
+        host = parsed.hostname or "huggingface.co"
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    except ValueError as exc:  # "http://[::1", a port that is not a number
+        return (
+            False,
+            f"HF_ENDPOINT {endpoint!r} is not a valid URL ({' '.join(str(exc).split())}): fix or unset it",
+        )
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True, ""
@@ -116,8 +122,14 @@ def _file_rows(path: str, *, skip_bad: bool = False, skipped: dict[str, int]) ->
                 if skip_bad:
                     skipped["not a JSON line"] = skipped.get("not a JSON line", 0) + 1
                     continue
+                if isinstance(exc, json.JSONDecodeError):
+                    reason = describe_json_error(exc)
+                elif isinstance(exc, UnicodeDecodeError):
+                    reason = f"invalid UTF-8 at byte {exc.start}"
+                else:
+                    reason = exc.__class__.__name__
                 raise DataError(
-                    f"{path}:{lineno}: not a JSON row ({exc.__class__.__name__}) "
+                    f"{path}:{lineno}: not a JSON row: {reason} "
                     "(fix the row, or skip malformed rows with --skip-bad-rows)"
                 ) from None
             yield row

@@ -55,12 +55,39 @@ def count_supervised_tokens(
         ids, mask = sample_tokens_of(dataset, int(i))
         picked = np.asarray(ids)[np.asarray(mask).astype(bool)]
         if picked.size and (int(picked.min()) < 0 or int(picked.max()) >= vocab_size):
-            raise DataError(
-                f"sample {i} holds a token id outside the target vocabulary [0, {vocab_size}); "
-                "rebuild the data with this target"
-            )
+            low, high = int(picked.min()), int(picked.max())
+            raise _bad_token_id(dataset, int(i), low if low < 0 else high, vocab_size)
         counts += np.bincount(picked, minlength=vocab_size)
     return counts
+
+
+def _bad_token_id(dataset: Any, i: int, token: int, vocab_size: int) -> DataError:
+    """The error for sample ``i`` holding ``token`` outside ``[0, vocab_size)``.
+
+    The scan reads token ids without the per-sample checksum (it would hash every hidden
+    state); a target cache verifies the sample now, so damaged bytes are reported as a
+    damaged cache naming its directory, shard and row, not as a wrong target."""
+    cache = dataset
+    while not hasattr(cache, "check_sample") and hasattr(cache, "dataset"):  # FirstSamples
+        cache = cache.dataset
+    check = getattr(cache, "check_sample", None)
+    if check is None:  # conversations tokenized in the run: the ids come from the tokenizer
+        return DataError(
+            f"training sample {i} holds token id {token} outside the target vocabulary [0, {vocab_size}); "
+            "the data was tokenized for another target: rebuild it with this target"
+        )
+    path = getattr(cache, "path", "?")
+    verify = f"python -m deepspec.data.cache_reader {path} checks every sample"
+    try:
+        check(i)  # the sample's checksum (and ids, when the manifest records the vocabulary)
+    except DataError as exc:
+        return DataError(f"{exc} ({verify})")
+    where = cache._where(i) if hasattr(cache, "_where") else f"sample {i}"
+    return DataError(
+        f"target cache {path} is damaged: {where} holds token id {token} outside the target's vocabulary "
+        f"[0, {vocab_size}) although its checksum matches (written wrong or for another target); "
+        f"rebuild it with scripts/data/prepare_target_cache.py --overwrite ({verify})"
+    )
 
 
 def select_draft_vocab(counts: np.ndarray, size: int) -> DraftVocab:

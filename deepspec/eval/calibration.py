@@ -153,6 +153,7 @@ def read_eval_run(directory: str) -> tuple[list[dict], np.ndarray | None, dict]:
     import hashlib
     import json
 
+    from deepspec.data.conversations import describe_json_error
     from deepspec.errors import DataError
     from deepspec.eval.settings import RESULTS_NAME, SAMPLES_NAME
 
@@ -163,7 +164,7 @@ def read_eval_run(directory: str) -> tuple[list[dict], np.ndarray | None, dict]:
         config = results["config"]
         with open(os.path.join(directory, SAMPLES_NAME), "rb") as fh:
             raw = fh.read()
-        records = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
+        lines = raw.decode("utf-8").split("\n")
         if not isinstance(config, dict):
             raise TypeError("config is not an object")
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -175,6 +176,15 @@ def read_eval_run(directory: str) -> tuple[list[dict], np.ndarray | None, dict]:
             f"({'none recorded' if not expected else 'an interrupted, mixed or edited write'}); decode it "
             "again with eval.py --output-dir"
         )
+    records = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{os.path.join(directory, SAMPLES_NAME)}:{number}: {describe_json_error(exc)}; {fix}"
+                ) from None
     temps = config.get("confidence_temperatures")
     return records, None if temps is None else np.asarray(temps, dtype=np.float64), config
 

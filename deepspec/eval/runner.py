@@ -31,6 +31,7 @@ from deepspec.eval.settings import (  # noqa: F401 - re-exported: the runner's p
     RESULTS_NAME,
     SAMPLES_NAME,
     EvalSettings,
+    check_draft_supports_policy,
     check_output_dir,
     load_baseline,
     resolve_settings,
@@ -302,6 +303,7 @@ def evaluate(
     from deepspec.drafts.checkpoint import draft_fingerprint, read_calibration
 
     s = resolve_settings(settings)
+    check_draft_supports_policy(s.policy, draft_path, s.confidence_threshold)
     workers = _worker_count(num_workers)
     if s.output_dir:
         check_output_dir(s.output_dir)

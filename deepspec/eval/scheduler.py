@@ -18,6 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# How much steps/s may rise with the token count before a table is refused: profiles on a
+# shared machine wobble (benchmarks/README.md: +2.9% from 24 to 32 tokens at R = 16).
+RISE_TOLERANCE = 0.05
+
 
 @dataclass(frozen=True)
 class SPSTable:
@@ -46,25 +50,51 @@ class SPSTable:
         """The same profile with ``seconds`` per step outside the target's forward."""
         return SPSTable.from_mapping(dict(zip(self.tokens, self.steps_per_second, strict=True)), seconds)
 
+    def first_rise(self, tolerance: float = RISE_TOLERANCE) -> tuple[int, int, float] | None:
+        """``(fewer, more, rise)`` for the first token count ``more`` whose steps/s exceed the
+        lowest steps/s at a smaller count ``fewer`` by more than ``tolerance`` (a fraction),
+        else None. Verifying more tokens never makes a step faster: such a rise is noise or a
+        broken profile."""
+        low_at, low = self.tokens[0], self.steps_per_second[0]
+        for b, sps in zip(self.tokens[1:], self.steps_per_second[1:], strict=True):
+            if sps > low * (1.0 + tolerance):
+                return low_at, b, sps / low - 1.0
+            if sps < low:
+                low_at, low = b, sps
+        return None
+
     @classmethod
     def load(cls, path: str) -> SPSTable:
         """A table written by ``benchmarks/sps_profile.py`` (``steps_per_second``: {B: steps/s},
-        optional ``overhead_seconds``)."""
+        optional ``overhead_seconds``). Steps/s must not rise with the token count by more
+        than :data:`RISE_TOLERANCE` (measurement noise)."""
         import json
+        import os
 
         from deepspec.errors import DataError
 
+        redo = "python benchmarks/sps_profile.py --out <file>"
         try:
-            with open(path, encoding="utf-8") as fh:
+            with open(os.path.expanduser(path), encoding="utf-8") as fh:
                 data = json.load(fh)
             points = data["steps_per_second"]
             overhead = float(data.get("overhead_seconds") or 0.0)
-            return cls.from_mapping({int(b): float(v) for b, v in points.items()}, overhead)
+            table = cls.from_mapping({int(b): float(v) for b, v in points.items()}, overhead)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise DataError(
-                f"SPS table {path} is unreadable ({type(exc).__name__}: {exc}); write it with "
-                "python benchmarks/sps_profile.py --out <file>"
+                f"SPS table {path} is unreadable ({type(exc).__name__}: {exc}); write it with {redo}"
             ) from None
+        rise = table.first_rise()
+        if rise is not None:
+            fewer, more, by = rise
+            at = dict(zip(table.tokens, table.steps_per_second, strict=True))
+            raise DataError(
+                f"SPS table {path}: steps/s rise from {at[fewer]:g} at {fewer} tokens to {at[more]:g} at "
+                f"{more} tokens (+{100 * by:.1f}%, more than the {100 * RISE_TOLERANCE:g}% allowed for noise), "
+                f"but verifying more tokens never makes a step faster; profile again on an idle machine "
+                f"(more --repeats) with {redo}"
+            )
+        return table
 
     def __call__(self, batch_tokens: int) -> float:
         target = float(np.interp(batch_tokens, self.tokens, self.steps_per_second))

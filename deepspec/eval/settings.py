@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-from deepspec.errors import DataError
+from deepspec.errors import ConfigError, DataError
 from deepspec.utils.io import check_writable_dir
 
 
@@ -51,6 +51,36 @@ def resolve_policy(policy: str, confidence_threshold: float) -> str:
     return "threshold" if confidence_threshold > 0 else "fixed"
 
 
+CONFIDENCE_POLICIES = ("threshold", "scheduled")  # they read the draft's confidence head
+
+
+def check_draft_supports_policy(policy: str, draft_path: str, confidence_threshold: float = 0.0) -> None:
+    """Refuse a verification policy that reads confidences (``threshold``, ``scheduled``)
+    for a draft without a confidence head, from the draft's ``config.json`` alone: before
+    the target or the draft loads. ``policy`` may be ``auto`` (resolved here)."""
+    resolved = resolve_policy(policy, confidence_threshold)
+    if resolved not in CONFIDENCE_POLICIES:
+        return
+    from deepspec.drafts import read_draft_config  # not at import: this module stays torch-free
+
+    _, config = read_draft_config(draft_path)
+    if config.algorithm == "dspark" and config.confidence_head:
+        return
+    asked = (
+        f"--policy {resolved}" if policy == resolved else f"--confidence-threshold {confidence_threshold:g}"
+    )
+    what = (
+        "a DSpark draft trained without a confidence head (model.confidence_head_alpha=0)"
+        if config.algorithm == "dspark"
+        else f"a {config.algorithm} draft, which has no confidence head"
+    )
+    raise ConfigError(
+        f"{asked} needs the draft's confidence head, but --draft_name_or_path {draft_path} is {what}; "
+        "use --policy fixed without --confidence-threshold, or a DSpark draft trained with "
+        "model.confidence_head_alpha > 0"
+    )
+
+
 BASELINE_KEYS = (
     "target",
     "temperature",
@@ -87,6 +117,26 @@ def _file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+class _BadLine(ValueError):
+    """A file that is not JSON (JSONL: a line); the message names the file, line and column."""
+
+
+def _read_jsonl(path: str) -> list:
+    """The rows of a JSONL file; a bad line raises :class:`_BadLine`."""
+    from deepspec.data.conversations import describe_json_error
+
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise _BadLine(f"{path}:{lineno}: {describe_json_error(exc)}") from None
+    return rows
+
+
 def load_baseline(directory: str, settings: EvalSettings, target_name: str) -> dict[tuple[str, int], dict]:
     """Plain-decoding records of an earlier ``eval.py --output-dir`` run, keyed by
     (dataset, prompt index); refuses a run made with other decoding settings, and a
@@ -106,18 +156,21 @@ def load_baseline(directory: str, settings: EvalSettings, target_name: str) -> d
     redo = f"run eval.py --output-dir {directory} again or drop --baseline-from"
     try:
         with open(path, encoding="utf-8") as fh:
-            results = json.load(fh)
+            try:
+                results = json.load(fh)
+            except json.JSONDecodeError as exc:  # the whole file parsed: its line and column are real
+                raise _BadLine(
+                    f"{path}: invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+                ) from None
         config = results["config"]
         if not isinstance(config, dict):
             raise TypeError("config is not an object")
-        with open(samples, encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
+        rows = _read_jsonl(samples)
         need = ("baseline_output_token_ids", "baseline_seconds", "prompt_token_ids")
         out = {(r["dataset"], r["index"]): {k: r[k] for k in need} for r in rows}
     except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(
-            f"--baseline-from {directory}: unreadable results ({type(exc).__name__}: {exc}); {redo}"
-        ) from None
+        what = str(exc) if isinstance(exc, _BadLine) else f"{type(exc).__name__}: {exc}"
+        raise DataError(f"--baseline-from {directory}: unreadable results ({what}); {redo}") from None
     expected = results.get("samples_sha256")
     if expected and expected != _file_sha256(samples):
         raise DataError(

@@ -58,6 +58,9 @@ class OnlineSamples(torch.utils.data.Dataset):
                 if sample is not None:
                     self.samples.append((sample.input_ids, sample.loss_mask))
         self.stats = chat.stats
+        check_heldout_split(
+            len(self.samples), cfg, f"data.train_data_paths ({', '.join(cfg.data.train_data_paths)})"
+        )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -68,6 +71,27 @@ class OnlineSamples(torch.utils.data.Dataset):
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "loss_mask": torch.tensor(mask, dtype=torch.uint8),
         }
+
+
+def check_heldout_split(num_samples: int, cfg: Any, source: str) -> None:
+    """Refuse a ``data.heldout_samples`` that leaves fewer training samples than one global
+    batch (the trainer holds out the last samples), naming the held-out count and a value
+    that works. ``source`` names the data (a cache directory, the conversation files)."""
+    n, held, batch = int(num_samples), int(cfg.data.heldout_samples or 0), int(cfg.train.global_batch_size)
+    if held <= 0 or n - held >= batch:
+        return
+    room = n - batch  # the most samples that can be held out
+    if room >= 1:
+        fix = f"hold out at most {room} (e.g. --opts data.heldout_samples={min(room, max(1, n // 10))})"
+    elif room == 0:
+        fix = "set --opts data.heldout_samples=0 (no held-out scoring), lower train.global_batch_size or add data"
+    else:
+        fix = f"add data or lower train.global_batch_size (even without held-out samples {n} < {batch})"
+    left = max(n - held, 0)
+    raise DataError(
+        f"data.heldout_samples={held} holds out {min(held, n)} of the {n} samples of {source}, leaving {left} "
+        f"for training, fewer than one global batch (train.global_batch_size={batch}); {fix}"
+    )
 
 
 def sample_tokens_of(dataset: Any, i: int) -> tuple[np.ndarray, np.ndarray]:

@@ -547,10 +547,14 @@ def split_heldout(dataset: Any, max_samples: int | None, heldout: int) -> tuple[
     held out; training uses the first ``max_samples`` of the rest (all when None). Held-out
     samples keep their cache indices, which seed their anchors."""
     n = len(dataset)
-    if heldout >= n:
+    if heldout > 0 and heldout >= n:
+        hint = (
+            f"hold out fewer (e.g. --opts data.heldout_samples={max(1, n // 10)})"
+            if n > 1
+            else "set --opts data.heldout_samples=0"
+        )
         raise DataError(
-            f"data.heldout_samples={heldout} leaves no training samples of the {n} there are; "
-            f"hold out fewer (e.g. --opts data.heldout_samples={max(0, n // 10)})"
+            f"data.heldout_samples={heldout} holds out all {n} samples, leaving none for training; {hint}"
         )
     stop = n - heldout
     if max_samples is not None:

@@ -67,15 +67,17 @@ def directory_lock(directory: str, what: str, fix: str) -> contextlib.AbstractCo
     def held() -> Iterator[None]:
         created = not os.path.isdir(directory)
         lock = os.path.join(directory, LOCK_NAME)
+        new_file = not os.path.lexists(lock)
         try:
             with exclusive_lock(lock):
                 try:
                     yield
-                finally:
-                    if created and os.listdir(directory) == [LOCK_NAME]:  # the run wrote nothing:
-                        with contextlib.suppress(OSError):  # leave no directory behind
+                finally:  # leave nothing behind that was not there: the lock file (still
+                    with contextlib.suppress(OSError):  # held) and a directory left empty
+                        if new_file:
                             os.unlink(lock)
-                            os.rmdir(directory)
+                        if created:
+                            os.rmdir(directory)  # only when the run wrote nothing there
         except Busy as busy:
             who = f"pid {busy.pid}" if busy.pid else "another process"
             raise EnvironmentProblem(f"{what} is in use by {who} ({busy.path}); {fix}") from None
