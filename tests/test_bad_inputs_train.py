@@ -280,7 +280,8 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(base, done):
         preexec_fn=limit,
         env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
     )
-    assert_one_error(proc, "saving step 6 failed", "step_4 is intact")
+    line = assert_one_error(proc, "saving step 6 failed", "step_4 is intact", "File too large", "ulimit -f")
+    assert f"{run_dir(out)}/.step_6.tmp-" in line  # the file whose write failed
     assert_unchanged(before, *watched)
     assert ckpt.latest_checkpoint(str(run_dir(out))) == str(run_dir(out) / "step_4")
     assert [d for d in os.listdir(run_dir(out)) if ".tmp" in d] == []

@@ -373,6 +373,7 @@ def test_llamacpp_serves_the_export_losslessly_and_drafts_like_deepspec(
     draft_dir = _draft(tmp_path, smollm2_dir, algo, bigrams=bigrams)
     manifest = export_draft(draft_dir, "llamacpp", str(tmp_path / "gguf"), target_dir=smollm2_dir)
     assert manifest["spec_type"] == ("draft-eagle3" if algo == "eagle3" else "draft-dspark")
+    assert sorted(os.listdir(tmp_path / "gguf")) == ["deepspec_export.json", "draft.gguf"]  # no hf/ copy
     log = tmp_path / "spec.log"
     with LlamaServer(
         draft=str(tmp_path / "gguf" / "draft.gguf"),

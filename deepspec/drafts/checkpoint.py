@@ -29,6 +29,7 @@ from deepspec.utils.io import (
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CONFIG_FIX = "copy it again or use another checkpoint"
 
 
 WEIGHTS_CHECKSUM = "weights_checksum"  # xxh3-128 of model.safetensors, in config.json
@@ -128,7 +129,7 @@ def read_draft_config(path: str) -> tuple[str, DraftConfig]:
     """``(architecture, DraftConfig)`` of a checkpoint directory."""
     path = check_draft_dir(path)
     cfg_path = os.path.join(path, CONFIG_NAME)
-    raw = read_json_object(cfg_path, "copy it again or use another checkpoint")
+    raw = read_json_object(cfg_path, CONFIG_FIX)
     arch = (raw.pop("architectures", None) or [""])[0]
     raw.pop("deepspec_version", None)
     for key in IDENTITY_KEYS:
@@ -158,7 +159,7 @@ def read_draft_config(path: str) -> tuple[str, DraftConfig]:
 def recorded_identity(path: str) -> dict[str, str]:
     """The identity keys (:data:`IDENTITY_KEYS`) a checkpoint's ``config.json`` records
     (none for drafts written before deepspec recorded them, or by other code)."""
-    raw = read_json_object(os.path.join(check_draft_dir(path), CONFIG_NAME), "copy the checkpoint again")
+    raw = read_json_object(os.path.join(check_draft_dir(path), CONFIG_NAME), CONFIG_FIX)
     return {k: raw[k] for k in IDENTITY_KEYS if isinstance(raw.get(k), str)}
 
 
@@ -176,8 +177,8 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     expected = recorded_identity(path).get(WEIGHTS_CHECKSUM)
     if expected is not None and weights_checksum(path) != expected:
         raise DataError(
-            f"draft checkpoint {path}: {WEIGHTS_NAME} does not match the {WEIGHTS_CHECKSUM} in its "
-            f"{CONFIG_NAME} (damaged or changed after it was written); copy the checkpoint again or use "
+            f"draft checkpoint {weights} does not match the {WEIGHTS_CHECKSUM} in its {CONFIG_NAME} "
+            "(truncated, damaged or changed after it was written); copy the checkpoint again or use "
             f"an earlier one (if you changed the weights on purpose, delete {WEIGHTS_CHECKSUM} from "
             f"{CONFIG_NAME})"
         )

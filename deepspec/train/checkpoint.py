@@ -263,7 +263,14 @@ _DRAFT_KEY_NAMES = {
     "confidence_head": "model.confidence_head_alpha > 0",
     "target": "target architecture",
 }
-_IGNORED_DRAFT_FIELDS = {"architectures", "deepspec_version", "target_model_name_or_path"}
+# not settings: the target's identity is compared through meta.json, the checksum is the weights'
+_IGNORED_DRAFT_FIELDS = {
+    "architectures",
+    "deepspec_version",
+    "target_model_name_or_path",
+    "target_fingerprint",
+    "weights_checksum",
+}
 
 
 def _short(value: Any) -> str:

@@ -27,7 +27,7 @@ from deepspec.drafts.checkpoint import load_weights, weights_are_finite, write_d
 from deepspec.drafts.fused_head import check_compile_toolchain, use_compiled_vocab_rows
 from deepspec.drafts.losses import block_weights
 from deepspec.drafts.vocab import build_draft_vocab
-from deepspec.errors import DataError, DeepSpecError, Preempted, describe_os_error
+from deepspec.errors import DataError, DeepSpecError, EnvironmentProblem, Preempted, describe_os_error
 from deepspec.train import checkpoint as ckpt
 from deepspec.train.data import DataCursor, EpochOrder, FeatureSource, FirstSamples, OnlineSamples, collate
 from deepspec.train.schedule import build_scheduler, warmup_steps
@@ -531,13 +531,16 @@ try:
 except ImportError:  # pragma: no cover - safetensors always ships it
     SafetensorError = OSError
 # what writing a checkpoint raises when the disk is full, a file too large or the directory
-# read-only: OSError, torch.save's RuntimeError, safetensors' serialisation error
-_WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+# read-only: OSError (deepspec.utils.io.writing names the file), the EnvironmentProblem it
+# makes of a library's write error, torch.save's RuntimeError, safetensors' serialisation error
+_WRITE_ERRORS = (OSError, EnvironmentProblem, RuntimeError, SafetensorError)
 
 
 def _describe_write_error(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return describe_os_error(exc)
+    if isinstance(exc, EnvironmentProblem):
+        return str(exc)
     text = " ".join(str(exc).split())[:200] or type(exc).__name__
     return f"{text}; is the disk full?"
 

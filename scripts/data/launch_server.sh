@@ -279,4 +279,6 @@ done
 
 echo "ready: $NUM $ENGINE worker(s) for $MODEL (logs in $LOG_DIR)"
 echo "  --server-address ${addresses[*]}"
-echo "stop: bash scripts/data/launch_server.sh --engine $ENGINE --model $MODEL --log-dir $LOG_DIR --stop"
+# the stop command, runnable where you stand: every word quoted for the shell (paths with spaces)
+q() { printf '%q' "$1"; }
+echo "stop: bash $(q "${BASH_SOURCE[0]}") --engine $(q "$ENGINE") --model $(q "$MODEL") --log-dir $(q "$LOG_DIR") --stop"

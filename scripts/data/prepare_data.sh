@@ -17,10 +17,16 @@
 # TEMPERATURE, CONCURRENCY, ENGINE (embedded: llama-server or llamacpp), NUM_SERVERS,
 # THREADS (per llama.cpp server), SLOTS (llama-server), PORT (first port),
 # NPROC (cache workers), HIDDEN_DTYPE (bf16|fp8), BATCH (cache forward batch).
+#
+# Runs where you stand: relative paths you give (WORK_DIR, INPUT, CONFIG) name places in your
+# current directory, never inside this checkout. The defaults point into the repository: its
+# data/train_prompts/ prompts, its config/, and out/data/<profile>/ under it. A CONFIG named
+# from the repository root (config/dspark/...) that is not where you stand is the shipped one.
+# INPUT lists files separated by spaces, or by newlines (for paths that hold spaces).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-cd "$ROOT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 PROFILE=${PROFILE:-embedded}
 # OpenMP threads that sleep instead of spinning while they wait: on a shared CPU, torch and
@@ -29,10 +35,10 @@ export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
 case "$PROFILE" in
   embedded)
-    INPUT=${INPUT:-data/train_prompts/mini.jsonl}
+    DEFAULT_INPUT=$ROOT/data/train_prompts/mini.jsonl
     NUM_PROMPTS=${NUM_PROMPTS:-16}
     TEST_SIZE=${TEST_SIZE:-0}
-    CONFIG=${CONFIG:-config/dspark/dspark_smollm2_135m.py}
+    CONFIG=${CONFIG:-$ROOT/config/dspark/dspark_smollm2_135m.py}
     # the native llama-server (continuous batching over parallel slots, benchmarks/README.md:
     # 2.4x the completion tokens/s) when it is built, else the Python llama.cpp servers
     if [ -z "${ENGINE:-}" ]; then
@@ -51,13 +57,13 @@ case "$PROFILE" in
     GEN_EXTRA=()
     NPROC=${NPROC:-1}
     BATCH=${BATCH:-4}
-    CACHE_CMD=("$PY" scripts/data/prepare_target_cache.py --nproc "$NPROC")
+    CACHE_CMD=("$PY" "$ROOT/scripts/data/prepare_target_cache.py" --nproc "$NPROC")
     ;;
   qwen3-4b)
-    INPUT=${INPUT:-$(ls data/train_prompts/mixed_train_*.jsonl | tr '\n' ' ')}
+    DEFAULT_INPUT=$(printf '%s\n' "$ROOT"/data/train_prompts/mixed_train_*.jsonl)
     NUM_PROMPTS=${NUM_PROMPTS:-0}
     TEST_SIZE=${TEST_SIZE:-0}
-    CONFIG=${CONFIG:-config/dspark/dspark_qwen3_4b.py}
+    CONFIG=${CONFIG:-$ROOT/config/dspark/dspark_qwen3_4b.py}
     ENGINE=sglang
     MODEL=Qwen/Qwen3-4B
     NUM_SERVERS=${NUM_SERVERS:-8}
@@ -67,11 +73,23 @@ case "$PROFILE" in
     GEN_EXTRA=(--model "$MODEL" --disable-thinking)
     NPROC=${NPROC:-8}
     BATCH=${BATCH:-8}
-    CACHE_CMD=(torchrun --nproc_per_node "$NPROC" scripts/data/prepare_target_cache.py)
+    CACHE_CMD=(torchrun --nproc_per_node "$NPROC" "$ROOT/scripts/data/prepare_target_cache.py")
     ;;
   *) echo "error: unknown PROFILE '$PROFILE' (choose embedded or qwen3-4b)" >&2; exit 2 ;;
 esac
-WORK_DIR=${WORK_DIR:-out/data/$PROFILE}
+WORK_DIR=${WORK_DIR:-$ROOT/out/data/$PROFILE}
+# INPUT: files separated by newlines when it holds one (paths with spaces), else by spaces
+INPUT=${INPUT:-$DEFAULT_INPUT}
+if [[ "$INPUT" == *$'\n'* ]]; then
+  mapfile -t inputs < <(printf '%s\n' "$INPUT" | sed '/^[[:space:]]*$/d')
+else
+  read -r -a inputs <<< "$INPUT"
+fi
+[ "${#inputs[@]}" -gt 0 ] || { echo "error: prepare_data.sh: INPUT names no prompt file" >&2; exit 2; }
+# a shipped config named from the repository root, when no such file is where you stand
+if [[ "$CONFIG" != /* ]] && [ ! -e "$CONFIG" ] && [ -f "$ROOT/$CONFIG" ]; then
+  CONFIG=$ROOT/$CONFIG
+fi
 TEMPERATURE=${TEMPERATURE:-0.8}
 HIDDEN_DTYPE=${HIDDEN_DTYPE:-bf16}
 PORT=${PORT:-$("$PY" -c "from deepspec.utils.distributed import find_free_port; print(find_free_port())")}
@@ -84,8 +102,7 @@ done_stage() { echo "   ($(( $(date +%s) - stage_start ))s)"; }
 stage "1/3 prompts -> $WORK_DIR/prompts/train.jsonl"
 max_rows=()
 [ "$NUM_PROMPTS" != 0 ] && max_rows=(--max-rows "$NUM_PROMPTS")
-# shellcheck disable=SC2086
-"$PY" scripts/data/download_and_split.py --input $INPUT --name "prompts_$PROFILE" "${max_rows[@]}" \
+"$PY" "$ROOT/scripts/data/download_and_split.py" --input "${inputs[@]}" --name "prompts_$PROFILE" "${max_rows[@]}" \
   --test-size "$TEST_SIZE" --output-dir "$WORK_DIR/prompts" --eval-dir "$WORK_DIR/eval_datasets" --skip-existing
 done_stage
 
@@ -93,14 +110,14 @@ done_stage
 stage "2/3 regenerate answers with $MODEL ($ENGINE) -> $WORK_DIR/regenerated.jsonl"
 LOGS="$WORK_DIR/logs"
 # every prompt already answered (or in the error file): do not start servers (a re-run)
-pending=$("$PY" scripts/data/generate_train_data.py --count-pending \
+pending=$("$PY" "$ROOT/scripts/data/generate_train_data.py" --count-pending \
   --input-file-path "$WORK_DIR/prompts/train.jsonl" --output-file-path "$WORK_DIR/regenerated.jsonl") \
   || pending=unknown
 if [ "$pending" = 0 ]; then
   echo "every prompt already answered in $WORK_DIR/regenerated.jsonl; not starting $ENGINE"
 else
   stop_servers() {
-    bash scripts/data/launch_server.sh --engine "$ENGINE" --model "$MODEL" --log-dir "$LOGS" --stop >/dev/null || true
+    bash "$ROOT/scripts/data/launch_server.sh" --engine "$ENGINE" --model "$MODEL" --log-dir "$LOGS" --stop >/dev/null || true
   }
   trap stop_servers EXIT
   launch_extra=()
@@ -108,11 +125,11 @@ else
     llamacpp) launch_extra=(--threads "$THREADS") ;;
     llama-server) launch_extra=(--threads "$THREADS" --slots "$SLOTS") ;;
   esac
-  bash scripts/data/launch_server.sh --engine "$ENGINE" --model "$MODEL" --num-workers "$NUM_SERVERS" \
+  bash "$ROOT/scripts/data/launch_server.sh" --engine "$ENGINE" --model "$MODEL" --num-workers "$NUM_SERVERS" \
     --base-port "$PORT" --log-dir "$LOGS" "${launch_extra[@]}"
   addresses=()
   for ((i = 0; i < NUM_SERVERS; i++)); do addresses+=("127.0.0.1:$((PORT + i))"); done
-  "$PY" scripts/data/generate_train_data.py --server-address "${addresses[@]}" "${GEN_EXTRA[@]}" \
+  "$PY" "$ROOT/scripts/data/generate_train_data.py" --server-address "${addresses[@]}" "${GEN_EXTRA[@]}" \
     --input-file-path "$WORK_DIR/prompts/train.jsonl" --output-file-path "$WORK_DIR/regenerated.jsonl" \
     --max-tokens "$MAX_TOKENS" --temperature "$TEMPERATURE" --concurrency "$CONCURRENCY" --resume
   stop_servers
@@ -129,4 +146,5 @@ done_stage
 
 echo
 echo "data pipeline done in $(( $(date +%s) - start_all ))s: train with"
-echo "  python train.py --config $CONFIG --opts data.target_cache_path=$WORK_DIR/target_cache"
+q() { printf '%q' "$1"; }
+echo "  target_cache_dir=$(q "$WORK_DIR/target_cache") bash $(q "$ROOT/scripts/train/train.sh") $(q "$CONFIG")"

@@ -12,15 +12,23 @@
 # --policy fixed|threshold|scheduled, --sps-table, --split). Default tasks and caps:
 # gsm8k 500, math500 500, aime25 30, humaneval 164, mbpp 256, livecodebench 500,
 # mt-bench 80, alpaca 500, arena-hard-v2 500; max_new_tokens 2048, temperature 1.0.
+#
+# Runs where you stand: relative paths you give (draft_name_or_path, output_dir,
+# --baseline-from, --sps-table, --eval-datasets-dir) name places in your current directory.
+# The defaults point into the repository: prompts from its eval_datasets/, results in its
+# out/eval/<draft run>_t<temperature>/.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 target_name_or_path=${target_name_or_path:-embedded:smollm2-135m-instruct}
 draft_name_or_path=${draft_name_or_path:-${HOME}/checkpoints/deepspec/dspark_smollm2_135m/step_latest}
 temperature=${temperature:-1.0}
-output_dir=${output_dir:-out/eval/$(basename "$(dirname "${draft_name_or_path}")")_t${temperature}}
+output_dir=${output_dir:-$ROOT/out/eval/$(basename "$(dirname "${draft_name_or_path}")")_t${temperature}}
 
-python eval.py \
+# --eval-datasets-dir comes first: one given in "$@" overrides it (argparse keeps the last)
+exec "${PYTHON:-python3}" "$ROOT/eval.py" \
+    --eval-datasets-dir "$ROOT/eval_datasets" \
     --target_name_or_path "${target_name_or_path}" \
     --draft_name_or_path "${draft_name_or_path}" \
     --temperature "${temperature}" \

@@ -34,18 +34,31 @@
 # SIGTERM or Ctrl-C saves a checkpoint and exits with code 75; rerun the same command to
 # resume (a second Ctrl-C aborts at once, keeping the earlier checkpoints).
 # Checkpoints: ~/checkpoints/<project_name>/<exp_name>/step_<N> and step_latest.
+#
+# Runs where you stand: relative paths (target_cache_dir, paths in --opts) name places in
+# your current directory, never inside this checkout. The config is looked up where you
+# stand first; a shipped one named from the repository root (config/dspark/...) is found
+# from anywhere. No config argument (or options only): config/dspark/dspark_smollm2_135m.py.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 export MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 export RANK=${RANK:-0}
 export WORLD_SIZE=${WORLD_SIZE:-1}
 
-config_path=${1:-config/dspark/dspark_smollm2_135m.py}
-shift || true
+config_path=$ROOT/config/dspark/dspark_smollm2_135m.py
+if [ $# -gt 0 ] && [[ "$1" != -* ]]; then
+  [ -n "$1" ] && config_path=$1
+  shift
+  # a shipped config named from the repository root, when no such file is where you stand
+  if [[ "$config_path" != /* ]] && [ ! -e "$config_path" ] && [ -f "$ROOT/$config_path" ]; then
+    config_path=$ROOT/$config_path
+  fi
+fi
 target_cache_dir=${target_cache_dir:-${HOME}/.cache/deepspec/smollm2_target_cache}
 
-"${PYTHON:-python3}" train.py \
+"${PYTHON:-python3}" "$ROOT/train.py" \
     --config "${config_path}" \
     --opts "data.target_cache_path=${target_cache_dir}" \
     "$@"
