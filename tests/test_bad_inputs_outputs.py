@@ -295,5 +295,5 @@ def test_calibration_into_a_read_only_draft_says_what_to_do(tmp_path):
     with pytest.raises(EnvironmentProblem) as info:
         check_draft_writable(locked)
     message = str(info.value)
-    assert locked in message and "cannot write confidence_calibration.json" in message
+    assert locked in message and "cannot write in" in message and "confidence_calibration.json" in message
     assert "--dry-run" in message and "copy the draft" in message and "\n" not in message

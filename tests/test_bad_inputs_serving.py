@@ -38,24 +38,10 @@ def _repo_entries() -> set[str]:
 
 def _tiny_draft(tmp_path, target_dir: str, name: str = "mydraft") -> str:
     """A DSpark draft for a tiny target that the vLLM export accepts (q/k norms on)."""
-    import torch
+    from tests.conftest import tiny_dspark
 
-    from deepspec.config import load_config
-    from deepspec.drafts import build_draft
-
-    cfg = load_config(
-        opts=[
-            "algorithm=dspark",
-            "model.target_layer_ids=[0, 1]",
-            "model.block_size=3",
-            "model.num_draft_layers=1",
-            "model.markov_rank=8",
-            "model.qk_norm=true",
-        ]
-    )
-    torch.manual_seed(0)
     out = tmp_path / name
-    build_draft(cfg, target_dir).save_pretrained(str(out))
+    tiny_dspark(target_dir, opts=("model.qk_norm=true",)).save_pretrained(str(out))
     return str(out)
 
 

@@ -596,7 +596,7 @@ def test_empty_or_fully_dropped_input_is_refused_and_leaves_no_cache(tmp_path, t
     ) as exc:
         build_target_cache(options(tmp_path / "b", tiny, no_answers))
     one_line(exc)
-    assert not os.listdir(tmp_path / "b")  # no manifest, no plan: not even an unfinished cache
+    assert not (tmp_path / "b").exists()  # no manifest, no plan, no directory: not even an unfinished cache
     build_target_cache(options(tmp_path / "b", tiny, head(4, tmp_path / "ok.jsonl")))  # a fresh start works
     assert len(CacheDataset(tmp_path / "b")) > 0
     # every sample lost later (non-finite hidden states): finalising refuses, no manifest

@@ -232,21 +232,15 @@ def check_rounds_source(name: str, directory: str, config: dict, draft: str, fin
 
 def check_draft_writable(draft: str) -> None:
     """Refuse, before fitting, a draft directory the temperatures cannot be written into."""
-    import tempfile
-
     from deepspec.drafts.checkpoint import CALIBRATION_NAME
-    from deepspec.errors import EnvironmentProblem
+    from deepspec.utils.io import check_writable_dir
 
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".deepspec-write-test-", dir=draft)
-    except OSError as exc:
-        raise EnvironmentProblem(
-            f"--draft {draft}: cannot write {CALIBRATION_NAME} there ({exc.strerror or exc}); make the "
-            "directory writable, or copy the draft somewhere writable and pass the copy, or pass --dry-run "
-            "to report only"
-        ) from None
-    os.close(fd)
-    os.unlink(probe)
+    check_writable_dir(
+        draft,
+        "--draft",
+        fix=f"{CALIBRATION_NAME} goes there: make the directory writable, or copy the draft somewhere "
+        "writable and pass the copy, or pass --dry-run to report only",
+    )
 
 
 def _ece_line(name: str, values: list[float]) -> str:

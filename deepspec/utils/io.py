@@ -182,8 +182,13 @@ def atomic_directory(
         check_replaceable(path, flag, ours=ours, what=what, protect=protect)
         if os.path.lexists(path):  # move the old one aside, put the new one in, then delete
             aside = tempfile.mkdtemp(prefix=_temp_prefix(path), dir=parent)
-            os.rename(path, os.path.join(aside, "old"))
-            os.rename(tmp, path)
+            old = os.path.join(aside, "old")
+            os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)  # the old one goes back where it was
+                raise
             shutil.rmtree(aside, ignore_errors=True)
         else:
             os.rename(tmp, path)
@@ -223,10 +228,10 @@ def same_file(a: str, b: str) -> bool:
         return False
 
 
-def check_writable_dir(directory: str, flag: str) -> None:
+def check_writable_dir(directory: str, flag: str, fix: str = "choose a writable directory") -> None:
     """Refuse, before any work, a ``directory`` that is a file, lies under a file, or cannot
     take new files. Creates nothing: the nearest existing folder on the path is probed with
-    a temporary file. ``flag`` names the option in the one-line error."""
+    a temporary file. ``flag`` names the option in the one-line error, ``fix`` the way out."""
     from deepspec.errors import ConfigError, EnvironmentProblem
 
     path = os.path.abspath(os.path.expanduser(directory))
@@ -240,8 +245,7 @@ def check_writable_dir(directory: str, flag: str) -> None:
         fd, tmp = tempfile.mkstemp(prefix=".deepspec-write-test-", dir=probe)
     except OSError as exc:
         raise EnvironmentProblem(
-            f"{flag} {directory}: cannot write in {probe} ({exc.strerror or exc}); "
-            "choose a writable directory"
+            f"{flag} {directory}: cannot write in {probe} ({exc.strerror or exc}); {fix}"
         ) from None
     os.close(fd)
     os.unlink(tmp)
