@@ -209,6 +209,18 @@ def test_eval_refuses_another_target_of_the_same_family(drafts):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def test_eval_output_dir_holding_files_eval_did_not_write(drafts, tmp_path):
+    mine = tmp_path / "project"
+    keep = _sentinel(mine)
+    (mine / "results.json").write_text('{"my": "numbers"}\n')
+    before = digest_tree(str(mine))
+    cli = ["eval.py", "--target_name_or_path", drafts["target"], "--draft_name_or_path", drafts["draft"]]
+    cli += ["--tasks", "gsm8k", "--max-samples", "1", "--max-new-tokens", "2", "--output-dir", str(mine)]
+    assert_one_error(run_cli(cli), str(mine), "holds results.json that eval.py did not write")
+    assert_unchanged(before, str(mine))
+    assert os.path.isfile(keep)
+
+
 # -- calibration rounds ------------------------------------------------------------------------
 
 
@@ -216,6 +228,7 @@ def _fake_run(directory, drafts, **config) -> str:
     """An eval output directory with one recorded round per sample, as eval.py writes it."""
     import hashlib
 
+    from deepspec.data.fingerprint import target_fingerprint
     from deepspec.drafts.checkpoint import draft_fingerprint
 
     os.makedirs(directory, exist_ok=True)
@@ -235,6 +248,8 @@ def _fake_run(directory, drafts, **config) -> str:
     base = {
         "draft": drafts["draft"],
         "draft_checksum": draft_fingerprint(drafts["draft"]),
+        "target": drafts["target"],
+        "target_fingerprint": target_fingerprint(drafts["target"]),
         "temperature": 0.0,
         "policy": "fixed",
         "split": "calibration",
@@ -251,6 +266,7 @@ def _fake_run(directory, drafts, **config) -> str:
     [
         ({"draft_checksum": "xxh3-128:0"}, ["decoded by another draft"]),
         ({"draft_checksum": None}, ["records no draft fingerprint"]),
+        ({"target_fingerprint": "xxh3-128:0"}, ["verified by another target", "the draft's own target"]),
         ({"temperature": 1.0}, ["decoded at temperature 1.0", "--temperature 0"]),
         ({"split": "report"}, ["decoded the report split", "--split calibration"]),
         ({"policy": "threshold"}, ["--policy threshold", "--policy fixed"]),
@@ -297,3 +313,42 @@ def test_calibration_into_a_read_only_draft_says_what_to_do(tmp_path):
     message = str(info.value)
     assert locked in message and "cannot write in" in message and "confidence_calibration.json" in message
     assert "--dry-run" in message and "copy the draft" in message and "\n" not in message
+
+
+# -- swaps and replaceable directories, in-process -------------------------------------------
+
+
+def test_a_swap_killed_half_way_is_undone_by_the_next_run(tmp_path):
+    """A replace killed between moving the old output aside and renaming the new one in
+    leaves the old one in an abandoned temporary directory: it is put back, not deleted."""
+    from deepspec.utils.locks import remove_abandoned
+
+    old = tmp_path / ".out.deepspec-tmp-killed" / "old"
+    old.mkdir(parents=True)
+    (old / "deepspec_export.json").write_text("{}\n")
+    half = tmp_path / ".out.deepspec-tmp-half"  # the new one, never renamed in
+    half.mkdir()
+    removed = remove_abandoned(str(tmp_path), ".out.deepspec-tmp-", restore_to=str(tmp_path / "out"))
+    assert len(removed) == 2
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert (tmp_path / "out" / "deepspec_export.json").read_text() == "{}\n"
+
+
+def test_save_pretrained_never_replaces_a_training_step(drafts, tmp_path):
+    """A step directory holds the resumable trainer state next to the draft: it is not a
+    plain draft checkpoint, so save_pretrained refuses it (and replaces a plain one)."""
+    from deepspec.drafts import load_draft
+    from deepspec.errors import ConfigError
+
+    step = shutil.copytree(drafts["draft"], tmp_path / "step_4")
+    (step / "COMPLETE").write_text("4\n")
+    (step / "trainer_state").mkdir()
+    before = digest_tree(str(step))
+    model = load_draft(str(step))
+    with pytest.raises(ConfigError, match="already exists and is not a draft checkpoint"):
+        model.save_pretrained(str(step))
+    assert_unchanged(before, str(step))
+    plain = shutil.copytree(drafts["draft"], tmp_path / "plain")
+    model.save_pretrained(str(plain))
+    saved = json.loads((plain / "config.json").read_text())
+    assert saved["target_fingerprint"] == json.loads((step / "config.json").read_text())["target_fingerprint"]

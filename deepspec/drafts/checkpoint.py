@@ -76,8 +76,12 @@ def write_draft_files(
 
 def is_draft_dir(path: str) -> bool:
     """``path`` holds a draft checkpoint deepspec wrote (a config.json naming one of its
-    architectures, and weights)."""
+    architectures, and weights) and nothing more: a training step directory (``COMPLETE``,
+    ``trainer_state/``, see :mod:`deepspec.train.checkpoint`) is not replaceable."""
     from deepspec.drafts.registry import ARCHITECTURES
+
+    if any(os.path.exists(os.path.join(path, name)) for name in ("COMPLETE", "trainer_state")):
+        return False
 
     try:
         with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as fh:

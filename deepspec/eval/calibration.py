@@ -191,8 +191,10 @@ def read_eval_run(directory: str) -> tuple[list[dict], np.ndarray | None, dict]:
 
 def check_rounds_source(name: str, directory: str, config: dict, draft: str, fingerprint: str) -> None:
     """Refuse rounds this fit cannot vouch for: decoded by another draft (by the weights'
-    fingerprint, not the path), not greedy, not fully verified, or on the wrong prompt split
-    (calibration rounds on the calibration split; held-out rounds on the report split)."""
+    fingerprint, not the path) or verified by another target than the draft was trained for,
+    not greedy, not fully verified, or on the wrong prompt split (calibration rounds on the
+    calibration split; held-out rounds on the report split)."""
+    from deepspec.drafts.checkpoint import TARGET_FINGERPRINT, recorded_identity
     from deepspec.errors import DataError
 
     redo = f"decode them again: eval.py --draft_name_or_path {draft} --temperature 0 --policy fixed"
@@ -207,6 +209,12 @@ def check_rounds_source(name: str, directory: str, config: dict, draft: str, fin
         raise DataError(
             f"the {name} run {directory} was decoded by another draft ({config.get('draft')}, weights "
             f"{recorded}) than --draft {draft} ({fingerprint}); {redo} --split {split}"
+        )
+    trained_for = recorded_identity(draft).get(TARGET_FINGERPRINT)
+    if trained_for and config.get("target_fingerprint") != trained_for:
+        raise DataError(
+            f"the {name} run {directory} was verified by another target ({config.get('target')}) than "
+            f"{draft} was trained for; {redo} --split {split} and the draft's own target"
         )
     if config.get("temperature") != 0:
         raise DataError(

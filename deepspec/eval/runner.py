@@ -299,6 +299,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a draft checkpoint on ``settings.tasks``; one worker per visible GPU (prompts
     split round-robin), else one CPU worker. Writes outputs when ``output_dir`` is set."""
+    from deepspec.data.fingerprint import target_fingerprint
     from deepspec.drafts import read_draft_config
     from deepspec.drafts.checkpoint import draft_fingerprint, read_calibration
 
@@ -346,6 +347,7 @@ def evaluate(
             "draft": draft_path,
             "draft_algorithm": draft_config.algorithm,
             "draft_checksum": draft_fingerprint(os.path.expanduser(draft_path)),
+            "target_fingerprint": target_fingerprint(target_dir),
             "confidence_temperatures": read_calibration(os.path.expanduser(draft_path)),
             "workers": workers,
         },

@@ -105,8 +105,27 @@ def resolve_settings(settings: EvalSettings) -> EvalSettings:
 
 
 def check_output_dir(directory: str, flag: str = "--output-dir") -> None:
-    """Refuse, before any decoding, an output directory that is a file or not writable."""
+    """Refuse, before any decoding, an output directory that is a file or not writable, and
+    one whose ``results.json`` / ``samples.jsonl`` eval.py did not write (they would be
+    replaced): an earlier eval run is the only thing deepspec overwrites there."""
     check_writable_dir(directory, flag)
+    path = os.path.expanduser(directory)
+    clash = [n for n in (RESULTS_NAME, SAMPLES_NAME) if os.path.lexists(os.path.join(path, n))]
+    if clash and not _is_eval_run(path):
+        raise DataError(
+            f"{flag} {directory} holds {' and '.join(clash)} that eval.py did not write (they would be "
+            "replaced); choose another directory, or move them away"
+        )
+
+
+def _is_eval_run(directory: str) -> bool:
+    """``directory/results.json`` is one eval.py wrote (its config and per-dataset results)."""
+    try:
+        with open(os.path.join(directory, RESULTS_NAME), encoding="utf-8") as fh:
+            results = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return isinstance(results, dict) and isinstance(results.get("config"), dict) and "datasets" in results
 
 
 def _file_sha256(path: str) -> str:

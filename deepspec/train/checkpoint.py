@@ -72,8 +72,12 @@ def _replace_latest(root: str, step_name: str) -> None:
     if os.path.lexists(tmp):
         os.unlink(tmp)
     os.symlink(step_name, tmp)
-    if os.path.isdir(os.path.join(root, LATEST)) and not os.path.islink(os.path.join(root, LATEST)):
-        shutil.rmtree(os.path.join(root, LATEST))  # a real directory squatting on the name
+    squatter = os.path.join(root, LATEST)
+    if os.path.isdir(squatter) and not os.path.islink(squatter):  # a real directory on the name:
+        if os.path.isfile(os.path.join(squatter, COMPLETE)):  # a copied step checkpoint goes,
+            shutil.rmtree(squatter)
+        else:  # anything else is moved out of the way, never deleted
+            os.rename(squatter, tempfile.mkdtemp(prefix=f"{LATEST}.moved-", dir=root) + "/" + LATEST)
     os.replace(tmp, os.path.join(root, LATEST))
     fsync_dir(root)
 

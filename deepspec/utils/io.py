@@ -173,15 +173,17 @@ def atomic_directory(
     path = check_replaceable(path, flag, ours=ours, what=what, protect=protect)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    remove_abandoned(parent, _temp_prefix(path))
+    remove_abandoned(parent, _temp_prefix(path), restore_to=path)
     tmp = tempfile.mkdtemp(prefix=_temp_prefix(path), dir=parent)
-    fd = hold_directory(tmp)
+    held: list[int] = []
     try:
+        held.append(hold_directory(tmp))
         make_dir_public(tmp)
         yield tmp
         check_replaceable(path, flag, ours=ours, what=what, protect=protect)
         if os.path.lexists(path):  # move the old one aside, put the new one in, then delete
             aside = tempfile.mkdtemp(prefix=_temp_prefix(path), dir=parent)
+            held.append(hold_directory(aside))  # killed half-way: the next run puts it back
             old = os.path.join(aside, "old")
             os.rename(path, old)
             try:
@@ -196,7 +198,8 @@ def atomic_directory(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        os.close(fd)
+        for fd in held:
+            os.close(fd)
     fsync_dir(parent)
 
 
