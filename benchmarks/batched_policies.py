@@ -63,10 +63,10 @@ def main() -> None:
     from deepspec.drafts import load_draft
     from deepspec.drafts.checkpoint import read_calibration
     from deepspec.eval.batch_decode import plain_generate_batch, speculative_generate_batch
-    from deepspec.eval.calibration import read_eval_run
     from deepspec.eval.policies import VerifyPolicy
     from deepspec.eval.ragged_target import RaggedTarget
     from deepspec.eval.scheduler import SPSTable
+    from deepspec.eval.settings import read_eval_run
     from deepspec.eval.simulator import recorded_rounds, simulate
     from deepspec.targets import resolve_target
     from deepspec.targets.load import load_target_model, load_target_tokenizer
@@ -84,7 +84,8 @@ def main() -> None:
     temps = read_calibration(args.draft)
     calibration_rounds = None
     if args.calibration_run:
-        records, decoded_with = read_eval_run(args.calibration_run)
+        results, records = read_eval_run(args.calibration_run, "--calibration-run", "decode it again")
+        decoded_with = results["config"].get("confidence_temperatures")
         calibration_rounds = recorded_rounds(records, decoded_with, temps)
     common = dict(max_new_tokens=args.max_new_tokens, temperature=0.0, eos_ids=eos)
     speculative_generate_batch(RaggedTarget(model, layers, 2), draft, all_prompts[:2], **common)  # warm-up

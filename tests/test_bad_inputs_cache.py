@@ -381,15 +381,5 @@ def test_training_on_a_corrupted_cache_stops_with_one_line(env, cache_copy, tmp_
             cache_copy / cache.shards[int(rec["shard"])]["file"],
             int(rec["offset"]) + 5 * int(rec["seq_len"]) + 3,
         )
-    opts = {
-        "model.target_model_name_or_path": env["target"], "model.target_layer_ids": "[0,2]",
-        "model.block_size": 4, "model.num_draft_layers": 1, "model.markov_rank": 8, "model.num_anchors": 16,
-        "data.target_cache_path": str(cache_copy), "data.max_length": 256, "data.min_loss_tokens": 4,
-        "data.num_workers": 0, "train.precision": "fp32", "train.torch_compile": "false",
-        "train.global_batch_size": 2, "train.local_batch_size": 2, "train.max_train_steps": 2,
-        "logging.checkpoint_root": str(tmp_path / "ck"), "logging.tensorboard_root": str(tmp_path / "tb"),
-        "exp_name": "run",
-    }  # fmt: skip
-    args = ["train.py", "--config", "config/dspark/dspark_smollm2_135m.py", "--opts",
-            *[f"{k}={v}" for k, v in opts.items()]]  # fmt: skip
+    args = train_args(env, cache_copy, tmp_path)
     refused(args, f"target cache {cache_copy}", "failed its checksum", "--resume", watch=[cache_copy])

@@ -235,7 +235,9 @@ def test_calibration_cli_and_file_errors(world, tmp_path):
     draft = _copy(world, "calibrated")
     before = digest_tree(draft)
     cli = ["-m", "deepspec.eval.calibration", "--draft", draft]
-    assert_one_error(run_cli([*cli, "--rounds", str(tmp_path / "none")]), "unreadable eval run")
+    assert_one_error(
+        run_cli([*cli, "--rounds", str(tmp_path / "none")]), "the calibration run", "is not a directory"
+    )
     assert_one_error(
         run_cli([*cli[:-2], "--draft", str(tmp_path / "none"), "--rounds", world["earlier"]]),
         "is not a draft checkpoint directory",

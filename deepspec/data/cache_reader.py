@@ -330,8 +330,7 @@ def validate_cache_for_config(
 
     Compares layer ids, hidden size, the target's fingerprint, the tokenizer + chat
     template fingerprint, ``max_length`` and ``min_loss_tokens``; raises one
-    :class:`DataError` line naming every mismatch. Then checks that ``data.heldout_samples``
-    leaves a global batch of training samples. Returns the opened dataset.
+    :class:`DataError` line naming every mismatch. Returns the opened dataset.
     """
     from transformers import AutoTokenizer
 
@@ -381,9 +380,6 @@ def validate_cache_for_config(
             + "; ".join(problems)
             + " (rebuild the cache)"
         )
-    from deepspec.train.data import check_heldout_split
-
-    check_heldout_split(len(cache), cfg, f"target cache {cache.path}")
     return cache
 
 

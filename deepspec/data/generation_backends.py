@@ -93,13 +93,11 @@ def parse_address(address: str) -> str:
         parts = urllib.parse.urlsplit(url)
         hostname = parts.hostname  # parses a bracketed IPv6 host: "[zz]" raises
     except ValueError as exc:  # "http://[::1" (an unclosed bracket), a bad IPv6 address
-        parts, hostname = None, None
         problem = f"not a valid URL ({' '.join(str(exc).split())})"
         if "[" in text and "]" not in text:
             problem += "; close the IPv6 address's bracket, e.g. http://[::1]:30000"
-    if parts is None:
-        pass
-    elif parts.scheme not in ("http", "https"):
+        raise DataError(f"--server-address {address!r}: {problem} (expected {ADDRESS_FORM})") from None
+    if parts.scheme not in ("http", "https"):
         problem = f"scheme {parts.scheme!r} is not http or https"
     elif not hostname:
         problem = "no host"

@@ -98,8 +98,7 @@ def save_draft(model: DraftModel, out_dir: str) -> None:
     :func:`~deepspec.drafts.build_draft` built it from."""
     from deepspec.data.fingerprint import target_fingerprint
 
-    fingerprint = getattr(model, "target_fingerprint", None)
-    target = getattr(model, "target_dir", None)
+    fingerprint, target = model.target_fingerprint, model.target_dir
     if fingerprint is None and target and os.path.isfile(os.path.join(target, CONFIG_NAME)):
         fingerprint = target_fingerprint(target)
     with atomic_directory(

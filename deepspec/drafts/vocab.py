@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepspec.data.cache_reader import REBUILD_HINT
 from deepspec.errors import DataError
 
 
@@ -65,28 +66,25 @@ def _bad_token_id(dataset: Any, i: int, token: int, vocab_size: int) -> DataErro
     """The error for sample ``i`` holding ``token`` outside ``[0, vocab_size)``.
 
     The scan reads token ids without the per-sample checksum (it would hash every hidden
-    state); a target cache verifies the sample now, so damaged bytes are reported as a
-    damaged cache naming its directory, shard and row, not as a wrong target."""
+    state); a target cache checks the sample now (its checksum, and its ids when it knows
+    the vocabulary), so damaged bytes are reported as a damaged cache naming its shard and
+    row, not as data built for another target."""
     cache = dataset
     while not hasattr(cache, "check_sample") and hasattr(cache, "dataset"):  # FirstSamples
         cache = cache.dataset
-    check = getattr(cache, "check_sample", None)
-    if check is None:  # conversations tokenized in the run: the ids come from the tokenizer
+    if not hasattr(cache, "check_sample"):  # conversations tokenized in the run
         return DataError(
             f"training sample {i} holds token id {token} outside the target vocabulary [0, {vocab_size}); "
             "the data was tokenized for another target: rebuild it with this target"
         )
-    path = getattr(cache, "path", "?")
-    verify = f"python -m deepspec.data.cache_reader {path} checks every sample"
+    verify = f"python -m deepspec.data.cache_reader {cache.path} checks every sample"
     try:
-        check(i)  # the sample's checksum (and ids, when the manifest records the vocabulary)
+        cache.check_sample(i)
     except DataError as exc:
         return DataError(f"{exc} ({verify})")
-    where = cache._where(i) if hasattr(cache, "_where") else f"sample {i}"
     return DataError(
-        f"target cache {path} is damaged: {where} holds token id {token} outside the target's vocabulary "
-        f"[0, {vocab_size}) although its checksum matches (written wrong or for another target); "
-        f"rebuild it with scripts/data/prepare_target_cache.py --overwrite ({verify})"
+        f"target cache {cache.path}: sample {i} holds token id {token} outside the target's vocabulary "
+        f"[0, {vocab_size}) although its checksum matches; {REBUILD_HINT} ({verify})"
     )
 
 

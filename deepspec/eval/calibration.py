@@ -146,49 +146,6 @@ def rounds_from_records(
     return logits, drafted, survived
 
 
-def read_eval_run(directory: str) -> tuple[list[dict], np.ndarray | None, dict]:
-    """Sample records of an ``eval.py --output-dir`` run, the confidence temperatures it
-    decoded with, and its settings (``results.json``'s ``config``). A ``samples.jsonl`` that
-    does not match the SHA-256 its ``results.json`` recorded is refused."""
-    import hashlib
-    import json
-
-    from deepspec.data.conversations import describe_json_error
-    from deepspec.errors import DataError
-    from deepspec.eval.settings import RESULTS_NAME, SAMPLES_NAME
-
-    fix = "pass a directory written by eval.py --output-dir with a DSpark draft"
-    try:
-        with open(os.path.join(directory, RESULTS_NAME), encoding="utf-8") as fh:
-            results = json.load(fh)
-        config = results["config"]
-        with open(os.path.join(directory, SAMPLES_NAME), "rb") as fh:
-            raw = fh.read()
-        lines = raw.decode("utf-8").split("\n")
-        if not isinstance(config, dict):
-            raise TypeError("config is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{directory}: unreadable eval run ({type(exc).__name__}: {exc}); {fix}") from None
-    expected = results.get("samples_sha256")
-    if expected != hashlib.sha256(raw).hexdigest():
-        raise DataError(
-            f"{directory}: {SAMPLES_NAME} does not match the SHA-256 its {RESULTS_NAME} recorded "
-            f"({'none recorded' if not expected else 'an interrupted, mixed or edited write'}); decode it "
-            "again with eval.py --output-dir"
-        )
-    records = []
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{os.path.join(directory, SAMPLES_NAME)}:{number}: {describe_json_error(exc)}; {fix}"
-                ) from None
-    temps = config.get("confidence_temperatures")
-    return records, None if temps is None else np.asarray(temps, dtype=np.float64), config
-
-
 def check_rounds_source(name: str, directory: str, config: dict, draft: str, fingerprint: str) -> None:
     """Refuse rounds this fit cannot vouch for: decoded by another draft (by the weights'
     fingerprint, not the path) or verified by another target than the draft was trained for,
@@ -270,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from deepspec.errors import DataError
     from deepspec.eval.metrics import calibration_stats
+    from deepspec.eval.settings import read_eval_run
 
     parser = ArgumentParser(
         prog="python -m deepspec.eval.calibration",
@@ -293,12 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     current = read_calibration(draft)
     if not args.dry_run:
         check_draft_writable(draft)
-    runs = {"calibration": (args.rounds, read_eval_run(args.rounds))}
-    if args.heldout:
-        runs["held-out"] = (args.heldout, read_eval_run(args.heldout))
+    runs = {"calibration": args.rounds, **({"held-out": args.heldout} if args.heldout else {})}
     data = {}
-    for name, (directory, (records, used, config)) in runs.items():
+    for name, directory in runs.items():
+        redo = f"decode it again with eval.py --output-dir {directory} and this draft"
+        results, records = read_eval_run(directory, f"the {name} run", redo)
+        config = results["config"]
         check_rounds_source(name, directory, config, draft, fingerprint)
+        used = config.get("confidence_temperatures")
         if (used is None) != (current is None) or (used is not None and not np.allclose(used, current)):
             raise DataError(
                 f"the {name} run decoded with other confidence temperatures than {draft} holds now; "

@@ -128,27 +128,17 @@ def _is_eval_run(directory: str) -> bool:
     return isinstance(results, dict) and isinstance(results.get("config"), dict) and "datasets" in results
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class _BadLine(ValueError):
     """A file that is not JSON (JSONL: a line); the message names the file, line and column."""
 
 
-def _read_jsonl(path: str) -> list:
-    """The rows of a JSONL file; a bad line raises :class:`_BadLine`."""
+def _jsonl_rows(raw: bytes, path: str) -> list:
+    """The rows of a JSONL file's bytes; a bad line raises :class:`_BadLine`."""
     from deepspec.data.conversations import describe_json_error
 
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
+    for lineno, line in enumerate(raw.decode("utf-8").split("\n"), start=1):
+        if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
@@ -156,23 +146,20 @@ def _read_jsonl(path: str) -> list:
     return rows
 
 
-def load_baseline(directory: str, settings: EvalSettings, target_name: str) -> dict[tuple[str, int], dict]:
-    """Plain-decoding records of an earlier ``eval.py --output-dir`` run, keyed by
-    (dataset, prompt index); refuses a run made with other decoding settings, and a
-    ``samples.jsonl`` that is torn or does not belong to its ``results.json``."""
+def read_eval_run(directory: str, what: str, redo: str) -> tuple[dict, list[dict]]:
+    """``(results, sample rows)`` of an earlier ``eval.py --output-dir`` run. One-line
+    :class:`DataError` s (``what`` names the run, ``redo`` is the fix) for a missing run, a
+    torn ``results.json`` or ``samples.jsonl`` (real line and column), and samples that do
+    not match the SHA-256 their ``results.json`` recorded (an interrupted or mixed write)."""
     directory = os.path.expanduser(directory)
     path = os.path.join(directory, RESULTS_NAME)
     samples = os.path.join(directory, SAMPLES_NAME)
     if not os.path.isdir(directory):
-        raise DataError(
-            f"--baseline-from {directory} is not a directory; pass an earlier eval.py --output-dir"
-        )
+        raise DataError(f"{what} {directory} is not a directory; pass an earlier eval.py --output-dir")
     if not (os.path.isfile(path) and os.path.isfile(samples)):
         raise DataError(
-            f"--baseline-from {directory}: no {RESULTS_NAME} + {SAMPLES_NAME} there; pass an earlier "
-            "eval.py --output-dir (made without --no-baseline)"
+            f"{what} {directory}: no {RESULTS_NAME} + {SAMPLES_NAME} there; pass an earlier eval.py --output-dir"
         )
-    redo = f"run eval.py --output-dir {directory} again or drop --baseline-from"
     try:
         with open(path, encoding="utf-8") as fh:
             try:
@@ -181,21 +168,37 @@ def load_baseline(directory: str, settings: EvalSettings, target_name: str) -> d
                 raise _BadLine(
                     f"{path}: invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
                 ) from None
-        config = results["config"]
-        if not isinstance(config, dict):
-            raise TypeError("config is not an object")
-        rows = _read_jsonl(samples)
-        need = ("baseline_output_token_ids", "baseline_seconds", "prompt_token_ids")
-        out = {(r["dataset"], r["index"]): {k: r[k] for k in need} for r in rows}
-    except (ValueError, KeyError, TypeError) as exc:
-        what = str(exc) if isinstance(exc, _BadLine) else f"{type(exc).__name__}: {exc}"
-        raise DataError(f"--baseline-from {directory}: unreadable results ({what}); {redo}") from None
+        if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
+            raise TypeError("no config object")
+        with open(samples, "rb") as fh:
+            raw = fh.read()
+        rows = _jsonl_rows(raw, samples)
+    except (ValueError, TypeError) as exc:
+        detail = str(exc) if isinstance(exc, _BadLine) else f"{type(exc).__name__}: {exc}"
+        raise DataError(f"{what} {directory}: unreadable results ({detail}); {redo}") from None
     expected = results.get("samples_sha256")
-    if expected and expected != _file_sha256(samples):
+    if expected and expected != hashlib.sha256(raw).hexdigest():
         raise DataError(
-            f"--baseline-from {directory}: {SAMPLES_NAME} does not belong to {RESULTS_NAME} "
-            f"(an interrupted or mixed write); {redo}"
+            f"{what} {directory}: {SAMPLES_NAME} does not belong to {RESULTS_NAME} (an interrupted, "
+            f"mixed or edited write); {redo}"
         )
+    return results, rows
+
+
+def load_baseline(directory: str, settings: EvalSettings, target_name: str) -> dict[tuple[str, int], dict]:
+    """Plain-decoding records of an earlier ``eval.py --output-dir`` run, keyed by
+    (dataset, prompt index); refuses a run made with other decoding settings, and a
+    ``samples.jsonl`` that is torn or does not belong to its ``results.json``."""
+    redo = f"run eval.py --output-dir {directory} again or drop --baseline-from"
+    results, rows = read_eval_run(directory, "--baseline-from", redo)
+    config = results["config"]
+    need = ("baseline_output_token_ids", "baseline_seconds", "prompt_token_ids")
+    try:
+        out = {(r["dataset"], r["index"]): {k: r[k] for k in need} for r in rows}
+    except (KeyError, TypeError) as exc:
+        raise DataError(
+            f"--baseline-from {directory}: unreadable results ({type(exc).__name__}: {exc}); {redo}"
+        ) from None
     mine = {**asdict(settings), "target": target_name}
     defaults = {"split": "report", "batch_size": 1}  # runs written before these settings existed
     diff = [

@@ -28,11 +28,10 @@ from deepspec.export.layouts import (
     text_config,
 )
 from deepspec.export.source import (
+    EXPORT_OUT,
     MANIFEST,
     DraftSource,
-    check_out,
     input_layer_ids,
-    is_export_dir,
     mask_host_id,
 )
 from deepspec.utils.io import atomic_directory, atomic_write_json, save_tensors, writing
@@ -389,10 +388,7 @@ def _atomic_export(
     """Run ``write(tmp)`` in a fresh directory that replaces ``out`` (new, empty or an earlier
     export) once it holds the export and its manifest
     (:func:`deepspec.utils.io.atomic_directory`). Returns the manifest."""
-    check_out(out, src.path)
-    with atomic_directory(
-        out, flag="--out", ours=is_export_dir, what="an earlier deepspec export", protect=[src.path]
-    ) as tmp:
+    with atomic_directory(out, **EXPORT_OUT, protect=[src.path]) as tmp:
         manifest = {
             "format": fmt,
             "algorithm": src.algorithm,

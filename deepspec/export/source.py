@@ -37,15 +37,17 @@ def is_export_dir(path: str) -> bool:
         return False
 
 
+# what an export's --out may replace (deepspec.utils.io.check_replaceable / atomic_directory)
+EXPORT_OUT = {"flag": "--out", "ours": is_export_dir, "what": "an earlier deepspec export"}
+
+
 def check_out(out: str, draft_dir: str, target_dir: str | None = None) -> str:
     """``out`` made absolute when an export may be written there: new, empty or an earlier
     export, and neither the draft, the target nor the working directory inside it."""
     from deepspec.utils.io import check_replaceable
 
     protect = [draft_dir] + ([target_dir] if target_dir and os.path.exists(target_dir) else [])
-    return check_replaceable(
-        out, "--out", ours=is_export_dir, what="an earlier deepspec export", protect=protect
-    )
+    return check_replaceable(out, **EXPORT_OUT, protect=protect)
 
 
 class ExportRefused(DataError):

@@ -58,9 +58,6 @@ class OnlineSamples(torch.utils.data.Dataset):
                 if sample is not None:
                     self.samples.append((sample.input_ids, sample.loss_mask))
         self.stats = chat.stats
-        check_heldout_split(
-            len(self.samples), cfg, f"data.train_data_paths ({', '.join(cfg.data.train_data_paths)})"
-        )
 
     def __len__(self) -> int:
         return len(self.samples)

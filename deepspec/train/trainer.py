@@ -29,7 +29,15 @@ from deepspec.drafts.losses import block_weights
 from deepspec.drafts.vocab import build_draft_vocab
 from deepspec.errors import DataError, DeepSpecError, EnvironmentProblem, Preempted, describe_os_error
 from deepspec.train import checkpoint as ckpt
-from deepspec.train.data import DataCursor, EpochOrder, FeatureSource, FirstSamples, OnlineSamples, collate
+from deepspec.train.data import (
+    DataCursor,
+    EpochOrder,
+    FeatureSource,
+    FirstSamples,
+    OnlineSamples,
+    check_heldout_split,
+    collate,
+)
 from deepspec.train.schedule import build_scheduler, warmup_steps
 from deepspec.utils import distributed as dist_utils
 
@@ -120,6 +128,7 @@ class Trainer:
     def _dataset(self, target_dir: str) -> tuple[Any, Any, range | None]:
         """(all samples, the training samples, the held-out sample indices or None)."""
         cfg = self.cfg
+        source = f"data.train_data_paths ({', '.join(cfg.data.train_data_paths)})"
         if cfg.data.mode == "offline":
             from deepspec.data.cache_reader import validate_cache_for_config
 
@@ -132,9 +141,10 @@ class Trainer:
             dataset = validate_cache_for_config(
                 os.path.expanduser(cfg.data.target_cache_path), cfg, target_dir
             )
+            source = f"target cache {dataset.path}"
         else:
             dataset = OnlineSamples(cfg, target_dir)
-        return (dataset, *split_heldout(dataset, cfg.data.max_samples, cfg.data.heldout_samples))
+        return (dataset, *split_heldout(dataset, cfg, source))
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         if not self.info.distributed:
@@ -545,20 +555,13 @@ def _describe_write_error(exc: BaseException) -> str:
     return f"{text}; is the disk full?"
 
 
-def split_heldout(dataset: Any, max_samples: int | None, heldout: int) -> tuple[Any, range | None]:
-    """(training samples, held-out sample indices or None): the last ``heldout`` samples are
-    held out; training uses the first ``max_samples`` of the rest (all when None). Held-out
-    samples keep their cache indices, which seed their anchors."""
-    n = len(dataset)
-    if heldout > 0 and heldout >= n:
-        hint = (
-            f"hold out fewer (e.g. --opts data.heldout_samples={max(1, n // 10)})"
-            if n > 1
-            else "set --opts data.heldout_samples=0"
-        )
-        raise DataError(
-            f"data.heldout_samples={heldout} holds out all {n} samples, leaving none for training; {hint}"
-        )
+def split_heldout(dataset: Any, cfg: Any, source: str) -> tuple[Any, range | None]:
+    """(training samples, held-out sample indices or None): the last ``data.heldout_samples``
+    are held out (refused when they leave less than a global batch; ``source`` names the
+    data); training uses the first ``data.max_samples`` of the rest (all when None).
+    Held-out samples keep their cache indices, which seed their anchors."""
+    n, heldout, max_samples = len(dataset), cfg.data.heldout_samples, cfg.data.max_samples
+    check_heldout_split(n, cfg, source)
     stop = n - heldout
     if max_samples is not None:
         stop = min(stop, max_samples)

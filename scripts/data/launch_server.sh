@@ -38,6 +38,7 @@
 set -euo pipefail
 
 PY=${PYTHON:-python3}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 ENGINE=llamacpp
 MODEL=""
 NUM=1
@@ -128,20 +129,7 @@ fi
 # Every port must be free: a server already there would answer the readiness probe.
 for ((i = 0; i < NUM; i++)); do
   port=$((BASE + i))
-  why=$("$PY" - "$HOST" "$port" <<'PYEOF' 2>&1
-import socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-try:
-    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do
-        sock.bind(addr)
-except OSError as exc:
-    import errno
-    print(("taken" if exc.errno == errno.EADDRINUSE else "other") + " " + (exc.strerror or str(exc)))
-    sys.exit(1)
-PYEOF
-  ) || {
+  why=$(cd "$ROOT" && "$PY" -m deepspec.utils.ports "$HOST" "$port" 2>&1) || {
     case "$why" in
       taken*) die 1 "port $port on $HOST is already in use (another server?): stop that process or choose another --base-port" ;;
       *) die 1 "cannot listen on $HOST:$port (${why#other }): check --host and --base-port" ;;

@@ -74,17 +74,7 @@ if [ "$DRAFT" != none ]; then
   is_gguf "$DRAFT" || die "--draft $DRAFT is not a GGUF file (it does not start with 'GGUF'); pass the draft.gguf written by python -m deepspec.export <draft> --to llamacpp --out DIR"
 fi
 # the port must be free: llama-server would otherwise fail after loading both models
-why=$("$PY" - "$PORT" <<'PYEOF' 2>&1
-import errno, socket, sys
-try:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as llama-server does
-        sock.bind(("127.0.0.1", int(sys.argv[1])))
-except OSError as exc:
-    print(("taken" if exc.errno == errno.EADDRINUSE else "other") + " " + (exc.strerror or str(exc)))
-    sys.exit(1)
-PYEOF
-) || {
+why=$(cd "$ROOT" && "$PY" -m deepspec.utils.ports 127.0.0.1 "$PORT" 2>&1) || {
   case "$why" in
     taken*) die "port $PORT on 127.0.0.1 is already in use (another server?): stop that process or choose another --port" ;;
     *) die "cannot listen on 127.0.0.1:$PORT (${why#other }): choose another --port" ;;

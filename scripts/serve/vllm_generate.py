@@ -49,6 +49,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 MAX_MODEL_LEN = 2048
 EXPORT_MANIFEST = "deepspec_export.json"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]$")
+EXPORT_IT = "python -m deepspec.export <draft> --to vllm --out DIR"
 
 
 def cache_root() -> str:
@@ -150,16 +151,10 @@ def check_draft(draft: str, method: str | None) -> str:
     export_hint = f"export it first with python -m deepspec.export {shlex.quote(draft)} --to vllm --out DIR"
     if not os.path.isdir(draft):
         if os.path.exists(draft):
-            raise ConfigError(
-                f"--draft {draft} is a file; pass the directory written by "
-                "python -m deepspec.export <draft> --to vllm --out DIR"
-            )
+            raise ConfigError(f"--draft {draft} is a file; pass the directory written by {EXPORT_IT}")
         if HUB_ID.match(draft) and not draft.startswith((".", "~")):
             return method or "eagle3"  # a hub id: vLLM downloads it
-        raise ConfigError(
-            f"--draft {draft} does not exist; pass the directory written by "
-            "python -m deepspec.export <draft> --to vllm --out DIR"
-        )
+        raise ConfigError(f"--draft {draft} does not exist; pass the directory written by {EXPORT_IT}")
     manifest_path = os.path.join(draft, EXPORT_MANIFEST)
     if os.path.isfile(manifest_path):
         manifest = read_json(manifest_path, "export manifest")
@@ -167,7 +162,7 @@ def check_draft(draft: str, method: str | None) -> str:
         if exported not in METHODS:
             raise ConfigError(
                 f"--draft {draft} is not a vLLM export ({EXPORT_MANIFEST} names no vLLM method); "
-                f"export the draft with python -m deepspec.export <draft> --to vllm --out DIR"
+                f"export the draft with {EXPORT_IT}"
             )
         if method is not None and method != exported:
             raise ConfigError(
@@ -177,20 +172,13 @@ def check_draft(draft: str, method: str | None) -> str:
         return exported
     config_path = os.path.join(draft, "config.json")
     config = read_json(config_path, "draft config") if os.path.isfile(config_path) else None
-    parent = os.path.dirname(os.path.abspath(draft))
-    training = (
-        (isinstance(config, dict) and "deepspec_version" in config)
-        or os.path.isdir(os.path.join(draft, "trainer_state"))
-        or os.path.isfile(os.path.join(draft, "COMPLETE"))
-        or os.path.isdir(os.path.join(parent, "trainer_state"))
+    training = (isinstance(config, dict) and "deepspec_version" in config) or os.path.isdir(
+        os.path.join(draft, "trainer_state")
     )
     if training:
         raise ConfigError(f"--draft {draft} is a deepspec training checkpoint, not an export; {export_hint}")
     if config is None:
-        raise ConfigError(
-            f"--draft {draft} has no config.json; pass the directory written by "
-            "python -m deepspec.export <draft> --to vllm --out DIR"
-        )
+        raise ConfigError(f"--draft {draft} has no config.json; pass the directory written by {EXPORT_IT}")
     return method or "eagle3"  # another HF-format Eagle3 draft
 
 
