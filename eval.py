@@ -37,15 +37,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--confidence-threshold",
         type=float,
         default=0.0,
-        help="threshold policy: verify the drafted prefix whose cumulative confidence stays >= this",
+        help="threshold policy (the DeepSpec reference's rule): verify the drafted tokens before the "
+        "first slot whose own confidence c_k = sigmoid(l_k) is below this (none when slot 0 is)",
+    )
+    parser.add_argument(
+        "--survival-threshold",
+        type=float,
+        default=0.0,
+        help="cumulative policy: verify the drafted tokens before the first slot whose cumulative "
+        "survival c_0 * ... * c_k is below this",
     )
     parser.add_argument(
         "--policy",
-        choices=("auto", "fixed", "threshold", "scheduled"),
+        choices=("auto", "fixed", "threshold", "cumulative", "scheduled"),
         default="auto",
         help="how many drafted tokens to verify: fixed (the whole block), threshold "
-        "(--confidence-threshold), scheduled (DSpark's prefix scheduler with --sps-table); "
-        "auto = threshold when --confidence-threshold is set, else fixed",
+        "(--confidence-threshold), cumulative (--survival-threshold), scheduled (DSpark's prefix "
+        "scheduler with --sps-table); auto = the policy of the threshold flag given, else fixed",
     )
     parser.add_argument(
         "--sps-table",
@@ -128,18 +136,13 @@ def check_args(args: argparse.Namespace) -> list[str]:
     if args.max_samples is not None:
         check_number("--max-samples", args.max_samples, low=1)
     check_number("--confidence-threshold", args.confidence_threshold, low=0, high=1)
+    check_number("--survival-threshold", args.survival_threshold, low=0, high=1)
     if not 0 <= args.seed <= MAX_SEED:
         raise ConfigError(f"--seed must be an integer in 0..{MAX_SEED}, got {args.seed}")
     if args.num_workers is not None:
         check_number("--num-workers", args.num_workers, low=1)
     check_number("--batch-size", args.batch_size, low=1)
-    from deepspec.eval.settings import resolve_policy
-
-    policy = resolve_policy(args.policy, args.confidence_threshold)
-    if policy == "threshold" and args.confidence_threshold <= 0:
-        raise ConfigError("--policy threshold needs --confidence-threshold > 0")
-    if policy != "threshold" and args.confidence_threshold > 0:
-        raise ConfigError(f"--confidence-threshold applies to --policy threshold, not {policy}")
+    policy = check_policy_args(args)
     if policy == "scheduled" and not args.sps_table:
         raise ConfigError(
             "--policy scheduled needs --sps-table (write one with python benchmarks/sps_profile.py)"
@@ -152,6 +155,21 @@ def check_args(args: argparse.Namespace) -> list[str]:
         if not getattr(args, flag).strip():
             raise ConfigError(f"--{flag} is empty; pass a path or name")
     return parse_tasks(args.tasks, args.eval_datasets_dir)
+
+
+def check_policy_args(args: argparse.Namespace) -> str:
+    """The verification policy the flags ask for; refuses a threshold policy without its
+    threshold, a threshold flag given to another policy, and both threshold flags under auto."""
+    from deepspec.eval.settings import THRESHOLD_FLAGS, resolve_policy
+
+    policy = resolve_policy(args.policy, args.confidence_threshold, args.survival_threshold)
+    given = {"threshold": args.confidence_threshold, "cumulative": args.survival_threshold}
+    for name, flag in THRESHOLD_FLAGS.items():
+        if policy == name and given[name] <= 0:
+            raise ConfigError(f"--policy {name} needs {flag} > 0")
+        if policy != name and given[name] > 0:
+            raise ConfigError(f"{flag} applies to --policy {name}, not {policy}")
+    return policy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,8 +197,17 @@ def main(argv: list[str] | None = None) -> int:
         from deepspec.eval.scheduler import SPSTable
 
         SPSTable.load(args.sps_table)
+    from deepspec.drafts.checkpoint import resolve_draft
+
+    local = os.path.expanduser(args.draft_name_or_path)  # the label: the step, or the hub id's name
+    draft_label = os.path.basename(
+        os.path.realpath(local) if os.path.exists(local) else os.path.normpath(local)
+    )
+    args.draft_name_or_path = resolve_draft(args.draft_name_or_path)  # a hub id: downloaded once
     # a policy that reads confidences needs a draft with a confidence head: its config.json says
-    check_draft_supports_policy(args.policy, args.draft_name_or_path, args.confidence_threshold)
+    check_draft_supports_policy(
+        args.policy, args.draft_name_or_path, args.confidence_threshold, args.survival_threshold
+    )
     settings = resolve_settings(
         EvalSettings(
             tasks=tasks,
@@ -188,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             confidence_threshold=args.confidence_threshold,
+            survival_threshold=args.survival_threshold,
             seed=args.seed,
             eval_datasets_dir=args.eval_datasets_dir,
             output_dir=args.output_dir,
@@ -228,8 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         target_name=args.target_name_or_path,
         num_workers=args.num_workers,
     )
-    name = os.path.basename(os.path.realpath(os.path.expanduser(args.draft_name_or_path)).rstrip("/"))
-    print(format_table(results, f"{draft.algorithm}:{name}"))
+    print(format_table(results, f"{draft.algorithm}:{draft_label}"))
     if args.output_dir:
         print(f"results: {os.path.join(args.output_dir, 'results.json')}")
     return 0

@@ -1,6 +1,6 @@
-"""Measured and simulated throughput of batched speculative decoding under the three
-verification policies (fixed length, confidence threshold, DSpark's prefix scheduler),
-against plain batched decoding, at several batch sizes.
+"""Measured and simulated throughput of batched speculative decoding under the four
+verification policies (fixed length, per-slot confidence threshold, cumulative-survival
+threshold, DSpark's prefix scheduler), against plain batched decoding, at several batch sizes.
 
     python benchmarks/batched_policies.py --draft DRAFT [--batch-sizes 1,4,16] [--prompts 32]
         [--max-new-tokens 96] [--sps out/sps_cpu_r{rows}.json] [--calibration-run RUN]
@@ -10,12 +10,14 @@ against plain batched decoding, at several batch sizes.
   batching (:mod:`deepspec.eval.batch_decode`); every method decodes the same prompts.
 * ``--sps``: the SPS table per batch size (``{rows}`` is replaced by the batch size), from
   ``benchmarks/sps_profile.py --rows B``; the scheduler reads it, and so does the simulator.
-* The threshold is tuned per batch size with the simulator on the rounds of
+* The ``threshold`` policy's ``t`` (cut at the first slot whose confidence is below it) and
+  the ``cumulative`` policy's ``t`` (cut where the running product of the confidences falls
+  below it) are each tuned per batch size with the simulator on the rounds of
   ``--calibration-run`` (an ``eval.py --split calibration`` run of the same draft), from
-  0.01 to 0.95; without it, ``--threshold``.
+  0.01 to 0.95; without it, ``--confidence-threshold`` and ``--survival-threshold``.
 * Prompts: ``max(--prompts, 4 B)`` so that most steps run with all ``B`` rows busy.
 * Simulated: :func:`deepspec.eval.simulator.simulate` replays the rounds of the measured
-  fixed-length run at that batch size (each request's drafts, calibrated survival and
+  fixed-length run at that batch size (each request's drafts, calibrated confidences and
   accepted length) with nothing else from the runs: a step takes ``1 / SPS(B + verified)``
   of the same table (profiled with ``--draft``, so it includes the draft's time). It is
   compared with the measured throughput over the steady steps: all ``B`` rows decoding and
@@ -53,7 +55,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--sps", default="out/sps_cpu_r{rows}.json")
     parser.add_argument("--calibration-run", default=None)
-    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--confidence-threshold", type=float, default=0.5, help="threshold policy's t")
+    parser.add_argument("--survival-threshold", type=float, default=0.5, help="cumulative policy's t")
     parser.add_argument("--out", default="out/batched_policies.json")
     args = parser.parse_args()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -100,18 +103,20 @@ def main() -> None:
             dict(batch=batch, method="plain", tokens_per_second=plain_tps, decode_tps=plain_decode)
         )
         print(f"B={batch:3d} plain      {plain_tps:7.1f} tok/s (decode steps {plain_decode:.1f})", flush=True)
-        threshold = args.threshold
+        thresholds = {"threshold": args.confidence_threshold, "cumulative": args.survival_threshold}
         if calibration_rounds is not None:
             grid = np.array([0.01, 0.02, 0.03, 0.05, 0.075, *np.round(np.arange(0.1, 0.96, 0.05), 2)])
-            scores = [
-                simulate(calibration_rounds, sps, batch=batch, policy="threshold", value=float(t), steps=400)
-                for t in grid
-            ]
-            threshold = float(grid[int(np.argmax([s.tokens_per_second for s in scores]))])
+            for name in thresholds:
+                scores = [
+                    simulate(calibration_rounds, sps, batch=batch, policy=name, value=float(t), steps=400)
+                    for t in grid
+                ]
+                thresholds[name] = float(grid[int(np.argmax([s.tokens_per_second for s in scores]))])
         fixed_rounds = None
         for policy in (
             VerifyPolicy(),
-            VerifyPolicy("threshold", threshold),
+            VerifyPolicy("threshold", thresholds["threshold"]),
+            VerifyPolicy("cumulative", thresholds["cumulative"]),
             VerifyPolicy("scheduled", sps=sps),
         ):
             run = speculative_generate_batch(
@@ -159,7 +164,7 @@ def main() -> None:
             )
             rows_out.append(row)
             print(
-                f"B={batch:3d} {policy.describe():<24} {row['tokens_per_second']:7.1f} tok/s "
+                f"B={batch:3d} {policy.describe():<28} {row['tokens_per_second']:7.1f} tok/s "
                 f"x{row['speedup']:.2f}  decode {decode_tps:6.1f} (x{row['decode_speedup']:.2f}) "
                 f"sim {sim.tokens_per_second:6.1f} ({100 * row['simulated_error']:+.1f}%)  tau {tau:.2f} "
                 f"verified {verified:.2f}",

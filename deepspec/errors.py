@@ -41,12 +41,6 @@ class EnvironmentProblem(DeepSpecError):
     """The machine cannot do what was asked: a full disk, a read-only directory, no compiler."""
 
 
-class NotBuiltYetError(DeepSpecError):
-    """A pipeline stage that this version of deepspec does not provide yet."""
-
-    exit_code = 3
-
-
 class Preempted(DeepSpecError):
     """A run stopped by SIGTERM or Ctrl-C after saving a checkpoint; the same command resumes."""
 

@@ -14,6 +14,18 @@ if ROOT not in sys.path:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests need a CUDA device: skipped, with the reason, where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (the gpu marker)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
     """HF directory of the embedded SmolLM2-135M-Instruct (converted once, then cached)."""

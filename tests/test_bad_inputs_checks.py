@@ -63,8 +63,12 @@ def _eval(draft: str, *extra: str, target: str, datasets: str = DATASETS):
          "model.confidence_head_alpha=0"),
         ("dflash", ["--policy", "threshold", "--confidence-threshold", "0.3"], "--policy threshold",
          "a dflash draft, which has no confidence head"),
+        ("dspark_no_head", ["--survival-threshold", "0.5"], "--survival-threshold 0.5", "without a confidence head"),
+        ("dflash", ["--policy", "cumulative", "--survival-threshold", "0.3"], "--policy cumulative",
+         "a dflash draft, which has no confidence head"),
     ],
-    ids=["dspark-auto-threshold", "dspark-threshold", "dflash-threshold"],
+    ids=["dspark-auto-threshold", "dspark-threshold", "dflash-threshold", "dspark-auto-cumulative",
+         "dflash-cumulative"],
 )  # fmt: skip
 def test_confidence_policy_without_a_head_is_refused_before_any_model_loads(drafts, draft, args, asked, what):
     missing_target = str(drafts["root"] / "no_target")  # never resolved: the draft's config decides

@@ -177,6 +177,7 @@ def test_eval_overflowing_draft_stops_every_worker_with_one_line(world):
         ("--max-samples", "-2", "--max-samples must be a finite number >= 1"),
         ("--confidence-threshold", "1.5", "--confidence-threshold must be a finite number >= 0 and <= 1"),
         ("--confidence-threshold", "nan", "--confidence-threshold must be a finite number"),
+        ("--survival-threshold", "-0.1", "--survival-threshold must be a finite number >= 0 and <= 1"),
         ("--seed", "-1", "--seed must be an integer in 0..4294967295"),
         ("--num-workers", "0", "--num-workers must be a finite number >= 1"),
         ("--batch-size", "0", "--batch-size must be a finite number >= 1"),
@@ -213,6 +214,15 @@ def test_eval_task_list(world, tasks, fragment):
         (["--policy", "scheduled"], "--policy scheduled needs --sps-table"),
         (["--policy", "threshold"], "--policy threshold needs --confidence-threshold > 0"),
         (["--policy", "fixed", "--confidence-threshold", "0.5"], "applies to --policy threshold, not fixed"),
+        (["--policy", "cumulative"], "--policy cumulative needs --survival-threshold > 0"),
+        (
+            ["--policy", "threshold", "--confidence-threshold", "0.5", "--survival-threshold", "0.5"],
+            "--survival-threshold applies to --policy cumulative, not threshold",
+        ),
+        (
+            ["--confidence-threshold", "0.5", "--survival-threshold", "0.5"],
+            "pass only one of --confidence-threshold",
+        ),
         (["--sps-table", "table.json"], "--sps-table is read by --policy scheduled only"),
         (["--policy", "scheduled", "--sps-table", "missing.json"], "SPS table missing.json is unreadable"),
         (["--split", "calibration", "--max-samples", "1000"], "would overlap the reported ones"),

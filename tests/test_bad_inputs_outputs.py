@@ -270,6 +270,7 @@ def _fake_run(directory, drafts, **config) -> str:
         ({"temperature": 1.0}, ["decoded at temperature 1.0", "--temperature 0"]),
         ({"split": "report"}, ["decoded the report split", "--split calibration"]),
         ({"policy": "threshold"}, ["--policy threshold", "--policy fixed"]),
+        ({"policy": "cumulative"}, ["--policy cumulative", "--policy fixed"]),
     ],
 )
 def test_calibration_refuses_rounds_it_cannot_vouch_for(drafts, tmp_path, config, fragments):

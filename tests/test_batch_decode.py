@@ -153,10 +153,11 @@ def test_batched_greedy_with_mixed_acceptance_eos_and_length_limits(tmp_path_fac
         VerifyPolicy(),
         VerifyPolicy("fixed", 2),
         VerifyPolicy("threshold", 0.5),
+        VerifyPolicy("cumulative", 0.5),
         VerifyPolicy("scheduled", sps=FLAT),
         VerifyPolicy("scheduled", sps=SPSTable.from_mapping({1: 10.0, 4: 8.0, 16: 2.0})),
     ]
-    verified = []
+    verified, longest = [], {}
     for policy in policies:
         for batch in (1, 3, 7):
             run = speculative_generate_batch(
@@ -173,6 +174,7 @@ def test_batched_greedy_with_mixed_acceptance_eos_and_length_limits(tmp_path_fac
             if policy == VerifyPolicy():
                 assert len(set(accepted)) >= 4  # mixed acceptance lengths across the batch
             verified.append(sum(st.verified for st in run.steps))
+            longest[policy.name, policy.value] = max(k for r in run.results for k in r.proposed)
             if batch == 1:  # the single-request loop takes the same policies, same choices
                 for p, r in zip(PROMPTS, run.results, strict=True):
                     single = speculative_generate(
@@ -189,42 +191,50 @@ def test_batched_greedy_with_mixed_acceptance_eos_and_length_limits(tmp_path_fac
             RaggedTarget(model, [0, 1], 3), draft, PROMPTS, max_new_tokens=6, temperature=0, eos_ids=set()
         )
         assert [r.output_ids for r in limited.results] == [r[:6] for r in refs]
-    fixed_all, fixed_2, threshold, flat, steep = (verified[i * 3 : i * 3 + 3] for i in range(5))
-    assert all(t < a for t, a in zip(threshold, fixed_all, strict=True))
+    fixed_all, _, _, _, flat, steep = (verified[i * 3 : i * 3 + 3] for i in range(6))
+    # confidences .95 .8125 .675 .5375 .4: the first slot below .5 is the fifth (threshold
+    # verifies 4 of 5); the running product .95 .772 .521 .280 falls below .5 at the fourth
+    assert longest["fixed", 0.0] == 5
+    assert longest["threshold", 0.5] == 4 and longest["cumulative", 0.5] == 3
     assert flat == fixed_all  # a flat SPS table admits every token with survival > 0
     assert all(s < f for s, f in zip(steep[1:], flat[1:], strict=True))  # a steep one admits fewer
 
 
 def test_policies_choose_lengths_and_refuse_bad_settings():
-    survival = [[0.9, 0.6, 0.3], [0.8, 0.2, 0.1]]
+    confidence = [[0.9, 0.6, 0.3], [0.8, 0.2, 0.1]]  # per slot; survival .9 .54 .162 and .8 .16 .016
     assert VerifyPolicy().lengths([3, 3], None) == [3, 3]
     assert VerifyPolicy("fixed", 2).lengths([3, 1], None) == [2, 1]
-    assert VerifyPolicy("threshold", 0.5).lengths([3, 3], survival) == [2, 1]
-    assert VerifyPolicy("threshold", 0.5).lengths([1, 3], survival) == [1, 1]  # within what was drafted
-    assert VerifyPolicy("scheduled", sps=FLAT).lengths([3, 3], survival) == [3, 3]
+    assert VerifyPolicy("threshold", 0.5).lengths([3, 3], confidence) == [2, 1]
+    assert VerifyPolicy("threshold", 0.5).lengths([1, 3], confidence) == [1, 1]  # within what was drafted
+    assert VerifyPolicy("cumulative", 0.5).lengths([3, 3], confidence) == [2, 1]
+    assert VerifyPolicy("threshold", 0.35).lengths([3, 3], confidence) == [2, 1]  # .3 and .2 are below
+    assert VerifyPolicy("cumulative", 0.15).lengths([3, 3], confidence) == [3, 2]  # .162 stays, .016 not
+    assert VerifyPolicy("scheduled", sps=FLAT).lengths([3, 3], confidence) == [3, 3]
     steep = SPSTable.from_mapping({2: 10.0, 3: 6.0})  # a third token costs 40% of the steps
-    assert VerifyPolicy("scheduled", sps=steep).lengths([3, 3], survival) == [0, 0]
+    assert VerifyPolicy("scheduled", sps=steep).lengths([3, 3], confidence) == [0, 0]
     with pytest.raises(ConfigError, match="unknown verification policy"):
         VerifyPolicy("greedy")
     with pytest.raises(ConfigError, match="needs an SPS table"):
         VerifyPolicy("scheduled")
-    with pytest.raises(ConfigError, match=r"in \[0, 1\]"):
-        VerifyPolicy("threshold", 1.5)
+    for name in ("threshold", "cumulative"):
+        with pytest.raises(ConfigError, match=rf"the {name} policy's threshold must lie in \[0, 1\]"):
+            VerifyPolicy(name, 1.5)
+        with pytest.raises(ConfigError, match="confidence head"):
+            VerifyPolicy(name, 0.5).lengths([3], None)
     with pytest.raises(ConfigError, match="integer >= 0"):
         VerifyPolicy("fixed", 1.5)
-    with pytest.raises(ConfigError, match="confidence head"):
-        VerifyPolicy("threshold", 0.5).lengths([3], None)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "algo, extra, policy",
     [
-        ("dspark", [], VerifyPolicy("threshold", 0.3)),
+        ("dspark", [], VerifyPolicy("threshold", 0.5)),  # confidences near .5: slot 0 is often cut
+        ("dspark", [], VerifyPolicy("cumulative", 0.5)),
         ("dspark", ["model.context_window=2", "model.qk_norm=true"], VerifyPolicy("scheduled", sps=FLAT)),
         ("eagle3", [], VerifyPolicy()),
     ],
-    ids=["dspark-threshold", "dspark-window-scheduled", "eagle3"],
+    ids=["dspark-threshold", "dspark-cumulative", "dspark-window-scheduled", "eagle3"],
 )
 def test_batched_speculative_sampling_is_lossless(small_target, single_thread, algo, extra, policy):  # noqa: F811
     """4 requests in flight, each request's first three tokens follow the target's law."""
@@ -249,6 +259,8 @@ def test_batched_speculative_sampling_is_lossless(small_target, single_thread, a
         counts[tuple(r.output_ids)] += 1
     accepted = {m for r in run.results for m in r.accepted}
     assert accepted >= {0, 1}  # rows accept different numbers of tokens in the same round
+    if policy.name in ("threshold", "cumulative"):  # a first round has room for 1 drafted token
+        assert 0 < sum(r.proposed[0] == 0 for r in run.results) < n  # the cut at slot 0 happens
     pvalue, tv, bound = law_check(counts, exact)
     assert pvalue > 1e-4 and tv < bound, (pvalue, tv, bound)
 

@@ -52,7 +52,7 @@ def test_shipped_config_loads(path):
         assert (cfg.model.ce_loss_alpha, cfg.model.l1_loss_alpha) == (1.0, 0.0)
     if algo == "dspark":
         assert cfg.model.markov_rank > 0 and cfg.model.confidence_head_alpha > 0
-    if target != "smollm2_135m":  # the reference hyperparameters (DESIGN §2)
+    if target != "smollm2_135m":  # the reference hyperparameters (docs/DESIGN.md §2)
         assert cfg.train.lr == 6e-4 and cfg.train.global_batch_size == 512
         assert cfg.train.num_train_epochs == 10 and cfg.data.max_length == 4096
         if algo != "eagle3":

@@ -310,7 +310,7 @@ def small_target(tmp_path_factory):
     [
         ("dflash", [], 0.0),
         ("dspark", [], 0.0),
-        ("dspark", ["model.markov_head_type=gated", "model.context_window=2", "model.qk_norm=true"], 0.3),
+        ("dspark", ["model.markov_head_type=gated", "model.context_window=2", "model.qk_norm=true"], 0.5),
         ("dspark", ["model.draft_vocab_size=3"], 0.0),
         ("eagle3", [], 0.0),
     ],

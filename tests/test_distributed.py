@@ -16,7 +16,6 @@ def _collectives(out_dir: str) -> None:
     info = du.init_distributed()
     try:
         total = du.all_reduce_sum([info.rank + 1, 10])
-        biggest = du.all_reduce_max(float(info.rank * 5))
         shared = du.broadcast_object({"from": info.rank, "value": [1, 2]} if info.rank == 0 else None)
         on_main = du.run_on_main(lambda: f"computed by {du.get_info().rank}")
         try:
@@ -27,7 +26,7 @@ def _collectives(out_dir: str) -> None:
         du.barrier()
         record = dict(
             rank=info.rank, world=info.world_size, local_rank=info.local_rank, backend=info.backend,
-            device=info.device, total=total, biggest=biggest, shared=shared, on_main=on_main, outcome=outcome,
+            device=info.device, total=total, shared=shared, on_main=on_main, outcome=outcome,
         )  # fmt: skip
         with open(os.path.join(out_dir, f"rank{info.rank}.json"), "w") as fh:
             json.dump(record, fh)
@@ -133,7 +132,7 @@ def test_two_gloo_ranks_collectives_and_error_propagation(tmp_path):
     for rank, rec in enumerate(records):
         assert (rec["rank"], rec["world"], rec["local_rank"]) == (rank, 2, rank)
         assert rec["backend"] == "gloo" and rec["device"] == "cpu"
-        assert rec["total"] == [3.0, 20.0] and rec["biggest"] == 5.0
+        assert rec["total"] == [3.0, 20.0]
         assert rec["shared"] == {"from": 0, "value": [1, 2]}
         assert rec["on_main"] == "computed by 0"
     assert records[0]["outcome"] == "DataError: bad data on rank 0"
@@ -168,3 +167,20 @@ def test_incomplete_env_and_nesting_are_refused(monkeypatch):
         du.init_distributed()
     with pytest.raises(DeepSpecError, match="cannot be combined with torchrun"):
         du.spawn(_raise_on_rank1, 2)
+
+
+def test_node_topology_reads_torchrun_names_and_the_references():
+    from deepspec.errors import ConfigError
+    from deepspec.train.launch import node_topology
+
+    assert node_topology({}) == (0, 1)
+    assert node_topology({"RANK": "1", "WORLD_SIZE": "2"}) == (1, 2)  # the reference: node rank, nodes
+    assert node_topology({"NODE_RANK": "2", "NNODES": "4"}) == (2, 4)  # torchrun's names
+    assert node_topology({"NODE_RANK": "0", "NNODES": "2", "RANK": "5", "WORLD_SIZE": "16"}) == (0, 2)
+    for env, message in (
+        ({"NODE_RANK": "2", "NNODES": "2"}, "node rank 2 .NODE_RANK. must be below the node count 2"),
+        ({"NNODES": "two"}, "NNODES='two' must be a whole number"),
+        ({"RANK": "-1"}, "RANK='-1' must be a whole number"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            node_topology(env)

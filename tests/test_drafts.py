@@ -14,6 +14,7 @@ from deepspec.drafts.blocks import block_attention, sample_anchors
 from deepspec.drafts.losses import position_weights
 from deepspec.targets.family import family_spec_from_config
 from deepspec.targets.tiny import TINY_FAMILIES, tiny_config
+from tests.helpers import block_attention_inputs
 
 V, D = 128, 64
 LAYER_IDS = [0, 2]
@@ -58,9 +59,18 @@ def make_cfg(algo: str, **overrides):
     return load_config(opts=opts)
 
 
-def make_draft(algo: str, family: str = "qwen3", dtype=torch.float32, seed: int = 0, **overrides):
+def make_draft(
+    algo: str,
+    family: str = "qwen3",
+    dtype=torch.float32,
+    seed: int = 0,
+    target: dict | None = None,
+    **overrides,
+):
+    """A draft on a tiny ``family`` spec; ``target``: more fields of the target's config."""
     torch.manual_seed(seed)
-    spec = family_spec_from_config(tiny_config(family, vocab_size=V, hidden_size=D, num_hidden_layers=4))
+    config = tiny_config(family, vocab_size=V, hidden_size=D, num_hidden_layers=4, **(target or {}))
+    spec = family_spec_from_config(config)
     cfg = make_cfg(algo, **overrides)
     model = build_draft(cfg, spec=spec).to(dtype)
     with torch.no_grad():  # stand-in for the target's embedding (rows of norm ~0.8)
@@ -121,6 +131,43 @@ def test_train_inference_consistency(algo, overrides, family):
         torch.testing.assert_close(
             torch.sigmoid(out.confidence_logits[0, 1]), prop.confidence[0], atol=1e-5, rtol=0
         )
+
+
+@pytest.mark.parametrize("head", ["vanilla", "gated", "rnn"])
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma4_text", "qwen3"])
+def test_training_loss_scores_the_distribution_propose_samples(head, family):
+    """The fused LM-head loss sees ``softcap(W h) + W2 m``, the logits ``propose()`` samples
+    from (Gemma's cap bounds the backbone's logits; the Markov bias comes after it)."""
+    from deepspec.drafts.fused_head import head_loss_rows
+
+    cap = {"final_logit_softcapping": 2.0} if family.startswith("gemma") else {}
+    _, model = make_draft("dspark", family, target=cap, **{"model.markov_head_type": head})
+    model.eval()
+    with torch.no_grad():  # a non-zero Markov bias, large enough that the cap matters
+        model.markov_head.W2.weight.normal_(std=2.0)
+    ids, loss_mask, feats, last = random_batch(1, 40)
+    a = 17
+    prop = infer(model, ids, feats, a)
+    seq = ids.clone()
+    seq[0, a + 1 : a + 1 + prop.tokens.shape[1]] = prop.tokens[0]
+    with torch.no_grad():
+        out = model(seq, loss_mask, feats, last, anchors=torch.tensor([[a]]))
+        ones = torch.ones(prop.tokens.shape[1])
+        rows = head_loss_rows(
+            out.hidden[0, 0],
+            out.target_hidden[0, 0],
+            prop.tokens[0],
+            model.lm_head.weight,
+            a_ce=ones,
+            a_l1=ones * 0,
+            a_soft=ones * 0,
+            markov=out.markov[0, 0],
+            W2=model.markov_head.W2.weight,
+            softcap=model.spec.final_logit_softcapping,
+        )
+    want = -torch.log_softmax(prop.logits[0].double(), -1).gather(-1, prop.tokens[0][:, None])[:, 0]
+    assert model.spec.final_logit_softcapping == cap.get("final_logit_softcapping")
+    torch.testing.assert_close(rows.ce.double(), want, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("algo, overrides", VARIANTS[:2] + VARIANTS[-1:], ids=["dflash", "dspark", "eagle3"])
@@ -186,12 +233,7 @@ def test_eagle3_training_is_causal():
 
 
 def test_flex_equals_dense_block_attention():
-    g = torch.Generator().manual_seed(0)
-    B, N, H, G, hd, KVH, S = 2, 6, 4, 3, 16, 2, 24
-    q = torch.randn(B, N, H, G, hd, generator=g)
-    kb, vb = torch.randn(2, B, N, KVH, G, hd, generator=g)
-    kc, vc = torch.randn(2, B, KVH, S, hd, generator=g)
-    anchors = torch.sort(torch.randint(0, S, (B, N), generator=g), 1).values
+    q, kb, vb, kc, vc, anchors = block_attention_inputs(0)
     dense = block_attention(q, kb, vb, kc, vc, anchors, 0.25, backend="sdpa", chunk=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -224,12 +266,8 @@ def _reference_block_attention(q, kb, vb, kc, vc, anchors, scale, window):
 
 @pytest.mark.parametrize("window", [0, 1, 2, 3, 7])
 def test_windowed_block_attention_equals_reference(window):
-    g = torch.Generator().manual_seed(window)
-    B, N, H, G, hd, KVH, S = 2, 6, 4, 3, 16, 2, 24
-    q = torch.randn(B, N, H, G, hd, generator=g)
-    kb, vb = torch.randn(2, B, N, KVH, G, hd, generator=g)
-    kc, vc = torch.randn(2, B, KVH, S, hd, generator=g)
-    anchors = torch.sort(torch.randint(0, S, (B, N), generator=g), 1).values
+    q, kb, vb, kc, vc, anchors = block_attention_inputs(window)
+    g = torch.Generator().manual_seed(100 + window)
     anchors[0, 0] = 0  # a block with no context at all
     inputs = [t.requires_grad_() for t in (q, kb, vb, kc, vc)]
     ref = _reference_block_attention(q, kb, vb, kc, vc, anchors, 0.25, window)
@@ -377,7 +415,7 @@ def test_only_trainable_parameters_change(algo, overrides):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     assert {"embed_tokens.weight"} <= set(frozen)
     ids, loss_mask, feats, last = random_batch(2, 32)
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     out = model(ids, loss_mask, feats, last, num_anchors=6)
     alg = get_algorithm(algo)
     alg.loss(model, out, **alg.loss_kwargs(cfg)).loss.backward()
@@ -460,7 +498,7 @@ def test_eagle3_loss_matches_hand_computation():
 def test_every_family_trains_and_round_trips(tmp_path, family, algo):
     cfg, model = make_draft(algo, family)
     ids, loss_mask, feats, last = random_batch(1, 24)
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     alg = get_algorithm(algo)
     loss = alg.loss(model, model(ids, loss_mask, feats, last, num_anchors=4), **alg.loss_kwargs(cfg)).loss
     loss.backward()
@@ -578,7 +616,7 @@ def test_overfit_one_batch(algo):
         last = torch.zeros(1, S, D)
         last[0, :-1] = 60.0 * model.embed_tokens.weight[ids[0, 1:]]
     anchors = torch.tensor([[1, 6, 11, 16, 21, 25]])
-    opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-2)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     alg = get_algorithm(algo)
     for _ in range(200):
         opt.zero_grad()
@@ -627,7 +665,7 @@ def test_fused_head_gradients_equal_autograd(softcap, with_markov):
     def cap(z):
         return z if softcap is None else softcap * torch.tanh(z / softcap)
 
-    z = cap(h @ W.T + (m @ W2.T if with_markov else 0))
+    z = cap(h @ W.T) + (m @ W2.T if with_markov else 0)  # the Markov bias after the cap
     logp = torch.log_softmax(z, -1)
     q = torch.softmax(cap(th @ W.T), -1)
     ref_loss = (
@@ -737,7 +775,7 @@ def test_overfit_six_sequences_with_the_cpu_recipe(algo):
     with torch.no_grad():  # a target whose next-token distribution is peaked on the true token
         last = torch.zeros(N, S, D)
         last[:, :-1] = 60.0 * model.embed_tokens.weight[ids[:, 1:]]
-    params = model.trainable_parameters()
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
     sched = build_scheduler(opt, steps, t.warmup_ratio, t.lr_scheduler, t.decay_ratio)
     alg = get_algorithm(algo)
@@ -779,3 +817,22 @@ def test_a_checkpoint_with_the_earlier_fixed_window_is_refused(tmp_path):
     raw["context_window"] = 0  # without a window nothing changed: it loads
     path.write_text(json.dumps(raw))
     load_draft(str(tmp_path / "d"))
+
+
+@pytest.mark.parametrize("positions", [None, 6])
+def test_eagle3_normaliser_counts_the_rows_its_forward_supervises(positions):
+    """The trainer's global normaliser (prepare_batch) and the forward's mask are one rule."""
+    from deepspec.drafts.registry import get_algorithm
+
+    cfg, model = make_draft("eagle3", **{"model.eagle3_num_positions": positions or "null"})
+    ids, loss_mask, feats, last = random_batch(2, 30)
+    loss_mask[0, :9] = 0  # a prompt: its tokens are not supervised
+    loss_mask[1, 22:] = 0  # padding after an answer
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    extra, counts = get_algorithm("eagle3").prepare_batch(
+        cfg, {"input_ids": ids, "loss_mask": loss_mask}, gens
+    )
+    with torch.no_grad():
+        out = model(ids, loss_mask, feats, last, **extra)
+    assert torch.equal(counts, out.mask.sum(dim=(0, 2)).double())
+    assert counts[0] > counts[-1] > 0  # later steps run out of answer sooner

@@ -141,9 +141,20 @@ def test_score_edges():
 # ----------------------------------------------------------------------------- threshold sweep
 
 
-def test_threshold_sweep_hand_example():
+def test_threshold_sweep_hand_example_per_slot():
+    # round 0 .9 .8 .5 (2 of 3 accepted); round 1 .6 .9 (0 of 2): cut at the first c_k < t
+    sweep = threshold_sweep([[0.9, 0.8, 0.5], [0.6, 0.9]], [3, 2], [2, 0], [0.0, 0.55, 0.7, 0.85, 1.0])
+    assert sweep.draft_tokens_per_proposal == pytest.approx([2.5, 2.0, 1.0, 0.5, 0.0])
+    assert sweep.tokens_per_step == pytest.approx([2.0, 2.0, 2.0, 1.5, 1.0])
+    with pytest.raises(ValueError, match="rule"):
+        threshold_sweep([[0.5]], [1], [1], rule="product")
+
+
+def test_threshold_sweep_hand_example_cumulative():
     # survival: round 0 .9 .72 .36 (2 of 3 accepted); round 1 .6 .54 (0 of 2 accepted)
-    sweep = threshold_sweep([[0.9, 0.8, 0.5], [0.6, 0.9]], [3, 2], [2, 0], [0.0, 0.5, 0.7, 0.8, 1.0])
+    sweep = threshold_sweep(
+        [[0.9, 0.8, 0.5], [0.6, 0.9]], [3, 2], [2, 0], [0.0, 0.5, 0.7, 0.8, 1.0], rule="cumulative"
+    )
     assert sweep.draft_tokens_per_proposal == pytest.approx([2.5, 2.0, 1.0, 0.5, 0.0])
     assert sweep.tokens_per_step == pytest.approx([2.0, 2.0, 2.0, 1.5, 1.0])
     assert sweep.acceptance_rate[:4] == pytest.approx([2 / 5, 2 / 4, 1.0, 1.0])

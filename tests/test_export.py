@@ -295,10 +295,18 @@ def f32_target(smollm2_dir):
     target in f32 in torch: both sides compute in f32, so drafts agree up to near-ties."""
     from transformers import AutoModelForCausalLM
 
-    from deepspec.export.engines import target_gguf
+    from deepspec.export.engines import run_converter
     from deepspec.targets import cache_root
 
-    gguf = target_gguf(smollm2_dir, os.path.join(cache_root(), "targets", "smollm2-135m-instruct-f32.gguf"))
+    gguf = os.path.join(cache_root(), "targets", "smollm2-135m-instruct-f32.gguf")
+    if not os.path.isfile(gguf):  # converted once, atomically, and kept in the cache
+        tmp = f"{gguf}.tmp{os.getpid()}"
+        try:
+            run_converter(smollm2_dir, tmp, "f32")
+            os.replace(tmp, gguf)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     return gguf, model
 

@@ -101,7 +101,7 @@ def test_time_outside_the_target_makes_tokens_cheaper_and_is_read_from_the_profi
 
     target_only = SPSTable.from_mapping({1: 20.0, 2: 10.0})  # a second token halves the target's rate
     assert schedule_prefixes([[0.6]], target_only).lengths == [0]  # 1.6 * 10 < 1 * 20
-    whole = target_only.with_overhead(0.2)  # steps of 0.25 s and 0.30 s
+    whole = SPSTable.from_mapping({1: 20.0, 2: 10.0}, 0.2)  # steps of 0.25 s and 0.30 s
     assert whole(1) == pytest.approx(4.0) and whole(2) == pytest.approx(1 / 0.3)
     assert schedule_prefixes([[0.6]], whole).lengths == [1]  # 1.6 / 0.30 > 1 / 0.25
     path = tmp_path / "sps.json"

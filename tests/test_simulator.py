@@ -20,15 +20,22 @@ def test_fixed_length_counts_accepted_tokens_within_the_verified_prefix():
         assert run.verified_per_round == (min(n, 4) if n else 4)
 
 
-def test_threshold_and_scheduled_policies():
-    rounds = [RecordedRound((0.9, 0.6, 0.3), accepted=1)]
-    run = simulate(rounds, FLAT, batch=1, policy="threshold", value=0.5, steps=3)
+def test_threshold_cumulative_and_scheduled_policies():
+    short = [RecordedRound((0.9, 0.6, 0.3), accepted=1)]  # per-slot confidences c_j
+    run = simulate(short, FLAT, batch=1, policy="threshold", value=0.5, steps=3)
     assert run.verified_per_round == 2 and run.tokens_per_round == 2
+    # confidences .9 .6 .9 .2: the first below .5 is slot 3 (threshold verifies 3); the
+    # survival .9 .54 .486 .0972 is first below .5 at slot 2 (cumulative verifies 2)
+    mixed = [RecordedRound((0.9, 0.6, 0.9, 0.2), accepted=3)]
+    run = simulate(mixed, FLAT, batch=1, policy="threshold", value=0.5, steps=3)
+    assert run.verified_per_round == 3 and run.tokens_per_round == 4
+    run = simulate(mixed, FLAT, batch=1, policy="cumulative", value=0.5, steps=3)
+    assert run.verified_per_round == 2 and run.tokens_per_round == 3
     # flat SPS: the scheduler verifies every token with survival > 0
-    assert simulate(rounds, FLAT, batch=3, policy="scheduled", steps=3).verified_per_round == 3
+    assert simulate(short, FLAT, batch=3, policy="scheduled", steps=3).verified_per_round == 3
     # a steep table (a second token halves the steps/s) makes it verify nothing
     steep = SPSTable.from_mapping({1: 10.0, 2: 5.0})
-    run = simulate(rounds, steep, batch=1, policy="scheduled", steps=3)
+    run = simulate(short, steep, batch=1, policy="scheduled", steps=3)
     assert run.verified_per_round == 0 and run.tokens_per_second == pytest.approx(10.0)
 
 
@@ -42,6 +49,8 @@ def test_draft_time_and_sps_enter_the_step_time():
 def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="outside 0..2"):
         RecordedRound((0.5, 0.2), accepted=3)
+    with pytest.raises(ValueError, match=r"confidence must lie in \[0, 1\], got 1.5"):
+        RecordedRound((0.5, 1.5), accepted=1)
     with pytest.raises(ValueError, match="no recorded rounds"):
         simulate([], FLAT, batch=1, policy="fixed")
     with pytest.raises(ValueError, match="unknown verification policy"):
@@ -67,7 +76,8 @@ def test_recorded_rounds_rescore_eval_records_with_any_temperatures():
     ]
     as_recorded = recorded_rounds(records, temps, temps)
     assert [r.accepted for r in as_recorded] == [1, 2]
-    assert [len(r.survival) for r in as_recorded] == [3, 2]
+    assert [len(r.confidence) for r in as_recorded] == [3, 2]
+    np.testing.assert_allclose(as_recorded[0].confidence, recorded[0], rtol=1e-5)
     np.testing.assert_allclose(as_recorded[0].survival, np.cumprod(recorded[0]), rtol=1e-5)
     raw_head = recorded_rounds(records, temps)
     np.testing.assert_allclose(raw_head[1].survival, np.cumprod(1 / (1 + np.exp(-raw[1])))[:2], rtol=1e-5)

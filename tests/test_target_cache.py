@@ -210,7 +210,9 @@ def test_reader_api_lengths_pickling_and_dataloader(built_cache):
 
 def test_layout_sizes_match_the_formula():
     layout = SampleLayout(num_layers=5, hidden_size=576, storage="bf16")
-    assert layout.bytes_per_token == 6 + 2 * 576 * 6 - 1  # DESIGN §5 minus the unstored attention mask
+    assert (
+        layout.bytes_per_token == 6 + 2 * 576 * 6 - 1
+    )  # docs/DESIGN.md §5 minus the unstored attention mask
     sizes = layout.block_bytes_array(np.array([1, 7, 300]))
     for n, size in zip([1, 7, 300], sizes):
         assert (

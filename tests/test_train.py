@@ -183,16 +183,23 @@ def test_sigkill_at_random_points_never_leaves_a_partial_checkpoint(setup, tmp_p
     opts = opts_for(
         setup,
         tmp_path,
-        **{"train.max_train_steps": 12, "logging.checkpointing_steps": 1, "logging.keep_last_checkpoints": 2},
+        **{"train.max_train_steps": 40, "logging.checkpointing_steps": 1, "logging.keep_last_checkpoints": 2},
     )
     root = tmp_path / "ck" / "deepspec" / "run"
     rng = random.Random(0)
-    partial_loads = 0
+    partial_loads = killed_mid_run = 0
     for _ in range(4):
+        before = ckpt.latest_checkpoint(str(root))
         proc = subprocess.Popen(
             train_cmd(opts), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        time.sleep(rng.uniform(4.0, 9.0))
+        # the run is training: it has saved a step of its own (one per step here)
+        deadline = time.monotonic() + 300
+        while ckpt.latest_checkpoint(str(root)) == before and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.5))  # anywhere in the next step or two, or a save
+        killed_mid_run += proc.poll() is None
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         latest = ckpt.latest_checkpoint(str(root))
@@ -206,10 +213,11 @@ def test_sigkill_at_random_points_never_leaves_a_partial_checkpoint(setup, tmp_p
             ckpt.load_rank_state(latest, 0)
         except Exception:
             partial_loads += 1
+    assert killed_mid_run >= 3  # the kills landed in running training, not after it ended
     assert partial_loads == 0
     done = run_train(opts)
-    assert "resumed from" in done.stdout or os.path.isdir(root / "step_12")
-    assert os.path.realpath(root / ckpt.LATEST) == str(root / "step_12")
+    assert "resumed from" in done.stdout or os.path.isdir(root / "step_40")
+    assert os.path.realpath(root / ckpt.LATEST) == str(root / "step_40")
     assert [d for d in os.listdir(root) if ".tmp" in d] == []
 
 
@@ -559,3 +567,40 @@ def test_pruned_draft_vocabulary_is_built_from_the_cache_saved_and_resumed(setup
     resumed = run_train(opts_for(setup, tmp_path, **{**extra, "train.max_train_steps": 4}))
     assert "resumed from" in resumed.stdout
     assert torch.equal(weights(tmp_path)["d2t"], saved["d2t"])
+
+
+def test_a_run_starts_from_a_reference_format_draft(setup, tmp_path):
+    """``model.init_from_draft`` takes a draft in the DeepSpec reference's format (here one
+    exported from a deepspec run): a second run starts from its weights; a draft of another
+    algorithm is refused in one line."""
+    from deepspec.export import export_draft
+
+    same = {
+        "model.context_window": 0,
+        "model.qk_norm": "true",
+        "model.mask_token_id": 3,
+        "model.draft_vocab_size": 0,
+    }
+    same["train.max_train_steps"] = 2
+    run_train(opts_for(setup, tmp_path / "a", **same))
+    first = tmp_path / "a" / "ck" / "deepspec" / "run" / "step_latest"
+    export_draft(str(first), "deepspec-reference", str(tmp_path / "released"))
+    run_train(
+        opts_for(
+            setup,
+            tmp_path / "b",
+            **same,
+            **{"model.init_from_draft": tmp_path / "released", "train.lr": 1e-12},
+        )
+    )
+    start, after = weights(tmp_path / "a"), weights(tmp_path / "b")
+    moved = [k for k in start if not torch.allclose(start[k].float(), after[k].float(), atol=1e-6)]
+    assert not moved and "markov_head.W2.weight" in start
+    proc = run_train(
+        opts_for(setup, tmp_path / "c", algo="eagle3", **{"model.init_from_draft": tmp_path / "released"}),
+        check=False,
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert errors[0].startswith("error: model.init_from_draft=")
+    assert errors[0].endswith("is a dspark draft; this run trains eagle3")

@@ -1,6 +1,6 @@
 """The one config schema: every key, its default, type, allowed values and meaning.
 
-Defaults are the reference setting (DSpark on Qwen3-4B, DESIGN §2). Per-algorithm
+Defaults are the reference setting (DSpark on Qwen3-4B, docs/DESIGN.md §2). Per-algorithm
 defaults (``ALGORITHM_DEFAULTS``) are applied on top before a config file, so a DFlash
 config does not have to switch off the DSpark heads by hand.
 
@@ -186,6 +186,14 @@ FIELDS: tuple[Field, ...] = (
         exclusive_minimum=0.0,
     ),
     _f(
+        "model.init_from_draft",
+        "",
+        "str",
+        "Start from this draft's weights: a deepspec or DeepSpec-reference checkpoint directory, "
+        "or a hub id (e.g. deepseek-ai/dspark_qwen3_4b_block7); same algorithm and shapes. "
+        "Empty = random initialisation. A resumed run continues from its own checkpoint.",
+    ),
+    _f(
         "model.init_std",
         0.02,
         "float",
@@ -273,7 +281,14 @@ FIELDS: tuple[Field, ...] = (
     _f("data.enable_thinking", False, "bool", "Passed to chat templates that support thinking."),
     _f("data.max_length", 4096, "int", "Truncate tokenized conversations to this many tokens.", minimum=2),
     _f("data.min_loss_tokens", 14, "int", "Drop samples with fewer supervised tokens.", minimum=0),
-    _f("data.num_workers", 4, "int", "DataLoader worker processes.", minimum=0),
+    _f(
+        "data.num_workers",
+        4,
+        "int",
+        "Read by nothing: batches are read in the training process. Accepted so the reference's "
+        "configs load unchanged.",
+        minimum=0,
+    ),
     _f("data.shuffle", True, "bool", "Shuffle samples each epoch (seeded)."),
     _f(
         "data.heldout_samples",
@@ -319,6 +334,8 @@ FIELDS: tuple[Field, ...] = (
         optional=True,
     ),
     # ---- eval ------------------------------------------------------------------------
+    # Recorded with a config (the reference's configs carry them); train.py does not evaluate
+    # and eval.py takes these as its own flags with the same defaults.
     _f("eval.tasks", list(DEFAULT_EVAL_TASKS), "list[str]", "Benchmarks under eval_datasets/."),
     _f(
         "eval.max_samples",
@@ -334,7 +351,8 @@ FIELDS: tuple[Field, ...] = (
         "eval.confidence_threshold",
         0.0,
         "float",
-        "DSpark: cut the proposal where the cumulative confidence drops below this.",
+        "DSpark: cut the proposal at the first slot whose confidence is below this (eval.py's "
+        "--confidence-threshold).",
         minimum=0.0,
         maximum=1.0,
     ),

@@ -145,11 +145,6 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _FP8_TABLE = torch.arange(256, dtype=torch.int16).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
 
 
-def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of :func:`quantize_fp8`: ``q [..., d]``, ``scale [...]`` → ``[..., d]`` in ``dtype``."""
-    return (q.float() * scale.unsqueeze(-1)).to(dtype)
-
-
 def _tensor_bytes(t: torch.Tensor) -> bytes:
     t = t.detach().contiguous().cpu()
     if t.dtype in (torch.bfloat16, torch.float16):

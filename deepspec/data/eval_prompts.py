@@ -1,6 +1,6 @@
 """Benchmark prompts: ``eval_datasets/<task>.jsonl`` rows ``{"turns": ["...", ...]}``.
 
-Only the first user turn of each row is used (DESIGN §3). When a file has more rows than
+Only the first user turn of each row is used (docs/DESIGN.md §3). When a file has more rows than
 the cap, rows are shuffled with ``random.Random(seed)`` and the first ``max_samples`` kept,
 so the same seed always picks the same prompts.
 """

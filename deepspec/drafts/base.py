@@ -497,9 +497,6 @@ class DraftModel(nn.Module):
         init_weights(self.fc)
         init_weights(self.layers, std=std)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
     def num_parameters(self) -> tuple[int, int]:
         """(trainable, frozen) parameter counts (a tied tensor counted once)."""
         seen: set[int] = set()

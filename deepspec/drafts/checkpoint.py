@@ -17,6 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 from deepspec.drafts.base import WINDOW_CONVENTION, DraftConfig, DraftModel
+from deepspec.drafts.reference_format import (
+    is_reference_config,
+    read_reference_config,
+    tensors_from_reference,
+)
 from deepspec.errors import DataError
 from deepspec.utils.io import (
     atomic_directory,
@@ -107,6 +112,19 @@ def save_draft(model: DraftModel, out_dir: str) -> None:
         write_draft_files(model, tmp, target_fingerprint=fingerprint)
 
 
+def resolve_draft(name_or_path: str) -> str:
+    """A local draft directory for ``name_or_path``: the directory itself, else a hub id
+    (``deepseek-ai/dspark_qwen3_4b_block7``) downloaded when the hub is reachable, with one
+    :class:`DataError` line when it is not."""
+    from deepspec.targets.resolve import hub_snapshot, is_hub_id
+
+    path = os.path.expanduser(os.fspath(name_or_path))
+    if os.path.exists(path) or not is_hub_id(path):
+        return path
+
+    return hub_snapshot(path, what="draft", error=DataError)
+
+
 def check_draft_dir(path: str) -> str:
     """``path`` expanded; a :class:`DataError` when it is not a draft checkpoint directory."""
     path = os.path.expanduser(os.fspath(path))
@@ -133,6 +151,8 @@ def read_draft_config(path: str) -> tuple[str, DraftConfig]:
     path = check_draft_dir(path)
     cfg_path = os.path.join(path, CONFIG_NAME)
     raw = read_json_object(cfg_path, CONFIG_FIX)
+    if is_reference_config(raw):
+        return read_reference_config(raw, path)
     arch = (raw.pop("architectures", None) or [""])[0]
     raw.pop("deepspec_version", None)
     for key in IDENTITY_KEYS:
@@ -222,10 +242,25 @@ def check_finite_weights(named: Iterable[tuple[str, torch.Tensor]], path: str) -
             )
 
 
+def is_reference_dir(path: str) -> bool:
+    """``path`` holds a draft in the DeepSpec reference implementation's format."""
+    try:
+        return is_reference_config(read_json_object(os.path.join(path, CONFIG_NAME), CONFIG_FIX))
+    except (OSError, DataError):
+        return False
+
+
+def read_draft_state(path: str, config: DraftConfig) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint directory under deepspec's names (a reference-format
+    draft's are renamed, see :mod:`deepspec.drafts.reference_format`)."""
+    state = read_weights(path)
+    return tensors_from_reference(state, config, path) if is_reference_dir(path) else state
+
+
 def load_weights(model: DraftModel, path: str) -> None:
     """``path``'s weights into ``model``: every key (a tied LM head is stored once), every
     shape and every value (finite) must fit, else one-line :class:`DataError` s."""
-    state = read_weights(path)
+    state = read_draft_state(path, model.config)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except ValueError as exc:  # d2t / t2d that do not describe one draft vocabulary
@@ -292,7 +327,7 @@ def load_draft(
     weights hold NaN or inf."""
     from deepspec.drafts.registry import ARCHITECTURES
 
-    path = os.path.expanduser(path)
+    path = resolve_draft(path)
     arch, config = read_draft_config(path)
     algorithm = ARCHITECTURES.get(arch)
     if algorithm is None:

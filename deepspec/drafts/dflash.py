@@ -1,4 +1,4 @@
-"""DFlash: a parallel block drafter conditioned on target features (DESIGN §2).
+"""DFlash: a parallel block drafter conditioned on target features (docs/DESIGN.md §2).
 
 Architecture choices:
 - context = RMSNorm(fc(concat of target layer outputs)), one vector per target position;
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,6 +58,18 @@ class BlockTrainOutput:
     confidence_logits: torch.Tensor | None = None
     target_lse: torch.Tensor | None = None
     attention_probe: dict[str, float] = field(default_factory=dict)
+
+
+def prepare_batch(cfg: Any, batch: dict[str, torch.Tensor], generator, probe: bool = False):
+    """``(forward keyword arguments, local loss normaliser Σw)`` of one micro-batch of a block
+    drafter: ``model.num_anchors`` anchors per sequence; ``probe`` asks the forward to measure
+    where block slot 0 looks (logged steps)."""
+    from deepspec.drafts.losses import block_weights
+
+    anchors, keep = sample_anchors(batch["loss_mask"], cfg.model.num_anchors, generator)
+    *_, eval_mask = block_targets(batch["input_ids"], batch["loss_mask"], anchors, keep, cfg.model.block_size)
+    weight = block_weights(eval_mask, cfg.model.loss_decay_gamma, torch.float64).sum()
+    return {"anchors": anchors, "keep": keep, "probe_attention": probe}, weight
 
 
 class DFlashDraft(DraftModel):
@@ -199,8 +212,8 @@ class DFlashDraft(DraftModel):
         return KVCache(
             len(self.layers),
             batch_size,
-            spec.num_key_value_heads,
-            spec.head_dim,
+            spec.full_kv_heads,
+            spec.full_head_dim,
             self.fc.weight.dtype,
             torch.device(device),
             window=self.config.context_window,

@@ -1,4 +1,4 @@
-"""DSpark: the DFlash backbone + a sequential (Markov) head + a confidence head (DESIGN §2).
+"""DSpark: the DFlash backbone + a sequential (Markov) head + a confidence head (docs/DESIGN.md §2).
 
 The backbone drafts the block's base logits ``U_k`` in one pass; the sequential head adds
 a bias that depends on the previous token, so inference samples left to right:

@@ -1,4 +1,4 @@
-"""Eagle3: an autoregressive drafter trained with a training-time test (DESIGN §2).
+"""Eagle3: an autoregressive drafter trained with a training-time test (docs/DESIGN.md §2).
 
 Indexing: draft position ``t`` of a sequence of length S (``t = 0 .. S-2``) reads token
 ``x_{t+1}`` (RoPE position ``t+1``) and the projected target features ``g_t = fc(f_t)`` of
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,33 @@ class Eagle3TrainOutput:
     mask: torch.Tensor
     target_pos: torch.Tensor
     target_lse: torch.Tensor | None = None
+
+
+def supervised_mask(loss_mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """``[B, K, T = S-1]``: step ``s`` at draft index ``t`` predicts token ``t+2+s``; the row is
+    supervised when that token is in the sequence and an answer token (``loss_mask``). The
+    forward's ``mask`` and the loss normaliser of :func:`prepare_batch` both come from here."""
+    S = loss_mask.shape[1]
+    t = torch.arange(S - 1, device=loss_mask.device)
+    rows = []
+    for s in range(steps):
+        predicted = t + 2 + s
+        rows.append((predicted < S) & loss_mask[:, predicted.clamp(max=S - 1)].bool())
+    return torch.stack(rows, 1)
+
+
+def prepare_batch(cfg: Any, batch: dict[str, torch.Tensor], generator, probe: bool = False):
+    """``(forward keyword arguments, [K] supervised rows per step)`` of one micro-batch: every
+    draft index, or ``model.eagle3_num_positions`` sampled ones (the anchors' indices)."""
+    from deepspec.drafts.blocks import sample_anchors
+
+    mask = supervised_mask(batch["loss_mask"], cfg.model.ttt_length)  # [B, K, T]
+    if not cfg.model.eagle3_num_positions:
+        return {}, mask.sum(dim=(0, 2)).double()
+    anchors, keep = sample_anchors(batch["loss_mask"], cfg.model.eagle3_num_positions, generator)
+    index = (anchors - 1).clamp(min=0)[:, None, :].expand(-1, mask.shape[1], -1)
+    picked = torch.gather(mask, 2, index) & (keep & (anchors >= 1))[:, None, :]
+    return {"anchors": anchors, "keep": keep}, picked.sum(dim=(0, 2)).double()
 
 
 def ttt_attention(q, k0, v0, extra_k, extra_v, scale, chunk: int = 1024) -> torch.Tensor:
@@ -161,7 +189,7 @@ class Eagle3Draft(DraftModel):
         v0: list = [None] * len(self.layers)
         extra_k: list[list] = [[] for _ in self.layers]
         extra_v: list[list] = [[] for _ in self.layers]
-        hidden, targets, target_pos, masks = [], [], [], []
+        hidden, targets, target_pos = [], [], []
         for s in range(self.ttt_length):
             pos = t + 1 + s
             tokens = input_ids[:, pos.clamp(max=S - 1)]
@@ -184,16 +212,14 @@ class Eagle3Draft(DraftModel):
 
             h = self._step(h, tokens, pos[None].expand(B, -1), attn)
             hidden.append(self.norm(h))
-            in_range = pos + 1 < S
             targets.append(input_ids[:, (pos + 1).clamp(max=S - 1)])
-            masks.append(loss_mask[:, (pos + 1).clamp(max=S - 1)].bool() & in_range)
             target_pos.append(pos.clamp(max=S - 1))
         target_pos_t = torch.stack(target_pos)  # [K, T]
         out = Eagle3TrainOutput(
             hidden=torch.stack(hidden, 1),
             targets=torch.stack(targets, 1),
             target_hidden=last_hidden_states[:, target_pos_t],
-            mask=torch.stack(masks, 1),
+            mask=supervised_mask(loss_mask, self.ttt_length),
             target_pos=target_pos_t.expand(B, -1, -1),
         )
         if anchors is not None:  # supervise only the sampled positions (draft index a - 1)
@@ -207,8 +233,8 @@ class Eagle3Draft(DraftModel):
         cache = KVCache(
             len(self.layers),
             batch_size,
-            spec.num_key_value_heads,
-            spec.head_dim,
+            spec.full_kv_heads,
+            spec.full_head_dim,
             self.fc.weight.dtype,
             torch.device(device),
             min_position=1,

@@ -6,7 +6,8 @@ gradient with respect to the logits in the same pass, keeps only the small gradi
 the inputs (``[R, d]``, ``[R, r]``, ``[V, r]``) and frees the ``[R, V]`` tensors at once: no
 activation recompute, no ``[rows, V]`` tensor kept for backward.
 
-Loss per row ``i`` (``z`` = draft logits, ``p = softmax(z)``, ``q`` = target distribution):
+Loss per row ``i`` (``z`` = draft logits: ``softcap(W h) + W2 m`` with DSpark's Markov bias
+added after a soft-capped family's cap, as at inference; ``p = softmax(z)``, ``q`` = target distribution):
 ``a_ce[i]·(−log p[y_i]) + a_l1[i]·‖p − q‖₁ + a_soft[i]·(−Σ q log p)``.
 Gradient in ``z``: ``a_ce (p − e_y) + a_l1 p ⊙ (s − Σ s p) + a_soft (p − q)``, ``s = sign(p − q)``.
 
@@ -59,17 +60,23 @@ def vocab_rows(
     cap: float,
     use_soft: bool,
     lse: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The vocabulary-sized part of one chunk: raw draft logits ``z`` and target logits
-    ``zt`` [R, V] → per-row ``(loss, ce, l1, soft_ce, hit)`` [R] and ``d loss / d z`` [R, V].
-    ``lse`` [R]: the target's log-normaliser over its whole vocabulary when ``z`` covers a
-    pruned draft vocabulary (labels outside it are ``-1``); None = ``logsumexp(zt)``.
+    ``zt`` [R, V] → per-row ``(loss, ce, l1, soft_ce, hit)`` [R], ``d loss / d z`` and
+    ``d loss / d bias`` [R, V]. The draft's distribution is ``softmax(softcap(z) + bias)``:
+    DSpark's Markov ``bias`` [R, V] is added after the cap, as inference adds it (the cap
+    bounds the backbone's logits, not the bias). ``lse`` [R]: the target's log-normaliser
+    over its whole vocabulary when ``z`` covers a pruned draft vocabulary (labels outside it
+    are ``-1``); None = ``logsumexp(zt)``.
 
     Element-wise over the vocabulary, so ``torch.compile`` fuses it into a few passes
     (``train.torch_compile``); fp32 math, fp64 when ``z`` is fp64.
     """
     work = torch.float64 if z.dtype == torch.float64 else torch.float32
     z, dcap = _softcap(z.to(work), cap)
+    if bias is not None:
+        z = z + bias.to(work)
     logp = torch.log_softmax(z, dim=-1)
     p = logp.exp()
     zt = _softcap(zt.to(work), cap)[0]
@@ -92,10 +99,9 @@ def vocab_rows(
     if use_soft:
         grad = grad - a_soft[:, None] * q
     grad = grad.scatter_add(-1, y.clamp(min=0)[:, None], -a_ce[:, None].to(grad.dtype))
-    if dcap is not None:
-        grad = grad * dcap
+    grad_base = grad if dcap is None else grad * dcap
     hit = (z.argmax(-1) == y).to(z.dtype)
-    return loss, ce, l1, soft_ce, hit, grad
+    return loss, ce, l1, soft_ce, hit, grad_base, grad
 
 
 def check_compile_toolchain() -> None:
@@ -175,18 +181,19 @@ class _HeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, m, W2, th, y, a_ce, a_l1, a_soft, W, cap, lse):
         z = h.to(W.dtype) @ W.T
-        if m is not None:
-            z = z + m.to(W2.dtype) @ W2.T
+        bias = None if m is None else m.to(W2.dtype) @ W2.T
         with torch.no_grad():
             zt = th.to(W.dtype) @ W.T
         fn = _compiled_vocab_rows if _use_compiled else vocab_rows
-        loss, ce, l1, soft_ce, hit, grad = fn(
-            z, zt, y, a_ce, a_l1, a_soft, float(cap or 0.0), bool(a_soft.any()), lse
+        loss, ce, l1, soft_ce, hit, grad, grad_bias = fn(
+            z, zt, y, a_ce, a_l1, a_soft, float(cap or 0.0), bool(a_soft.any()), lse, bias
         )
         ctx.save_for_backward(
             (grad.to(W.dtype) @ W).to(h.dtype),
-            None if m is None else (grad @ W2.to(grad.dtype)).to(m.dtype),
-            None if m is None or not ctx.needs_input_grad[2] else (grad.T @ m.to(grad.dtype)).to(W2.dtype),
+            None if m is None else (grad_bias @ W2.to(grad_bias.dtype)).to(m.dtype),
+            None
+            if m is None or not ctx.needs_input_grad[2]
+            else (grad_bias.T @ m.to(grad_bias.dtype)).to(W2.dtype),
         )
         overlap = 1 - 0.5 * l1
         ctx.mark_non_differentiable(ce, l1, soft_ce, overlap, hit)

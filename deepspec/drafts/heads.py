@@ -1,4 +1,4 @@
-"""DSpark's sequential (Markov) heads and confidence head (DESIGN §2).
+"""DSpark's sequential (Markov) heads and confidence head (docs/DESIGN.md §2).
 
 With ``e_k = W1[x_{k-1}]`` (``W1``: V x r embedding; ``x_{-1}`` is the anchor) and the
 draft hidden state ``h_k`` at block position ``k``, the logit bias added to the parallel

@@ -47,8 +47,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         params = dict(spec.rope_parameters)
         rope_type = params.get("rope_type", "default")
+        head_dim = spec.full_head_dim
         if rope_type == "default" and params.get("partial_rotary_factor", 1.0) == 1.0:
-            exponent = torch.arange(0, spec.head_dim, 2, dtype=torch.float32) / spec.head_dim
+            exponent = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
             inv_freq, scaling = 1.0 / (spec.rope_theta**exponent), 1.0
         else:
             from transformers import LlamaConfig
@@ -57,7 +58,7 @@ class RotaryEmbedding(nn.Module):
             config = LlamaConfig(
                 hidden_size=spec.hidden_size,
                 num_attention_heads=spec.num_attention_heads,
-                head_dim=spec.head_dim,
+                head_dim=head_dim,
                 max_position_embeddings=spec.max_position_embeddings,
                 rope_parameters=params,
             )
@@ -108,6 +109,10 @@ class MLP(nn.Module):
 class Attention(nn.Module):
     """GQA projections with the family's per-head norms; attention itself is external.
 
+    The geometry is that of the target's full-attention layers (:attr:`FamilySpec.full_head_dim`,
+    :attr:`FamilySpec.full_kv_heads`); with ``attention_k_eq_v`` (Gemma 4) there is no
+    ``v_proj``: the values are the raw key projection, before the key norm and RoPE.
+
     ``project_q(x, cos, sin)`` → ``[..., H, T, hd]``; ``project_kv(x, cos, sin)`` →
     ``k, v`` ``[..., KVH, T, hd]``; ``output(o)`` maps ``[..., H, T, hd]`` back to ``[..., T, d]``.
     """
@@ -116,13 +121,15 @@ class Attention(nn.Module):
         super().__init__()
         d_in = input_size or spec.hidden_size
         self.num_heads = spec.num_attention_heads
-        self.num_kv_heads = spec.num_key_value_heads
-        self.head_dim = spec.head_dim
+        self.num_kv_heads = spec.full_kv_heads
+        self.head_dim = spec.full_head_dim
         self.scale = spec.attention_scaling
         bias = spec.attention_bias
         self.q_proj = nn.Linear(d_in, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(d_in, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(d_in, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = (
+            None if spec.attention_k_eq_v else nn.Linear(d_in, self.num_kv_heads * self.head_dim, bias=bias)
+        )
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, spec.hidden_size, bias=False)
         self.q_norm = norm_for(spec, self.head_dim) if spec.rule.qk_norm else None
         self.k_norm = norm_for(spec, self.head_dim) if spec.rule.qk_norm else None
@@ -143,7 +150,7 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         k = self._heads(self.k_proj(x), self.num_kv_heads)
-        v = self._heads(self.v_proj(x), self.num_kv_heads)
+        v = k if self.v_proj is None else self._heads(self.v_proj(x), self.num_kv_heads)
         if self.k_norm is not None:
             k = self.k_norm(k)
         if self.v_norm is not None:
@@ -221,7 +228,3 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=std)
-
-
-def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
-    return logits if not cap else torch.tanh(logits / cap) * cap

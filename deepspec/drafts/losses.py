@@ -1,4 +1,4 @@
-"""Losses and training metrics (DESIGN §2). Pure functions: they return terms and metrics;
+"""Losses and training metrics (docs/DESIGN.md §2). Pure functions: they return terms and metrics;
 the trainer reduces across ranks and logs.
 
 The vocabulary-sized work runs through :mod:`deepspec.drafts.fused_head` (chunked, with an
@@ -8,7 +8,13 @@ Block drafters (DFlash, DSpark), position weights ``w_k = exp(-k / loss_decay_ga
 over the contiguous valid prefix of each block:
 ``L = (α_ce Σ w·CE + α_tv Σ w·‖p_d − p_t‖₁ + α_conf Σ w·BCE(c_k, c*_k)) / Σ w``,
 ``c*_k = 1 − ½‖p_d − p_t‖₁`` (detached). Eagle3: soft cross-entropy to ``p_t`` per TTT
-step, mean over valid positions, weighted by ``step_loss_decay^s``.
+step, mean over valid positions, weighted by ``step_loss_decay^s`` (the rows and normaliser
+differ from the DeepSpec reference's on purpose: docs/REFERENCE.md).
+
+Metrics with a ``ref_`` prefix follow the DeepSpec reference's definitions
+(``ref_tau_probabilistic``: the mean over blocks of ``1 + Σ_k Π_{i<=k} a_i``, where deepspec's
+``tau_probabilistic`` takes the product of per-slot means), so logged numbers can be compared
+with the reference's and its paper's.
 """
 
 from __future__ import annotations
@@ -42,6 +48,21 @@ def block_weights(eval_mask: torch.Tensor, decay_gamma: float, dtype: torch.dtyp
     """Position weights on the valid prefix: ``[..., G]`` (the local normalizer is its sum)."""
     G = eval_mask.shape[-1]
     return position_weights(G, decay_gamma, eval_mask.device).to(dtype) * eval_mask
+
+
+def _reference_confidence_metrics(
+    c: torch.Tensor, accept: torch.Tensor, mask: torch.Tensor, w: torch.Tensor
+) -> dict[str, float]:
+    """The confidence head's errors as the DeepSpec reference reports them: weighted by the
+    loss's position decay ``w`` [R, G]; its cumulative products run over masked slots."""
+    ws = w.sum().clamp(min=1e-12)
+    err = c - accept
+    cum = torch.cumprod(c * mask, -1) - torch.cumprod(accept * mask, -1)
+    return {
+        "ref_conf_abs_err": float((err.abs() * w).sum() / ws),
+        "ref_conf_bias": float((err * w).sum() / ws),
+        "ref_conf_cumprod_bias": float((cum * w).sum() / ws),
+    }
 
 
 def block_loss(
@@ -99,6 +120,7 @@ def block_loss(
         metrics["conf_bias"] = float(((c - accept) * mask).sum() / n)
         cum_bias = (torch.cumprod(c, -1) - torch.cumprod(accept, -1)) * mask
         metrics["conf_cumprod_bias"] = float(cum_bias.sum() / n)
+        metrics.update(_reference_confidence_metrics(c, accept, mask, w))
     labelled = (targets >= 0).view(-1, G).to(dtype)
     metrics["ce"] = float((w * labelled * ce).sum() / (w * labelled).sum().clamp(min=1e-12))
     metrics["l1"] = float((w * l1).sum() / ws)
@@ -110,6 +132,7 @@ def block_loss(
         metrics[f"accuracy@{k + 1}"] = float(acc[k])
         metrics[f"accept_rate@{k + 1}"] = float(per_pos[k])
     metrics["tau_probabilistic"] = float(1 + torch.cumprod(per_pos, 0).sum())
+    metrics["ref_tau_probabilistic"] = float((1 + torch.cumprod(accept * mask, -1).sum(-1)).mean())
     metrics["supervised_positions"] = float(mask.sum())
     metrics.update(out.attention_probe)
     return LossOutput(loss, W, metrics)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from deepspec.drafts import dflash, eagle3
 from deepspec.drafts.base import DraftModel
 from deepspec.drafts.dflash import DFlashDraft
 from deepspec.drafts.dspark import DSparkDraft
@@ -20,6 +21,9 @@ class Algorithm:
     loss: Callable[..., LossOutput]
     # (training config, progress = step / total steps in [0, 1]) → loss keyword arguments
     loss_kwargs: Callable[..., dict[str, Any]]
+    # (training config, micro-batch, generators, probe) → (forward keyword arguments, the
+    # batch's local loss normaliser, summed over ranks by the trainer)
+    prepare_batch: Callable[..., tuple[dict[str, Any], Any]]
 
 
 def _block_kwargs(cfg: Any, progress: float = 1.0) -> dict[str, Any]:
@@ -51,9 +55,9 @@ def register(algorithm: Algorithm) -> None:
     ALGORITHMS[algorithm.name] = algorithm
 
 
-register(Algorithm("dspark", DSparkDraft, block_loss, _block_kwargs))
-register(Algorithm("dflash", DFlashDraft, block_loss, _block_kwargs))
-register(Algorithm("eagle3", Eagle3Draft, eagle3_loss, _eagle_kwargs))
+register(Algorithm("dspark", DSparkDraft, block_loss, _block_kwargs, dflash.prepare_batch))
+register(Algorithm("dflash", DFlashDraft, block_loss, _block_kwargs, dflash.prepare_batch))
+register(Algorithm("eagle3", Eagle3Draft, eagle3_loss, _eagle_kwargs, eagle3.prepare_batch))
 
 ARCHITECTURES = {a.model_cls.__name__: a for a in ALGORITHMS.values()}
 

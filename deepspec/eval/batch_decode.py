@@ -1,4 +1,4 @@
-"""Batched speculative decoding with continuous batching (DESIGN §4).
+"""Batched speculative decoding with continuous batching (docs/DESIGN.md §4).
 
 ``batch`` rows serve the prompts in order: a row takes the next waiting prompt as soon as
 its request ends. One round, over the rows that hold a request:
@@ -133,12 +133,12 @@ def speculative_generate_batch(
         proposal, n = None, []
         if active:  # rows being admitted still hold a valid old state: drafting first is safe
             proposal = _propose(draft, state, anchors, temperature, generator, vocab)
-            survival = None
+            confidence = None
             if proposal.confidence is not None:
-                survival = torch.cumprod(proposal.confidence[active].double(), 1).tolist()
+                confidence = proposal.confidence[active].double().tolist()
                 for i, c in zip(requests, proposal.confidence[active].tolist(), strict=True):
                     results[i].confidences.append(c)
-            chosen = policy.lengths([proposal.tokens.shape[1]] * len(active), survival)
+            chosen = policy.lengths([proposal.tokens.shape[1]] * len(active), confidence)
             room = [max_new_tokens - len(results[i].output_ids) - 1 for i in requests]
             n = [min(c, left) for c, left in zip(chosen, room, strict=True)]
             for r, k in zip(active, n, strict=True):

@@ -1,4 +1,4 @@
-"""Sequential Temperature Scaling (STS) of DSpark's confidence head (DESIGN §4).
+"""Sequential Temperature Scaling (STS) of DSpark's confidence head (docs/DESIGN.md §4).
 
 The confidence head gives, per drafted position ``k``, a logit ``l_k`` whose sigmoid
 estimates the survival of token ``k`` given that tokens ``< k`` survived. A scheduler uses
@@ -27,8 +27,9 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # stable for large |x|
 
 
-def cumulative_survival(logits: np.ndarray, temperatures: np.ndarray) -> np.ndarray:
-    """``a`` ``[R, G]``: ``a[:, k] = prod_{i<=k} sigmoid(logits[:, i] / temperatures[i])``."""
+def slot_confidence(logits: np.ndarray, temperatures: np.ndarray) -> np.ndarray:
+    """``c`` ``[R, G]``: each slot's own confidence, ``c[:, k] = sigmoid(logits[:, k] / temperatures[k])``
+    (the per-slot values whose running products :func:`cumulative_survival` gives)."""
     logits = np.asarray(logits, dtype=np.float64)
     temperatures = np.asarray(temperatures, dtype=np.float64)
     if logits.ndim != 2 or temperatures.shape != (logits.shape[1],):
@@ -37,7 +38,12 @@ def cumulative_survival(logits: np.ndarray, temperatures: np.ndarray) -> np.ndar
         )
     if not np.all(temperatures > 0):
         raise ValueError("temperatures must be > 0")
-    return np.cumprod(_sigmoid(logits / temperatures), axis=1)
+    return _sigmoid(logits / temperatures)
+
+
+def cumulative_survival(logits: np.ndarray, temperatures: np.ndarray) -> np.ndarray:
+    """``a`` ``[R, G]``: ``a[:, k] = prod_{i<=k} sigmoid(logits[:, i] / temperatures[i])``."""
+    return np.cumprod(slot_confidence(logits, temperatures), axis=1)
 
 
 def _check(logits, drafted, survived) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -4,8 +4,9 @@ One round, with ``a`` the anchor (last emitted token, not yet seen by the target
 
 1. the draft proposes ``x_1..x_k`` from its context state and ``a``;
 2. the verification policy (:mod:`deepspec.eval.policies`) keeps a prefix: the whole
-   block, the prefix whose cumulative confidence ``prod_{i<=j} c_i`` stays >= a threshold
-   (DSpark), or the prefix scheduler's choice;
+   block, the prefix before the first slot whose confidence ``c_j`` (DSpark) is below a
+   threshold, the prefix whose cumulative survival ``prod_{i<=j} c_i`` stays >= a threshold,
+   or the prefix scheduler's choice;
 3. the target scores ``[a, x_1..x_k]`` in one forward: ``k+1`` distributions;
 4. verification (``verify.py``) accepts ``m`` tokens and draws the next token ``y``
    (the correction at the first rejection, or the bonus);
@@ -121,11 +122,11 @@ def speculative_generate(
         t0 = clock()
         proposal = _propose(draft, state, ids([anchor]), temperature, generator, vocab)
         result.draft_seconds += clock() - t0
-        survival = None
+        confidence = None
         if proposal.confidence is not None:
             result.confidences.append(proposal.confidence[0].tolist())
-            survival = torch.cumprod(proposal.confidence.double(), 1).tolist()
-        k = policy.lengths([proposal.tokens.shape[1]], survival)[0]
+            confidence = proposal.confidence.double().tolist()
+        k = policy.lengths([proposal.tokens.shape[1]], confidence)[0]
         k = min(k, max_new_tokens - len(output) - 1)  # a round emits at most k + 1 tokens
         drafted = proposal.tokens[:, :k]
         t0 = clock()

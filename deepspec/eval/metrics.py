@@ -77,7 +77,7 @@ class AcceptanceStats:
 def acceptance_stats(
     proposed: ArrayLike, accepted: ArrayLike, max_position: int | None = None
 ) -> AcceptanceStats:
-    """Acceptance metrics (DESIGN §3) from per-round ``proposed`` and ``accepted`` counts ``[R]``.
+    """Acceptance metrics (docs/DESIGN.md §3) from per-round ``proposed`` and ``accepted`` counts ``[R]``.
 
     ``max_position`` sets ``K`` for the per-position lists (default: the largest proposal).
     """
@@ -220,7 +220,7 @@ def calibration_stats(
     NaN-padded array). By default position ``k`` of round ``r`` counts when reached
     (``accepted >= k - 1`` and ``proposed >= k``), with outcome ``accepted >= k``. With
     ``cumulative=True`` the score is ``prod_{i<=k} c_i`` against survival ``accepted >= k`` over
-    every proposed position (the quantity DESIGN §4's calibration targets).
+    every proposed position (the quantity docs/DESIGN.md §4's calibration targets).
     """
     prop, acc = _rounds(proposed, accepted)
     conf = _confidence_matrix(confidences, prop.size)
@@ -269,14 +269,19 @@ def threshold_sweep(
     proposed: ArrayLike,
     accepted: ArrayLike,
     thresholds: Iterable[float] | None = None,
+    rule: str = "threshold",
 ) -> ThresholdSweep:
     """Confidence-threshold truncation replayed offline on rounds run without truncation.
 
-    For threshold ``t`` a round keeps its first ``L`` tokens, cutting at the first position where
-    the survival estimate ``prod_{i<=k} c_i`` drops below ``t``. Acceptance of a prefix does not
-    depend on what follows it, so ``min(accepted, L)`` is exactly what that round would accept.
-    Default grid: 0, 0.05, ..., 1.
+    For threshold ``t`` a round keeps its first ``L`` tokens, cutting at the first position
+    where, by ``rule`` (the verification policies of :mod:`deepspec.eval.policies`), the slot's
+    own confidence ``c_k`` (``threshold``, the reference's ``--confidence-threshold``) or the
+    survival estimate ``prod_{i<=k} c_i`` (``cumulative``) drops below ``t``. Acceptance of a
+    prefix does not depend on what follows it, so ``min(accepted, L)`` is exactly what that
+    round would accept. Default grid: 0, 0.05, ..., 1.
     """
+    if rule not in ("threshold", "cumulative"):
+        raise ValueError(f"rule must be threshold or cumulative, got {rule!r}")
     prop, acc = _rounds(proposed, accepted)
     conf = _confidence_matrix(confidences, prop.size)
     grid = np.linspace(0.0, 1.0, 21) if thresholds is None else np.asarray(list(thresholds), np.float64)
@@ -286,10 +291,12 @@ def threshold_sweep(
     within = np.arange(1, num_k + 1)[None, :] <= prop[:, None]  # [R, K]
     if not np.all((conf[within] >= 0) & (conf[within] <= 1)):
         raise ValueError("confidences of proposed positions must be finite and in [0, 1]")
-    survival = np.cumprod(np.nan_to_num(conf, nan=0.0), axis=1)  # [R, K] prod_{i<=k} c_i
+    score = np.nan_to_num(conf, nan=0.0)  # [R, K] c_k
+    if rule == "cumulative":
+        score = np.cumprod(score, axis=1)  # prod_{i<=k} c_i
     rate, tokens, lengths = [], [], []
     for t in grid:
-        keep = np.cumprod((survival >= t) & within, axis=1)  # [R, K] prefix above the threshold
+        keep = np.cumprod((score >= t) & within, axis=1)  # [R, K] prefix above the threshold
         length = keep.sum(axis=1)
         kept_accepted = np.minimum(acc, length)
         rate.append(_ratio(kept_accepted.sum(), length.sum()))

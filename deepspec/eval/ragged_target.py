@@ -1,5 +1,5 @@
 """A target that serves several requests at once with ragged token counts (batched
-speculative decoding; DESIGN §4).
+speculative decoding; docs/DESIGN.md §4).
 
 Every forward is *packed*: the new tokens of all requests form one sequence ``[1, N]``, so
 the target's linear layers (most of its cost) run over exactly ``N = sum_r n_r`` tokens,

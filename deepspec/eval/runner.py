@@ -1,9 +1,11 @@
 """Evaluation driver: benchmarks → speculative decoding (+ the plain baseline) → metrics,
 ``results.json``, ``samples.jsonl``, plots and a printed table.
 
-Timing: for each prompt the speculative run and the plain target run are interleaved in
-the same process with the same limits; one short warm-up generation per dataset is not
-timed. ``speedup`` = speculative tokens/s ÷ plain tokens/s over the dataset.
+Timing: at batch size 1 each prompt is decoded speculatively and then by the target alone,
+prompt after prompt, in the same process with the same limits; with ``--batch-size`` B > 1
+all prompts of a dataset are decoded speculatively (continuous batching, B rows) and then
+plainly at the same batch size. One short warm-up generation per dataset is not timed.
+``speedup`` = speculative tokens/s ÷ plain tokens/s over the dataset.
 """
 
 from __future__ import annotations
@@ -219,7 +221,8 @@ def task_metrics(task: str, records: list[dict[str, Any]], settings: EvalSetting
         cut = [c[:k] for c, k in zip(conf, proposed)]  # positions that were verified
         out["calibration"] = [c.to_dict() for c in calibration_stats(cut, proposed, accepted)]
         if settings.policy == "fixed":  # the sweep needs untruncated proposals
-            out["threshold_sweep"] = threshold_sweep(cut, proposed, accepted).to_dict()
+            out["threshold_sweep"] = threshold_sweep(cut, proposed, accepted).to_dict()  # per slot
+            out["cumulative_sweep"] = threshold_sweep(cut, proposed, accepted, rule="cumulative").to_dict()
     return out
 
 
@@ -304,7 +307,7 @@ def evaluate(
     from deepspec.drafts.checkpoint import draft_fingerprint, read_calibration
 
     s = resolve_settings(settings)
-    check_draft_supports_policy(s.policy, draft_path, s.confidence_threshold)
+    check_draft_supports_policy(s.policy, draft_path, s.confidence_threshold, s.survival_threshold)
     workers = _worker_count(num_workers)
     if s.output_dir:
         check_output_dir(s.output_dir)

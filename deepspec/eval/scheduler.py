@@ -1,4 +1,4 @@
-"""DSpark's hardware-aware prefix scheduler (paper Algorithm 1; DESIGN §4).
+"""DSpark's hardware-aware prefix scheduler (paper Algorithm 1; docs/DESIGN.md §4).
 
 Each round, request ``r`` has drafted tokens with calibrated cumulative survival
 ``a[r][j] = prod_{i<=j} c_{r,i}`` (non-increasing in ``j``). Verifying ``n_r`` tokens of
@@ -45,10 +45,6 @@ class SPSTable:
         if not (np.isfinite(overhead_seconds) and overhead_seconds >= 0):
             raise ValueError(f"overhead_seconds must be a finite number >= 0, got {overhead_seconds}")
         return cls(tuple(b for b, _ in items), tuple(s for _, s in items), float(overhead_seconds))
-
-    def with_overhead(self, seconds: float) -> SPSTable:
-        """The same profile with ``seconds`` per step outside the target's forward."""
-        return SPSTable.from_mapping(dict(zip(self.tokens, self.steps_per_second, strict=True)), seconds)
 
     def first_rise(self, tolerance: float = RISE_TOLERANCE) -> tuple[int, int, float] | None:
         """``(fewer, more, rise)`` for the first token count ``more`` whose steps/s exceed the

@@ -21,7 +21,7 @@ class EvalSettings:
     max_samples: int | None = None
     max_new_tokens: int = 2048
     temperature: float = 1.0
-    confidence_threshold: float = 0.0
+    confidence_threshold: float = 0.0  # threshold policy: cut at the first slot with c_k < t
     seed: int = 980406
     eval_datasets_dir: str = "eval_datasets"
     output_dir: str | None = None
@@ -31,34 +31,50 @@ class EvalSettings:
     baseline_from: str | None = None  # reuse the plain-decoding records of this output dir
     split: str = "report"  # or "calibration": prompts disjoint from the reported ones
     batch_size: int = 1  # requests in flight (continuous batching when > 1)
-    policy: str = "auto"  # verification: fixed, threshold, scheduled; auto = threshold iff one is set
+    policy: str = "auto"  # fixed, threshold, cumulative, scheduled; auto: see resolve_policy
     sps_table: str | None = None  # the scheduled policy's SPS(B) table (benchmarks/sps_profile.py)
+    survival_threshold: float = 0.0  # cumulative policy: cut at the first slot with prod c_i < t
 
     def verify_policy(self):
         """The :class:`~deepspec.eval.policies.VerifyPolicy` these settings describe."""
         from deepspec.eval.policies import VerifyPolicy
         from deepspec.eval.scheduler import SPSTable
 
-        policy = resolve_policy(self.policy, self.confidence_threshold)
+        policy = resolve_policy(self.policy, self.confidence_threshold, self.survival_threshold)
         sps = SPSTable.load(self.sps_table) if policy == "scheduled" else None
-        return VerifyPolicy(policy, self.confidence_threshold if policy == "threshold" else 0.0, sps)
+        thresholds = {"threshold": self.confidence_threshold, "cumulative": self.survival_threshold}
+        return VerifyPolicy(policy, thresholds.get(policy, 0.0), sps)
 
 
-def resolve_policy(policy: str, confidence_threshold: float) -> str:
-    """``auto`` means the threshold policy when a threshold is set, else the fixed one."""
+# the flag that sets each threshold policy's t
+THRESHOLD_FLAGS = {"threshold": "--confidence-threshold", "cumulative": "--survival-threshold"}
+
+
+def resolve_policy(policy: str, confidence_threshold: float, survival_threshold: float = 0.0) -> str:
+    """``auto`` means ``threshold`` when ``--confidence-threshold`` is set, ``cumulative`` when
+    ``--survival-threshold`` is set (both: a one-line :class:`ConfigError`), else ``fixed``."""
     if policy != "auto":
         return policy
-    return "threshold" if confidence_threshold > 0 else "fixed"
+    if confidence_threshold > 0 and survival_threshold > 0:
+        raise ConfigError(
+            "pass only one of --confidence-threshold (cut at the first slot whose confidence is below it) "
+            "and --survival-threshold (cut where the cumulative survival falls below it)"
+        )
+    if confidence_threshold > 0:
+        return "threshold"
+    return "cumulative" if survival_threshold > 0 else "fixed"
 
 
-CONFIDENCE_POLICIES = ("threshold", "scheduled")  # they read the draft's confidence head
+CONFIDENCE_POLICIES = ("threshold", "cumulative", "scheduled")  # they read the draft's confidence head
 
 
-def check_draft_supports_policy(policy: str, draft_path: str, confidence_threshold: float = 0.0) -> None:
-    """Refuse a verification policy that reads confidences (``threshold``, ``scheduled``)
-    for a draft without a confidence head, from the draft's ``config.json`` alone: before
-    the target or the draft loads. ``policy`` may be ``auto`` (resolved here)."""
-    resolved = resolve_policy(policy, confidence_threshold)
+def check_draft_supports_policy(
+    policy: str, draft_path: str, confidence_threshold: float = 0.0, survival_threshold: float = 0.0
+) -> None:
+    """Refuse a verification policy that reads confidences (``threshold``, ``cumulative``,
+    ``scheduled``) for a draft without a confidence head, from the draft's ``config.json``
+    alone: before the target or the draft loads. ``policy`` may be ``auto`` (resolved here)."""
+    resolved = resolve_policy(policy, confidence_threshold, survival_threshold)
     if resolved not in CONFIDENCE_POLICIES:
         return
     from deepspec.drafts import read_draft_config  # not at import: this module stays torch-free
@@ -66,9 +82,11 @@ def check_draft_supports_policy(policy: str, draft_path: str, confidence_thresho
     _, config = read_draft_config(draft_path)
     if config.algorithm == "dspark" and config.confidence_head:
         return
-    asked = (
-        f"--policy {resolved}" if policy == resolved else f"--confidence-threshold {confidence_threshold:g}"
-    )
+    if policy == resolved:
+        asked = f"--policy {resolved}"
+    else:
+        value = confidence_threshold if resolved == "threshold" else survival_threshold
+        asked = f"{THRESHOLD_FLAGS[resolved]} {value:g}"
     what = (
         "a DSpark draft trained without a confidence head (model.confidence_head_alpha=0)"
         if config.algorithm == "dspark"
@@ -76,8 +94,8 @@ def check_draft_supports_policy(policy: str, draft_path: str, confidence_thresho
     )
     raise ConfigError(
         f"{asked} needs the draft's confidence head, but --draft_name_or_path {draft_path} is {what}; "
-        "use --policy fixed without --confidence-threshold, or a DSpark draft trained with "
-        "model.confidence_head_alpha > 0"
+        "use --policy fixed without --confidence-threshold or --survival-threshold, or a DSpark draft "
+        "trained with model.confidence_head_alpha > 0"
     )
 
 
@@ -97,10 +115,12 @@ SAMPLES_NAME = "samples.jsonl"
 
 def resolve_settings(settings: EvalSettings) -> EvalSettings:
     """Fill in ``dtype="auto"`` (fp32 at temperature 0, bit-exact greedy, else bf16) and
-    ``policy="auto"`` (threshold when a confidence threshold is set, else fixed)."""
+    ``policy="auto"`` (:func:`resolve_policy`: threshold, cumulative or fixed)."""
     if settings.dtype == "auto":
         settings.dtype = "fp32" if settings.temperature == 0 else "bf16"
-    settings.policy = resolve_policy(settings.policy, settings.confidence_threshold)
+    settings.policy = resolve_policy(
+        settings.policy, settings.confidence_threshold, settings.survival_threshold
+    )
     return settings
 
 

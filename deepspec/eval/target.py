@@ -41,8 +41,29 @@ def cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def rollback_cache(config: Any) -> Any:
+    """A ``DynamicCache`` for a model of ``config`` that can be cropped at any length.
+
+    ``DynamicCache(config=...)`` gives sliding-window layers (Gemma 3/4, Mistral) a
+    ``DynamicSlidingWindowLayer`` that drops positions older than the window, so it cannot
+    be cropped once the window is full, while speculative decoding crops the rejected drafts
+    every round. Here those layers keep every position, like full-attention layers; the
+    window still holds, exactly as in ``generate``: the model builds sliding-window masks
+    from its config on absolute positions. The price is memory and attention over the whole
+    context on sliding-window layers."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    cache = DynamicCache(config=config)
+    cache.layers = [
+        DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer for layer in cache.layers
+    ]
+    return cache
+
+
 class HFTarget:
-    """An HF CausalLM with a ``DynamicCache``, batch 1."""
+    """An HF CausalLM with a ``DynamicCache`` that can be cropped at any length
+    (:func:`rollback_cache`), batch 1."""
 
     def __init__(self, model: torch.nn.Module, layer_ids: Sequence[int]) -> None:
         self.model = model.eval()
@@ -66,9 +87,7 @@ class HFTarget:
         return next(self.model.parameters()).device
 
     def reset(self) -> None:
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache(config=self.model.config)
+        self.cache = rollback_cache(self.model.config)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Verification of a drafted block against the target (DESIGN §3), batched over requests.
+"""Verification of a drafted block against the target (docs/DESIGN.md §3), batched over requests.
 
 Notation: ``p_t`` is the target's distribution, ``p_d`` the draft's. A row proposes
 ``x_0 .. x_{L-1}`` (``L = draft_lengths[b] <= k``); the target scored the prefix plus each

@@ -1,6 +1,7 @@
-"""Export a trained draft to the serving engines: llama.cpp (GGUF), vLLM, SGLang, speculators.
+"""Export a trained draft to the serving engines: llama.cpp (GGUF), vLLM, SGLang, speculators,
+or to the DeepSpec reference implementation's own format (its released drafts' layout).
 
-``python -m deepspec.export <draft dir> --to {llamacpp,vllm,sglang,speculators} --out <dir>``
+``python -m deepspec.export <draft dir> --to {llamacpp,vllm,sglang,speculators,deepspec-reference} --out <dir>``
 
 Layer-id conventions (deepspec stores "output of target layer k", 0-based):
 
@@ -23,7 +24,7 @@ from typing import Any
 from deepspec.errors import ConfigError
 from deepspec.export.source import MANIFEST, ExportRefused, check_out, is_export_dir, read_source
 
-FORMATS = ("llamacpp", "vllm", "sglang", "speculators")
+FORMATS = ("llamacpp", "vllm", "sglang", "speculators", "deepspec-reference")
 OUTTYPES = ("f32", "bf16", "f16", "q8_0")
 
 
@@ -56,7 +57,7 @@ def export_draft(
     Checked before anything is written: ``out`` (:func:`check_out`), the draft's weights
     against their checksum, and ``target_dir`` against the target the draft was trained
     for (``allow_other_target`` skips that one)."""
-    from deepspec.drafts.checkpoint import check_draft_dir, check_draft_target
+    from deepspec.drafts.checkpoint import check_draft_dir, check_draft_target, resolve_draft
     from deepspec.export import engines
 
     if to not in FORMATS:
@@ -67,7 +68,7 @@ def export_draft(
         raise ConfigError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
     if target_dir is not None and to not in ("llamacpp", "speculators"):
         raise ConfigError(f"--target is read by --to llamacpp and speculators only; drop it for {to}")
-    draft_dir = check_draft_dir(draft_dir)
+    draft_dir = check_draft_dir(resolve_draft(draft_dir))
     out = check_out(out, draft_dir, target_dir and os.path.expanduser(target_dir))
     src = read_source(draft_dir)
     local_target = None
@@ -85,6 +86,8 @@ def export_draft(
         manifest = engines.export_llamacpp(
             src, out, target_dir=local_target, outtype=outtype or "f32", mask_host=mask_host_id
         )
+    elif to == "deepspec-reference":
+        manifest = engines.export_reference(src, out)
     elif to == "speculators":
         manifest = engines.export_speculators(src, out, mask_host=mask_host_id, verifier=target_dir)
     else:

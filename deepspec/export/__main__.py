@@ -1,4 +1,4 @@
-"""``python -m deepspec.export <draft dir> --to {llamacpp,vllm,sglang,speculators} --out <dir>``"""
+"""``python -m deepspec.export <draft dir> --to {llamacpp,vllm,sglang,speculators,deepspec-reference} --out <dir>``"""
 
 from __future__ import annotations
 
@@ -13,8 +13,17 @@ def main() -> int:
         prog="python -m deepspec.export",
         description="Write a trained draft in a serving engine's format (see README, Serving).",
     )
-    parser.add_argument("draft", help="draft checkpoint directory (e.g. <checkpoints>/step_latest)")
-    parser.add_argument("--to", required=True, choices=FORMATS, help="target engine format")
+    parser.add_argument(
+        "draft",
+        help="draft checkpoint directory (e.g. <checkpoints>/step_latest, or a DeepSpec reference "
+        "draft), or a hub id such as deepseek-ai/dspark_qwen3_4b_block7",
+    )
+    parser.add_argument(
+        "--to",
+        required=True,
+        choices=FORMATS,
+        help="target engine format; deepspec-reference = the DeepSpec reference code's own layout",
+    )
     parser.add_argument(
         "--out",
         required=True,

@@ -131,20 +131,6 @@ def run_converter(model_dir: str, outfile: str, outtype: str, *extra: str) -> No
         raise EnvironmentProblem(f"llama.cpp's converter failed on {model_dir}: {last[0].strip()}")
 
 
-def target_gguf(target_dir: str, outfile: str, outtype: str = "f32") -> str:
-    """``outfile``, converted from the HF target once (atomically) and kept."""
-    if not os.path.isfile(outfile):
-        os.makedirs(os.path.dirname(os.path.abspath(outfile)), exist_ok=True)
-        tmp = f"{outfile}.tmp{os.getpid()}"
-        try:
-            run_converter(target_dir, tmp, outtype)
-            os.replace(tmp, outfile)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return outfile
-
-
 def llama_cpp_layout(src: DraftSource, mask_host: int | None) -> dict[str, Any]:
     """The HF-style directory llama.cpp's converter reads, and how to serve the result."""
     engine = "llama.cpp"
@@ -379,6 +365,30 @@ def export_speculators(
         return {"notes": layout["notes"]}
 
     return _atomic_export(src, "speculators", out, write)
+
+
+def export_reference(src: DraftSource, out: str) -> dict[str, Any]:
+    """The DeepSpec reference implementation's own layout (its released drafts' format):
+    the target's text config with the draft fields its classes assert, every tensor under
+    its names, ``lm_head`` included (:mod:`deepspec.drafts.reference_format`)."""
+    from deepspec.drafts.reference_format import (
+        REFERENCE_FORMAT,
+        reference_config,
+        reference_export_problem,
+        tensors_to_reference,
+    )
+
+    problem = reference_export_problem(src.config)
+    if problem is not None:
+        raise src.refuse("the DeepSpec reference format", *problem)
+    config = reference_config(src.config)
+    tensors = tensors_to_reference(src.tensors, src.config)
+
+    def write(tmp: str) -> dict[str, Any]:
+        write_hf_dir(tmp, config, tensors)
+        return {"architecture": config["architectures"][0]}
+
+    return _atomic_export(src, REFERENCE_FORMAT, out, write)
 
 
 # -- shared ----------------------------------------------------------------------------

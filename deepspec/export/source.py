@@ -20,7 +20,7 @@ from deepspec.drafts.checkpoint import (
     check_finite_weights,
     draft_fingerprint,
     read_draft_config,
-    read_weights,
+    read_draft_state,
 )
 from deepspec.errors import DataError
 from deepspec.targets.family import FamilySpec
@@ -110,7 +110,7 @@ def read_source(path: str) -> DraftSource:
     if config.algorithm not in ("dflash", "dspark", "eagle3"):
         raise DataError(f"draft checkpoint {path}: unknown algorithm {config.algorithm!r}")
     path = os.path.expanduser(path)
-    tensors = read_weights(path)  # checked against the checksum config.json records
+    tensors = read_draft_state(path, config)  # checked against the checksum config.json records
     check_finite_weights(tensors.items(), path)
     return DraftSource(path, architecture, config, tensors, draft_fingerprint(path))
 

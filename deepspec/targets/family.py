@@ -71,11 +71,27 @@ class FamilySpec:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    # Gemma 4's full-attention layers: their own head dim and KV heads, and K = V (no
+    # v_proj). None / False: the full-attention layers have the fields above.
+    global_head_dim: int | None = None
+    num_global_key_value_heads: int | None = None
+    attention_k_eq_v: bool = False
     rule: FamilyRule = field(default_factory=FamilyRule)
 
     @property
     def rope_theta(self) -> float:
         return float(self.rope_parameters.get("rope_theta", 10000.0))
+
+    @property
+    def full_head_dim(self) -> int:
+        """Head dim of the target's full-attention layers, which draft layers copy (drafts
+        attend over the whole context): Gemma 4's ``global_head_dim``, else ``head_dim``."""
+        return self.global_head_dim or self.head_dim
+
+    @property
+    def full_kv_heads(self) -> int:
+        """KV heads of the target's full-attention layers (see :attr:`full_head_dim`)."""
+        return self.num_global_key_value_heads or self.num_key_value_heads
 
     @property
     def attention_scaling(self) -> float:
@@ -84,7 +100,7 @@ class FamilySpec:
             return 1.0
         if self.rule.attn_scale == "query_pre_attn_scalar" and self.query_pre_attn_scalar:
             return float(self.query_pre_attn_scalar) ** -0.5
-        return float(self.head_dim) ** -0.5
+        return float(self.full_head_dim) ** -0.5
 
     @property
     def embed_scale(self) -> float:
@@ -177,8 +193,33 @@ def family_spec_from_config(config: Any) -> FamilySpec:
         bos_token_id=_get(text, "bos_token_id", _get(config, "bos_token_id")),
         eos_token_ids=eos_ids,
         pad_token_id=_get(text, "pad_token_id", _get(config, "pad_token_id")),
+        **_full_attention_geometry(text),
         rule=rule,
     )
+
+
+def _full_attention_geometry(text: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 4's full-attention geometry where the config has one; nothing for other families.
+
+    Two layouts: transformers < 5.2x writes ``global_head_dim`` and
+    ``num_global_key_value_heads`` (the latter used only with ``attention_k_eq_v``, as in
+    its attention layer); later versions write ``per_layer_config`` overrides per layer."""
+    if _get(text, "model_type") != "gemma4_text":
+        return {}
+    k_eq_v = bool(_get(text, "attention_k_eq_v", False))
+    global_dim = _get(text, "global_head_dim")
+    global_kv = _get(text, "num_global_key_value_heads") if k_eq_v else None
+    per_layer = _get(text, "per_layer_config", {})
+    types = _get(text, "layer_types", [])
+    if isinstance(per_layer, dict) and "full_attention" in types:
+        overrides = per_layer.get(str(types.index("full_attention"))) or {}
+        global_dim = overrides.get("head_dim", global_dim)
+        global_kv = overrides.get("num_key_value_heads", global_kv)
+    return {
+        "global_head_dim": int(global_dim) if global_dim else None,
+        "num_global_key_value_heads": int(global_kv) if global_kv else None,
+        "attention_k_eq_v": k_eq_v,
+    }
 
 
 def load_family_spec(model_dir: str | os.PathLike[str]) -> FamilySpec:

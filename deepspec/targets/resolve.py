@@ -184,24 +184,31 @@ def _convert_into(gguf_path: str, out_dir: str, *, source: str) -> None:
         )
 
 
-def _resolve_hub(repo_id: str) -> str:
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def hub_snapshot(
+    repo_id: str, *, what: str = "target", fix: str = "", error: type[Exception] = TargetError
+) -> str:
+    """A local snapshot of hub repository ``repo_id`` (the cached one first; then a
+    download with a 15 s timeout). One-line ``error`` when the hub cannot provide it
+    (offline, ``HF_HUB_OFFLINE=1``, unknown id), never a hang."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:  # pragma: no cover - transformers depends on it
-        raise TargetError("huggingface_hub is not installed; run bash scripts/setup.sh") from exc
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+        raise error("huggingface_hub is not installed; run bash scripts/setup.sh") from exc
     try:
-        return snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
+        return snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True)
     except Exception:
         pass
     try:
-        return snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=15)
+        return snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, etag_timeout=15)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TargetError(
-            f"target {repo_id!r} is not a local directory and the model hub could not provide it "
-            f"({first}); download it where the hub is reachable and pass the local directory, "
-            f"or use {DEFAULT_TARGET}"
+        raise error(
+            f"{what} {repo_id!r} is not a local directory and the model hub could not provide it "
+            f"({first}); download it where the hub is reachable (huggingface-cli download {repo_id} "
+            f"--local-dir DIR) and pass DIR{fix}"
         ) from None
 
 
@@ -226,6 +233,16 @@ def check_target_files(model_dir: str, fix: str = "download or convert the targe
                 pass
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
             raise unreadable_safetensors(path, exc, fix, TargetError) from None
+
+
+def is_hub_id(name: str) -> bool:
+    """``org/name``: exactly one slash and not a path (``.``, ``/``, ``~``, ``//``)."""
+    return (
+        name.count("/") == 1
+        and not name.startswith((".", "/", "~"))
+        and os.sep + os.sep not in name
+        and all(name.split("/"))
+    )
 
 
 def resolve_target(name_or_path: str) -> str:
@@ -260,8 +277,7 @@ def resolve_target(name_or_path: str) -> str:
         raise TargetError(
             f"target {path} is a file, not an HF model directory or a .gguf file; pass the model directory"
         )
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
-    if looks_like_path:
+    if not is_hub_id(name) and ("/" in name or name.startswith((".", "~"))):
         raise TargetError(
             f"target directory {path} does not exist; pass an existing HF model directory, a .gguf file, "
             f"a hub id (org/name) or {EMBEDDED_PREFIX}<name>"
@@ -271,6 +287,6 @@ def resolve_target(name_or_path: str) -> str:
             f"target {name!r} not found: not a directory, a .gguf file, a hub id (org/name) "
             f"or {EMBEDDED_PREFIX}<name> (available: {', '.join(EMBEDDED_PREFIX + k for k in EMBEDDED_TARGETS)})"
         )
-    out = _resolve_hub(name)
+    out = hub_snapshot(name, fix=f", or use {DEFAULT_TARGET}")
     check_target_files(out, f"delete {out} from the hub cache and download it again")
     return out

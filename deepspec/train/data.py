@@ -169,6 +169,12 @@ class EpochOrder:
             epoch, micro = epoch + 1, 0
 
 
+def sample_generators(seed: int, epoch: int, indices: list[int]) -> list[torch.Generator]:
+    """One generator per sample, from (seed, epoch, sample index): anchors do not depend on
+    the world size, the batch a sample lands in, or where a run was resumed."""
+    return [torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + i) for i in indices]
+
+
 def collate(samples: list[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad a list of samples into a batch; padding has ``loss_mask`` 0."""
     S = max(len(s["input_ids"]) for s in samples)

@@ -34,8 +34,10 @@ def score(
     """``{"real": metrics, "zero": metrics}`` of ``module`` (a ``TrainModule``) over
     ``dataset[indices]``, each metric averaged over supervised positions; ``positions``
     counts them."""
-    from deepspec.train.data import collate
-    from deepspec.train.trainer import prepare_micro_batch, sample_generators
+    from deepspec.drafts.registry import get_algorithm
+    from deepspec.train.data import collate, sample_generators
+
+    prepare = get_algorithm(cfg.algorithm).prepare_batch
 
     device = torch.device(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
@@ -50,7 +52,7 @@ def score(
             if features is not None:
                 data = features(data)
             data = {k: v.to(device) for k, v in data.items()}
-            extra, weight = prepare_micro_batch(cfg, data, sample_generators(cfg.seed, 0, chunk))
+            extra, weight = prepare(cfg, data, sample_generators(cfg.seed, 0, chunk))
             for name in ("real", "zero"):
                 run = dict(data)
                 if name == "zero":

@@ -3,9 +3,10 @@
 Environment, as ``scripts/train/train.sh`` documents:
 
 * under ``torchrun`` (``LOCAL_RANK`` set) the process is already a worker;
-* otherwise ``RANK`` / ``WORLD_SIZE`` name this *node* and the node count (default 0 / 1),
-  ``MASTER_ADDR`` / ``MASTER_PORT`` the rendezvous; the launcher spawns the node's local
-  workers with global ranks ``node_rank * nproc + i``.
+* otherwise this *node*'s rank and the node count come from ``NODE_RANK`` / ``NNODES``
+  (torchrun's names) when set, else from ``RANK`` / ``WORLD_SIZE`` as the DeepSpec reference's
+  ``train.sh`` uses them (default 0 / 1); ``MASTER_ADDR`` / ``MASTER_PORT`` are the rendezvous.
+  The launcher spawns the node's local workers with global ranks ``node_rank * nproc + i``.
 
 SIGTERM or Ctrl-C to the launcher is forwarded to the workers, which save a checkpoint and
 stop; the job then exits with code 75 (:class:`deepspec.errors.Preempted`). A user error in
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from deepspec.errors import Preempted, as_user_error
@@ -85,6 +87,27 @@ def _spawned(
 _GRACE_S = 10  # after one worker stops, the others get this long to stop on their own
 
 
+def node_topology(env: Mapping[str, str]) -> tuple[int, int]:
+    """``(node rank, node count)`` from ``NODE_RANK`` / ``NNODES``, else ``RANK`` / ``WORLD_SIZE``
+    (the reference's meaning: node rank and node count, not process rank and count)."""
+    from deepspec.errors import ConfigError
+
+    values = []
+    for names, default in ((("NODE_RANK", "RANK"), "0"), (("NNODES", "WORLD_SIZE"), "1")):
+        name = next((n for n in names if env.get(n, "").strip()), None)
+        raw = env[name].strip() if name else default
+        if not raw.isdigit():
+            raise ConfigError(f"{name}={raw!r} must be a whole number (node rank / node count)")
+        values.append((name, int(raw)))
+    (rank_name, rank), (count_name, count) = values
+    if count < 1 or rank >= count:
+        raise ConfigError(
+            f"node rank {rank} ({rank_name or 'default'}) must be below the node count {count} "
+            f"({count_name or 'default'}); set NODE_RANK=0..NNODES-1 (or RANK / WORLD_SIZE) on each node"
+        )
+    return rank, count
+
+
 def launch(config_path: str | None, opts: list[str], cfg: Any) -> Any:
     """Run training here (one worker) or spawn this node's workers and wait for them.
 
@@ -94,8 +117,7 @@ def launch(config_path: str | None, opts: list[str], cfg: Any) -> Any:
     if os.environ.get("LOCAL_RANK") is not None:
         return run_worker(config_path, opts)
     nproc = local_worker_count(cfg)
-    nodes = int(os.environ.get("WORLD_SIZE", "1"))
-    node_rank = int(os.environ.get("RANK", "0"))
+    node_rank, nodes = node_topology(os.environ)
     if nproc * nodes == 1:
         for key in dist_utils.ENV_KEYS:
             os.environ.pop(key, None)

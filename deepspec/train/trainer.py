@@ -22,12 +22,17 @@ from torch import nn
 
 from deepspec.config import save_config, validate_against_target
 from deepspec.drafts import build_draft, get_algorithm
-from deepspec.drafts.blocks import block_targets, sample_anchors
 from deepspec.drafts.checkpoint import load_weights, weights_are_finite, write_draft_files
 from deepspec.drafts.fused_head import check_compile_toolchain, use_compiled_vocab_rows
-from deepspec.drafts.losses import block_weights
 from deepspec.drafts.vocab import build_draft_vocab
-from deepspec.errors import DataError, DeepSpecError, EnvironmentProblem, Preempted, describe_os_error
+from deepspec.errors import (
+    ConfigError,
+    DataError,
+    DeepSpecError,
+    EnvironmentProblem,
+    Preempted,
+    describe_os_error,
+)
 from deepspec.train import checkpoint as ckpt
 from deepspec.train.data import (
     DataCursor,
@@ -37,6 +42,7 @@ from deepspec.train.data import (
     OnlineSamples,
     check_heldout_split,
     collate,
+    sample_generators,
 )
 from deepspec.train.schedule import build_scheduler, warmup_steps
 from deepspec.utils import distributed as dist_utils
@@ -69,40 +75,6 @@ class TrainModule(nn.Module):
             **extra,
         )
         return self.loss_fn(self.draft, out, normalizer=normalizer, **self.loss_kwargs)
-
-
-def sample_generators(seed: int, epoch: int, indices: list[int]) -> list[torch.Generator]:
-    """One generator per sample, from (seed, epoch, sample index): anchors do not depend on
-    the world size, the batch a sample lands in, or where a run was resumed."""
-    return [torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + i) for i in indices]
-
-
-def prepare_micro_batch(cfg: Any, batch: dict[str, torch.Tensor], generator, probe: bool = False):
-    """Sample what the forward needs (anchors) and the batch's local loss normalizer;
-    ``probe`` asks a block drafter to measure where it looks (logged steps)."""
-    if cfg.algorithm == "eagle3" and cfg.model.eagle3_num_positions:
-        anchors, keep = sample_anchors(batch["loss_mask"], cfg.model.eagle3_num_positions, generator)
-        S = batch["input_ids"].shape[1]
-        counts = []
-        for s in range(cfg.model.ttt_length):  # step s at anchor a predicts token a + 1 + s
-            pos = anchors + 1 + s
-            supervised = torch.gather(batch["loss_mask"], 1, pos.clamp(max=S - 1)).bool()
-            counts.append((keep & (anchors >= 1) & (pos < S) & supervised).sum())
-        return {"anchors": anchors, "keep": keep}, torch.stack(counts).double()
-    if cfg.algorithm == "eagle3":
-        ids, lm = batch["input_ids"], batch["loss_mask"]
-        S = ids.shape[1]
-        t = torch.arange(S - 1)
-        counts = []
-        for s in range(cfg.model.ttt_length):
-            pos = t + 2 + s
-            valid = (pos < S) & lm[:, pos.clamp(max=S - 1)].bool()
-            counts.append(valid.sum())
-        return {}, torch.stack(counts).double()
-    anchors, keep = sample_anchors(batch["loss_mask"], cfg.model.num_anchors, generator)
-    *_, eval_mask = block_targets(batch["input_ids"], batch["loss_mask"], anchors, keep, cfg.model.block_size)
-    weight = block_weights(eval_mask, cfg.model.loss_decay_gamma, torch.float64).sum()
-    return {"anchors": anchors, "keep": keep, "probe_attention": probe}, weight
 
 
 @dataclass
@@ -244,11 +216,15 @@ class Trainer:
             )
             draft_ids = vocab.draft_ids
             self._log(vocab.describe())
-        draft = build_draft(cfg, target_dir, draft_ids=draft_ids).to(device)
+        draft = build_draft(cfg, target_dir, draft_ids=draft_ids)
+        resume_from = ckpt.latest_checkpoint(cfg.logging.checkpoint_dir) if cfg.train.resume else None
+        if cfg.model.init_from_draft and not resume_from:
+            init_from_draft(draft, cfg.model.init_from_draft)
+            self._log(f"initialised from the draft {cfg.model.init_from_draft}")
+        draft = draft.to(device)
         alg = get_algorithm(cfg.algorithm)
         module = TrainModule(draft, alg.loss, alg.loss_kwargs(cfg))
         cursor, start_step = DataCursor(), 0
-        resume_from = ckpt.latest_checkpoint(root) if cfg.train.resume else None
         identity = self._identity(dataset, target_dir)
         shared = rank_state = None
         if resume_from:
@@ -326,7 +302,7 @@ class Trainer:
                     batch = features(collate([dataset[i] for i in idx], pad_id))
                     batch = {k: v.to(device) for k, v in batch.items()}
                     gens = sample_generators(cfg.seed, epoch, idx)
-                    extra, weight = prepare_micro_batch(cfg, batch, gens, probe=logged)
+                    extra, weight = alg.prepare_batch(cfg, batch, gens, probe=logged)
                     micro.append((batch, extra, weight))
                 local = torch.stack([w for *_, w in micro]).sum(0)  # scalar, or [K] for Eagle3
                 normalizer = torch.tensor(
@@ -582,8 +558,6 @@ def flat_config(cfg: Any) -> dict[str, Any]:
 def check_optimizer_settings(cfg: Any) -> None:
     """AdamW's first update moves a weight by up to ``lr / (1 - adam_beta1)``; past the
     float32 range torch fails inside the step with a traceback, so refuse it up front."""
-    from deepspec.errors import ConfigError
-
     limit = torch.finfo(torch.float32).max * (1 - cfg.train.adam_beta1)
     if not cfg.train.lr < limit:
         raise ConfigError(
@@ -650,6 +624,26 @@ def _diverged(what: str, weights_step: int, root: str) -> NonFiniteLoss:
     return NonFiniteLoss(
         f"{what}; last good checkpoint: {good or 'none'}{note}; lower train.lr or check the data"
     )
+
+
+def init_from_draft(draft: nn.Module, name: str) -> None:
+    """``draft`` takes the weights of the draft ``name`` (a checkpoint directory in deepspec's
+    or the DeepSpec reference's format, or a hub id); one-line :class:`ConfigError` when it is
+    another algorithm or its tensors do not fit this run's config."""
+    from deepspec.drafts.checkpoint import read_draft_config, resolve_draft
+
+    flag = f"model.init_from_draft={name}"
+    path = resolve_draft(name)
+    _, config = read_draft_config(path)
+    if config.algorithm != draft.config.algorithm:
+        raise ConfigError(f"{flag} is a {config.algorithm} draft; this run trains {draft.config.algorithm}")
+    try:
+        load_weights(draft, path)
+    except DataError as exc:
+        raise ConfigError(
+            f"{flag} does not fit this run's draft ({str(exc).split(': ', 1)[-1]}); set the model.* sizes "
+            "to that draft's (its config.json) or drop the option"
+        ) from None
 
 
 def _load_draft_weights(draft: nn.Module, path: str) -> None:

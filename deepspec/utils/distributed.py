@@ -215,18 +215,6 @@ def all_reduce_sum(values: list[float] | list[int]) -> list[float]:
     return tensor.cpu().tolist()
 
 
-def all_reduce_max(value: float) -> float:
-    """Maximum of one number over all ranks."""
-    if not is_initialized():
-        return float(value)
-    import torch
-    import torch.distributed as dist
-
-    tensor = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor.item())
-
-
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Send a picklable object from rank ``src`` to every rank; returns it everywhere."""
     if not is_initialized():

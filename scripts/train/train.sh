@@ -3,9 +3,11 @@
 #
 # train.py spawns one worker per visible GPU (CUDA_VISIBLE_DEVICES), or
 # train.num_cpu_workers gloo workers on a machine without GPUs. For several nodes, run
-# this script on every node with RANK = node rank and WORLD_SIZE = number of nodes
-# (MASTER_ADDR / MASTER_PORT: node 0's address and a free port). Under torchrun
-# (LOCAL_RANK set) each process is one worker instead.
+# this script on every node with NODE_RANK = node rank and NNODES = number of nodes
+# (torchrun's names), or RANK / WORLD_SIZE meaning the same (the DeepSpec reference's
+# train.sh: node rank and node count, not process rank and count); MASTER_ADDR /
+# MASTER_PORT: node 0's address and a free port. Under torchrun (LOCAL_RANK set) each
+# process is one worker instead.
 #
 # Shipped configs:
 ## dspark
