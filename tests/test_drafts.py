@@ -822,7 +822,7 @@ def test_a_checkpoint_with_the_earlier_fixed_window_is_refused(tmp_path):
 @pytest.mark.parametrize("positions", [None, 6])
 def test_eagle3_normaliser_counts_the_rows_its_forward_supervises(positions):
     """The trainer's global normaliser (prepare_batch) and the forward's mask are one rule."""
-    from deepspec.drafts.registry import get_algorithm
+    from deepspec.algorithms import get_algorithm
 
     cfg, model = make_draft("eagle3", **{"model.eagle3_num_positions": positions or "null"})
     ids, loss_mask, feats, last = random_batch(2, 30)

@@ -501,8 +501,8 @@ def test_max_samples_and_feature_use_metrics_are_logged(setup, tmp_path):
 
 
 def test_tv_ramp_moves_weight_from_ce_to_tv():
+    from deepspec.algorithms import get_algorithm
     from deepspec.config import load_config
-    from deepspec.drafts.registry import get_algorithm
 
     alg = get_algorithm("dspark")
     fixed = load_config("config/dspark/dspark_smollm2_135m.py", ["model.tv_ramp_ratio=0"])

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 from yacs.config import CfgNode
 
+from deepspec.algorithms import ALGORITHMS
 from deepspec.config.schema import ALGORITHM_DEFAULTS, FIELDS, FIELDS_BY_KEY, SECTIONS, Field
 from deepspec.errors import ConfigError
 from deepspec.utils.io import atomic_write_text
@@ -403,17 +404,18 @@ def _validate(cfg: CfgNode, problems: _Problems, sources: Mapping[str, str]) -> 
             f"{layer_ids} must be strictly increasing",
             sources.get("model.target_layer_ids"),
         )
-    if cfg.algorithm in ("dspark", "dflash") and cfg.model.ce_loss_alpha + cfg.model.l1_loss_alpha <= 0:
+    block = cfg.algorithm in ALGORITHMS and ALGORITHMS[cfg.algorithm].block
+    if block and cfg.model.ce_loss_alpha + cfg.model.l1_loss_alpha <= 0:
         problems.add(
             "model.ce_loss_alpha",
             "ce_loss_alpha + l1_loss_alpha must be > 0",
             sources.get("model.ce_loss_alpha"),
         )
-    window, block = cfg.model.context_window, cfg.model.block_size
-    if cfg.algorithm in ("dspark", "dflash") and 0 < window < block:
+    window = cfg.model.context_window
+    if block and 0 < window < cfg.model.block_size:
         problems.add(
             "model.context_window",
-            f"{window} is smaller than model.block_size {block}: a sliding window must cover the "
+            f"{window} is smaller than model.block_size {cfg.model.block_size}: a sliding window must cover the "
             "whole block (0 = no window)",
             sources.get("model.context_window"),
         )

@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-ALGORITHMS = ("dspark", "dflash", "eagle3")
+from deepspec.algorithms import ALGORITHMS as REGISTERED
+
+ALGORITHMS = tuple(REGISTERED)
 
 DEFAULT_EVAL_TASKS = {
     "gsm8k": 500,
@@ -363,19 +365,8 @@ FIELDS: tuple[Field, ...] = (
 FIELDS_BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}
 SECTIONS = ("model", "train", "data", "logging", "eval")
 
-# Applied over the schema defaults, before the config file, by `algorithm`.
+# Applied over the schema defaults, before the config file, by `algorithm` (each
+# algorithm's registry entry holds its own: deepspec/algorithms.py).
 ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dspark": {},
-    "dflash": {
-        "model.markov_rank": 0,
-        "model.confidence_head_alpha": 0.0,
-        "model.ce_loss_alpha": 1.0,
-        "model.l1_loss_alpha": 0.0,
-    },
-    "eagle3": {
-        "model.markov_rank": 0,
-        "model.confidence_head_alpha": 0.0,
-        "model.ce_loss_alpha": 1.0,
-        "model.l1_loss_alpha": 0.0,
-    },
+    name: dict(entry.config_defaults) for name, entry in REGISTERED.items()
 }

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from deepspec.algorithms import ALGORITHMS, Algorithm, get_algorithm
 from deepspec.drafts.base import DraftConfig, DraftModel, KVCache, Proposal, sample_tokens
 from deepspec.drafts.checkpoint import load_draft, read_draft_config, save_draft
-from deepspec.drafts.registry import ALGORITHMS, Algorithm, get_algorithm
 
 
 def build_draft(
@@ -24,7 +24,8 @@ def build_draft(
 
     if spec is None:
         spec = load_family_spec(target_dir)
-    model = get_algorithm(cfg.algorithm).model_cls(DraftConfig.from_cfg(cfg, spec))
+    algorithm = get_algorithm(cfg.algorithm)
+    model = algorithm.model_cls(DraftConfig.from_cfg(cfg, spec, algorithm))
     model.attention_backend = getattr(cfg.model, "attention_backend", "auto")
     model.reset_parameters(std=cfg.model.init_std)
     if draft_ids is not None:

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from torch import nn
 
 from deepspec import __version__
+from deepspec.algorithms import Algorithm
 from deepspec.drafts.layers import init_weights
 from deepspec.drafts.vocab import check_vocab_maps, d2t_from_ids, t2d_from_ids
 from deepspec.errors import TargetError
@@ -58,17 +59,19 @@ class DraftConfig:
     layer_id_convention: str = LAYER_ID_CONVENTION
     anchor_convention: str = ANCHOR_CONVENTION
     window_convention: str = WINDOW_CONVENTION
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # a released draft's training settings
 
     @property
     def spec(self) -> FamilySpec:
         return FamilySpec.from_dict(self.target)
 
     @classmethod
-    def from_cfg(cls, cfg: Any, spec: FamilySpec) -> DraftConfig:
-        """Build from a validated training config (``deepspec.config``) and the target spec."""
+    def from_cfg(cls, cfg: Any, spec: FamilySpec, algorithm: Algorithm) -> DraftConfig:
+        """Build from a validated training config (``deepspec.config``), the target spec and
+        the algorithm's registry entry (which fields it reads: block drafters the window and
+        q/k norms, DSpark the Markov and confidence heads)."""
         m = cfg.model
-        block = cfg.algorithm in ("dspark", "dflash")
+        block, markov = algorithm.block, algorithm.markov
         return cls(
             algorithm=cfg.algorithm,
             target=spec.to_dict(),
@@ -77,9 +80,9 @@ class DraftConfig:
             block_size=m.block_size,
             num_draft_layers=m.num_draft_layers,
             mask_token_id=m.mask_token_id,
-            markov_rank=m.markov_rank if cfg.algorithm == "dspark" else 0,
+            markov_rank=m.markov_rank if markov else 0,
             markov_head_type=m.markov_head_type,
-            confidence_head=cfg.algorithm == "dspark" and m.confidence_head_alpha > 0,
+            confidence_head=markov and m.confidence_head_alpha > 0,
             confidence_head_with_markov=m.confidence_head_with_markov,
             ttt_length=m.ttt_length,
             draft_num_hidden_layers=m.draft_num_hidden_layers,

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 import torch
 from safetensors.torch import load_file
 
+from deepspec.algorithms import ARCHITECTURES
 from deepspec.drafts.base import WINDOW_CONVENTION, DraftConfig, DraftModel
 from deepspec.drafts.reference_format import (
     is_reference_config,
@@ -83,8 +84,6 @@ def is_draft_dir(path: str) -> bool:
     """``path`` holds a draft checkpoint deepspec wrote (a config.json naming one of its
     architectures, and weights) and nothing more: a training step directory (``COMPLETE``,
     ``trainer_state/``, see :mod:`deepspec.train.checkpoint`) is not replaceable."""
-    from deepspec.drafts.registry import ARCHITECTURES
-
     if any(os.path.exists(os.path.join(path, name)) for name in ("COMPLETE", "trainer_state")):
         return False
 
@@ -325,8 +324,6 @@ def load_draft(
 
     Refuses, with one-line :class:`DataError` s, a missing or damaged checkpoint and one whose
     weights hold NaN or inf."""
-    from deepspec.drafts.registry import ARCHITECTURES
-
     path = resolve_draft(path)
     arch, config = read_draft_config(path)
     algorithm = ARCHITECTURES.get(arch)

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from deepspec.algorithms import ALGORITHMS
 from deepspec.drafts.base import DraftConfig
 from deepspec.errors import DataError
 from deepspec.targets.family import FamilySpec, family_spec_from_config
@@ -133,7 +134,7 @@ def read_reference_config(raw: dict[str, Any], path: str) -> tuple[str, DraftCon
             draft_num_hidden_layers=1,
             **common,
         )
-        return "Eagle3Draft", config
+        return ALGORITHMS["eagle3"].architecture, config
     markov_rank = _int(raw, "markov_rank", path, 0)
     confidence = bool(raw.get("enable_confidence_head", False))
     algorithm = "dspark" if markov_rank > 0 or confidence else "dflash"
@@ -149,12 +150,17 @@ def read_reference_config(raw: dict[str, Any], path: str) -> tuple[str, DraftCon
         qk_norm=True,
         **common,
     )
-    return ("DSparkDraft" if algorithm == "dspark" else "DFlashDraft"), config
+    return ALGORITHMS[algorithm].architecture, config
+
+
+def _block(config: DraftConfig) -> bool:
+    """A block draft (the reference's DSpark class, DFlash included), else an Eagle3 chain."""
+    return ALGORITHMS[config.algorithm].block
 
 
 def _rename(name: str, config: DraftConfig, to_reference: bool) -> str | None:
     """The other format's name of tensor ``name`` (``None``: the tensor has no counterpart)."""
-    table = _EAGLE3_NAMES if config.algorithm == "eagle3" else _BLOCK_NAMES
+    table = _BLOCK_NAMES if _block(config) else _EAGLE3_NAMES
     if to_reference:
         table = {v: k for k, v in table.items()}
     if name in table:
@@ -197,7 +203,7 @@ def tensors_to_reference(state: dict[str, torch.Tensor], config: DraftConfig) ->
     if "lm_head.weight" not in out:
         out["lm_head.weight"] = out["embed_tokens.weight"]
     if config.spec.rule.sandwich_norm:
-        layers = config.draft_num_hidden_layers if config.algorithm == "eagle3" else config.num_draft_layers
+        layers = config.num_draft_layers if _block(config) else config.draft_num_hidden_layers
         for i in range(layers):
             out[f"layers.{i}.layer_scalar"] = torch.ones(1, dtype=out["norm.weight"].dtype)
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
@@ -215,7 +221,7 @@ def reference_export_problem(config: DraftConfig) -> tuple[str, str] | None:
             f"the reference has no draft class for a {spec.family} target",
             "Qwen3 and Gemma 4 targets only",
         )
-    if spec.family in QWEN3_LIKE and (config.algorithm == "eagle3" or not config.qk_norm):
+    if spec.family in QWEN3_LIKE and (not _block(config) or not config.qk_norm):
         why = f"its {spec.family} layers have no q/k norms and the reference's Qwen3 layers do"
         return why, retrain.format("model.qk_norm=true (block drafts)")
     if config.draft_vocab_size:
@@ -224,10 +230,10 @@ def reference_export_problem(config: DraftConfig) -> tuple[str, str] | None:
     if config.context_window:
         why = f"it attends to a sliding window of {config.context_window} context positions; the reference's see all"
         return why, retrain.format("model.context_window=0")
-    if config.algorithm != "eagle3" and config.mask_token_id is None:
+    if _block(config) and config.mask_token_id is None:
         why = "it uses a learned mask embedding; the reference's blocks use a mask_token_id"
         return why, retrain.format("model.mask_token_id set")
-    if config.algorithm == "eagle3" and config.draft_num_hidden_layers != 1:
+    if not _block(config) and config.draft_num_hidden_layers != 1:
         why = "it has more than one Eagle3 layer; the reference's layers all take [embedding; features]"
         return why, retrain.format("model.draft_num_hidden_layers=1")
     return None
@@ -296,7 +302,7 @@ def reference_config(config: DraftConfig) -> dict[str, Any]:
     )
     if config.target_model_name_or_path:
         out["target_model_name_or_path"] = config.target_model_name_or_path
-    if config.algorithm == "eagle3":
+    if not _block(config):
         out.update(
             architectures=["Gemma4Eagle3Model" if gemma else "Qwen3Eagle3Model"],
             num_hidden_layers=1,

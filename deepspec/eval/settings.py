@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
+from deepspec.algorithms import ALGORITHMS
 from deepspec.errors import ConfigError, DataError
 from deepspec.utils.io import check_writable_dir
 
@@ -80,7 +81,7 @@ def check_draft_supports_policy(
     from deepspec.drafts import read_draft_config  # not at import: this module stays torch-free
 
     _, config = read_draft_config(draft_path)
-    if config.algorithm == "dspark" and config.confidence_head:
+    if config.confidence_head:
         return
     if policy == resolved:
         asked = f"--policy {resolved}"
@@ -88,8 +89,8 @@ def check_draft_supports_policy(
         value = confidence_threshold if resolved == "threshold" else survival_threshold
         asked = f"{THRESHOLD_FLAGS[resolved]} {value:g}"
     what = (
-        "a DSpark draft trained without a confidence head (model.confidence_head_alpha=0)"
-        if config.algorithm == "dspark"
+        f"a {config.algorithm} draft trained without a confidence head (model.confidence_head_alpha=0)"
+        if ALGORITHMS[config.algorithm].markov
         else f"a {config.algorithm} draft, which has no confidence head"
     )
     raise ConfigError(

@@ -89,7 +89,7 @@ def _block_config(src: DraftSource, architecture: str, mask_id: int, *, dspark: 
         dflash_config.update(use_swa=True, swa_window_size=window, causal=False)
         out["is_causal"] = False
     if dspark:
-        rank = cfg.markov_rank if src.algorithm == "dspark" and cfg.markov_rank > 0 else 1
+        rank = cfg.markov_rank if src.markov and cfg.markov_rank > 0 else 1
         out.update(
             markov_rank=rank,
             markov_head_type="vanilla",
@@ -134,7 +134,7 @@ def run_converter(model_dir: str, outfile: str, outtype: str, *extra: str) -> No
 def llama_cpp_layout(src: DraftSource, mask_host: int | None) -> dict[str, Any]:
     """The HF-style directory llama.cpp's converter reads, and how to serve the result."""
     engine = "llama.cpp"
-    if src.algorithm == "eagle3":
+    if not src.block:
         ids = check_eagle3(src, engine, exact_layers=3)
         tensors = eagle3_tensors(src)
         tensors.pop("t2d", None)  # not read at runtime
@@ -195,7 +195,7 @@ def export_llamacpp(
 # -- vLLM / SGLang (HF-style directories, no prefix) -----------------------------------
 def vllm_layout(src: DraftSource, mask_host: int | None, engine: str = "vLLM") -> dict[str, Any]:
     sglang = engine == "SGLang"
-    if src.algorithm == "eagle3":
+    if not src.block:
         ids = check_eagle3(src, engine)
         if sglang:  # SGLang adds the +1 itself: its Eagle3 ids mean "output of layer k"
             ids = [i - 1 for i in ids]
@@ -262,11 +262,18 @@ def check_sglang_block_draft(src: DraftSource) -> None:
 
 
 # -- speculators (its own config schema; flat names, layers.0.* for Eagle3) -------------
+SPECULATORS_ARCHITECTURES = {
+    "eagle3": "Eagle3DraftModel",
+    "dflash": "DFlashDraftModel",
+    "dspark": "DSparkDraftModel",
+}
+
+
 def speculators_layout(src: DraftSource, mask_host: int | None, verifier: str | None) -> dict[str, Any]:
     engine = "speculators"
     cfg = src.config
     ids = input_layer_ids(src, engine)  # speculators' ids mean "input of layer k"
-    if src.algorithm == "eagle3":
+    if not src.block:
         check_eagle3(src, engine)
         mid = eagle3_tensors(src)
         tensors = {k.replace("midlayer.", "layers.0."): v for k, v in mid.items()}
@@ -283,7 +290,7 @@ def speculators_layout(src: DraftSource, mask_host: int | None, verifier: str | 
         mask = None
         tokens = cfg.ttt_length
     else:
-        dspark = src.algorithm == "dspark"
+        dspark = src.markov
         check_block_draft(src, engine, markov=dspark)
         if dspark and cfg.markov_rank > 0 and not cfg.confidence_head:
             raise src.refuse(engine, "its DSpark has no confidence head", "train with the confidence head on")
@@ -305,10 +312,10 @@ def speculators_layout(src: DraftSource, mask_host: int | None, verifier: str | 
             extra.update({k: block[k] for k in ("markov_rank", "markov_head_type", "enable_confidence_head")})
             extra["confidence_head_with_markov"] = True
         tokens = cfg.block_size
-    arch = {"eagle3": "Eagle3DraftModel", "dflash": "DFlashDraftModel", "dspark": "DSparkDraftModel"}
+    kind = "dspark" if src.markov else "dflash" if src.block else "eagle3"  # speculators' names
     config = {
-        "architectures": [arch[src.algorithm]],
-        "speculators_model_type": src.algorithm,
+        "architectures": [SPECULATORS_ARCHITECTURES[kind]],
+        "speculators_model_type": kind,
         "draft_vocab_size": src.draft_vocab_size,
         "target_hidden_size": None,
         "tie_word_embeddings": False,
@@ -316,7 +323,7 @@ def speculators_layout(src: DraftSource, mask_host: int | None, verifier: str | 
         "transformer_layer_config": layer_config,
         **extra,
         "speculators_config": {
-            "algorithm": src.algorithm,
+            "algorithm": kind,
             "proposal_methods": [
                 {
                     "proposal_type": "greedy",
@@ -333,7 +340,7 @@ def speculators_layout(src: DraftSource, mask_host: int | None, verifier: str | 
         },
     }
     notes = []
-    if src.algorithm != "eagle3" and cfg.context_window:
+    if src.block and cfg.context_window:
         notes.append(
             "speculators' own training mask keeps a fixed window per block; deepspec, llama.cpp and "
             "vLLM use a sliding window per block slot (slot k sees W-1-k context positions)"

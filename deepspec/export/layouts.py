@@ -82,7 +82,7 @@ def check_block_draft(src: DraftSource, engine: str, *, markov: bool) -> None:
             "train with model.qk_norm=true (the SmolLM2 configs do)",
         )
     cfg = src.config
-    if markov and src.algorithm == "dspark" and cfg.markov_rank > 0 and cfg.markov_head_type != "vanilla":
+    if markov and src.markov and cfg.markov_rank > 0 and cfg.markov_head_type != "vanilla":
         raise src.refuse(
             engine,
             f"its Markov head is {cfg.markov_head_type!r}; the engine computes only the vanilla head",
@@ -110,7 +110,7 @@ def block_draft_tensors(src: DraftSource, *, dspark: bool) -> dict[str, torch.Te
     if not dspark:
         return out
     V, Vd = src.spec.vocab_size, src.draft_vocab_size
-    rank = src.config.markov_rank if src.algorithm == "dspark" else 0
+    rank = src.config.markov_rank if src.markov else 0
     if rank > 0:
         out["markov_head.markov_w1.weight"] = _f32(t["markov_head.W1.weight"])
         out["markov_head.markov_w2.weight"] = _f32(t["markov_head.W2.weight"])

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from deepspec.algorithms import ALGORITHMS
 from deepspec.drafts.base import DraftConfig
 from deepspec.drafts.checkpoint import (
     check_finite_weights,
@@ -67,6 +68,16 @@ class DraftSource:
         return self.config.algorithm
 
     @property
+    def block(self) -> bool:
+        """A block draft (DFlash/DSpark: the engines' block-draft graphs), else a chain (Eagle3)."""
+        return ALGORITHMS[self.algorithm].block
+
+    @property
+    def markov(self) -> bool:
+        """An algorithm with DSpark's Markov and confidence heads."""
+        return ALGORITHMS[self.algorithm].markov
+
+    @property
     def spec(self) -> FamilySpec:
         return self.config.spec
 
@@ -92,11 +103,7 @@ class DraftSource:
         return self.tensors[name].float() + self.spec.rule.norm_offset
 
     def layer_prefixes(self) -> list[str]:
-        n = (
-            self.config.num_draft_layers
-            if self.algorithm != "eagle3"
-            else self.config.draft_num_hidden_layers
-        )
+        n = self.config.num_draft_layers if self.block else self.config.draft_num_hidden_layers
         return [f"layers.{i}." for i in range(n)]
 
     def refuse(self, engine: str, reason: str, fix: str) -> ExportRefused:
@@ -107,7 +114,7 @@ def read_source(path: str) -> DraftSource:
     """Read a checkpoint directory written by ``train.py`` (one-line errors when it is not
     one, or when its weights hold NaN or inf: a diverged run exports nowhere)."""
     architecture, config = read_draft_config(path)
-    if config.algorithm not in ("dflash", "dspark", "eagle3"):
+    if config.algorithm not in ALGORITHMS:
         raise DataError(f"draft checkpoint {path}: unknown algorithm {config.algorithm!r}")
     path = os.path.expanduser(path)
     tensors = read_draft_state(path, config)  # checked against the checksum config.json records

@@ -34,7 +34,7 @@ def score(
     """``{"real": metrics, "zero": metrics}`` of ``module`` (a ``TrainModule``) over
     ``dataset[indices]``, each metric averaged over supervised positions; ``positions``
     counts them."""
-    from deepspec.drafts.registry import get_algorithm
+    from deepspec.algorithms import get_algorithm
     from deepspec.train.data import collate, sample_generators
 
     prepare = get_algorithm(cfg.algorithm).prepare_batch
