@@ -233,14 +233,24 @@ def test_unknown_target_lists_the_known_ones(tmp_path):
     assert "known targets: qwen3_4b, qwen3_8b, qwen3_14b, gemma4_12b, smollm2_135m" in shipped
 
 
-def test_all_file_problems_at_once(tmp_path):
+def test_all_problems_at_once(tmp_path):
     _write(tmp_path / "targets.py", _TABLE)
-    message = _error(_write(tmp_path / "c.py", "_base_ = 'bsae.py'\n_target_ = 'nope'\n_tagret_ = 'tiny'\n"))
-    assert message.startswith("invalid config: ")
+    path = _write(
+        tmp_path / "c.py",
+        "_base_ = 'bsae.py'\n_target_ = 'nope'\n_tagret_ = 'tiny'\nmodel = dict(blok_size=3)\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["train.lrr=1"])
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("invalid config: ")
     assert "_base_: 'bsae.py' not found" in message
     assert "_target_: 'nope' is not a target" in message
     assert "_tagret_: not a loader name" in message
-    assert message.count("(from ") == 3
+    assert "model.blok_size: unknown key" in message and "train.lrr: unknown key" in message
+    assert message.count(f"(from {path})") == 4
+    with pytest.raises(ConfigError, match="bsae.py") as info:
+        read_config_layers(path)  # on its own: the file's problems
+    assert "blok_size" not in str(info.value)
 
 
 def test_base_and_target_errors(tmp_path):

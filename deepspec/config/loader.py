@@ -396,7 +396,9 @@ def _target_layer(
     return f"{table}, target {name}", values
 
 
-def read_config_layers(path: str | os.PathLike[str]) -> list[tuple[str, dict[str, Any]]]:
+def read_config_layers(
+    path: str | os.PathLike[str], problems: _Problems | None = None
+) -> list[tuple[str, dict[str, Any]]]:
     """Read a config file into source layers ``[(source, flat {key.path: value})]``, earliest first.
 
     A file may build on another: ``_base_ = "base.py"`` (a path relative to the file) reads
@@ -407,8 +409,11 @@ def read_config_layers(path: str | os.PathLike[str]) -> list[tuple[str, dict[str
 
     Problems are one :class:`ConfigError`: ``file:line[:column]`` for a file that cannot be
     read (YAML syntax, a key given twice in one YAML mapping, Python that does not compile
-    or raises); otherwise every missing base, unknown target and misspelt loader name."""
-    problems = _Problems()
+    or raises); otherwise every missing base, unknown target and misspelt loader name, or,
+    given ``problems``, added to those instead (:func:`load_config` reports them together
+    with the keys' problems)."""
+    own = problems is None
+    problems = _Problems() if problems is None else problems
     chain: list[tuple[str, dict[str, Any], Any]] = []
     _read_chain(os.fspath(path), chain, problems, [os.path.realpath(path)])
     algorithm = FIELDS_BY_KEY["algorithm"].default
@@ -423,7 +428,8 @@ def read_config_layers(path: str | os.PathLike[str]) -> list[tuple[str, dict[str
             if layer is not None:
                 layers.append(layer)
         layers.append((source, flat))
-    problems.raise_if_any()
+    if own:
+        problems.raise_if_any()
     return layers
 
 
@@ -479,9 +485,16 @@ def get_default_config(algorithm: str = "dspark") -> CfgNode:
     return cfg
 
 
-def build_config(layers: Sequence[tuple[str, Mapping[str, Any]]], *, finalize: bool = True) -> CfgNode:
-    """Merge flat override layers ``[(source name, {key: value})]`` over the defaults."""
-    problems = _Problems()
+def build_config(
+    layers: Sequence[tuple[str, Mapping[str, Any]]],
+    *,
+    finalize: bool = True,
+    problems: _Problems | None = None,
+) -> CfgNode:
+    """Merge flat override layers ``[(source name, {key: value})]`` over the defaults.
+
+    ``problems``: ones already found (a config file's), raised together with these."""
+    problems = _Problems() if problems is None else problems
     algorithm = "dspark"
     for _, layer in layers:
         if "algorithm" in layer and isinstance(layer["algorithm"], str):
@@ -523,12 +536,13 @@ def load_config(
     Raises :class:`ConfigError` naming every unknown key, wrong type and invalid value.
     """
     layers: list[tuple[str, Mapping[str, Any]]] = []
+    problems = _Problems()  # a missing base or unknown target, reported with the keys' problems
     if path is not None:
-        layers.extend(read_config_layers(path))
+        layers.extend(read_config_layers(path, problems))
     overrides = parse_opts(opts)
     if overrides:
         layers.append(("--opts", overrides))
-    return build_config(layers, finalize=finalize)
+    return build_config(layers, finalize=finalize, problems=problems)
 
 
 def _validate(cfg: CfgNode, problems: _Problems, sources: Mapping[str, str]) -> None:
