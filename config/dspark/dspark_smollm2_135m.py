@@ -15,28 +15,23 @@ Why these sizes (2-core CPU, bf16):
   warmup, the draft's final norm calibrated to the frozen LM head (fresh CE 10.2
   instead of 14), and torch_compile for the LM-head loss's vocabulary kernel (step
   1.9 s -> 1.4 s). Steps are set by the quickstart profile through --opts.
+
+Builds on config/dspark/base.py and the smollm2_135m row of config/targets.py (the
+embedded target, its layer ids, no mask token id, torch_compile on); below are this
+recipe's own choices, every other key is the schema default (deepspec/config/schema.py).
 """
 
-algorithm = "dspark"
-project_name = "deepspec"
+_base_ = "base.py"
+_target_ = "smollm2_135m"
 exp_name = "dspark_smollm2_135m"
-seed = 42
 
 model = dict(
-    target_model_name_or_path="embedded:smollm2-135m-instruct",
-    target_layer_ids=[1, 7, 14, 21, 27],
     # the draft scores the 8192 most frequent answer tokens of the training data, not all
     # 49152 (docs/RESULTS.md, "Pruned draft vocabulary": 2-3x faster steps, learning per step within noise)
     draft_vocab_size=8192,
-    mask_token_id=None,  # SmolLM2 has no spare token id: the mask slot is a learned vector
-    block_size=7,
     num_draft_layers=2,
     num_anchors=64,
     markov_rank=128,
-    markov_head_type="vanilla",
-    confidence_head_alpha=1.0,
-    confidence_head_with_markov=True,
-    loss_decay_gamma=4.0,
     # reading the target (docs/RESULTS.md, "Learning to read the target"): each block sees
     # the newest 8-14 target positions (a sliding window of 15 as llama.cpp and vLLM apply
     # it: block slot k sees 14-k), per-head q/k norms, draft layers started at std 0.04,
@@ -46,25 +41,15 @@ model = dict(
     init_std=0.04,
     output_norm_scale=3.0,
     tv_ramp_ratio=0.5,  # CE first: the TV weight ramps in over the first half of the steps
-    ce_loss_alpha=0.1,
-    l1_loss_alpha=0.9,
 )
 
 train = dict(
     lr=1.0e-3,
     lr_scheduler="wsd",  # constant, then a linear decay over the last 20% (better than cosine)
-    decay_ratio=0.2,
     warmup_ratio=0.05,
-    weight_decay=0.0,
-    precision="bf16",
     local_batch_size=4,
     global_batch_size=4,
     num_train_epochs=2,
-    max_train_steps=None,
-    max_grad_norm=1.0,
-    sharding_strategy="no_shard",
-    torch_compile=True,
-    num_cpu_workers=1,
 )
 
 logging = dict(
@@ -73,10 +58,6 @@ logging = dict(
 )
 
 data = dict(
-    mode="offline",
-    target_cache_path=None,  # set with --opts data.target_cache_path=<dir>
-    chat_template="auto",
     max_length=1024,
-    min_loss_tokens=14,
     num_workers=0,
 )

@@ -18,22 +18,20 @@ Why these sizes (2-core CPU, bf16):
   warmup, the draft's final norm calibrated to the frozen LM head (fresh CE 10.2
   instead of 14), and torch_compile for the LM-head loss's vocabulary kernel (step
   1.9 s -> 1.4 s). Steps are set by the quickstart profile through --opts.
+
+Builds on config/eagle3/base.py and the smollm2_135m row of config/targets.py (the
+embedded target, its layer ids, torch_compile on); below are this recipe's own choices,
+every other key is the schema default (deepspec/config/schema.py).
 """
 
-algorithm = "eagle3"
-project_name = "deepspec"
+_base_ = "base.py"
+_target_ = "smollm2_135m"
 exp_name = "eagle3_smollm2_135m"
-seed = 42
 
 model = dict(
-    target_model_name_or_path="embedded:smollm2-135m-instruct",
-    target_layer_ids=[1, 14, 27],
     # the draft scores the 8192 most frequent answer tokens of the training data, not all
     # 49152 (docs/RESULTS.md, "Pruned draft vocabulary": 2-3x faster steps, learning per step within noise)
     draft_vocab_size=8192,
-    draft_num_hidden_layers=1,
-    ttt_length=7,
-    step_loss_decay=0.8,
     # Supervise 64 sampled positions per sequence at every TTT step: the same
     # (position, depth) pairs as the block drafters' 64 anchors x 7, so the three
     # algorithms train at a matched LM-head budget (every position costs ~7x more).
@@ -43,16 +41,9 @@ model = dict(
 train = dict(
     lr=1.0e-3,
     warmup_ratio=0.05,
-    weight_decay=0.0,
-    precision="bf16",
     local_batch_size=4,
     global_batch_size=4,
     num_train_epochs=2,
-    max_train_steps=None,
-    max_grad_norm=1.0,
-    sharding_strategy="no_shard",
-    torch_compile=True,
-    num_cpu_workers=1,
 )
 
 logging = dict(
@@ -61,10 +52,6 @@ logging = dict(
 )
 
 data = dict(
-    mode="offline",
-    target_cache_path=None,  # set with --opts data.target_cache_path=<dir>
-    chat_template="auto",
     max_length=1024,
-    min_loss_tokens=14,
     num_workers=0,
 )

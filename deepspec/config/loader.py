@@ -6,7 +6,12 @@ found on the way is collected and raised once as a single-line :class:`ConfigErr
 
 A Python config file is a module whose top-level names are the schema's top-level keys
 (``algorithm``, ``seed`` …) and sections given as dicts (``model = dict(block_size=7)``).
-Names starting with ``_``, imported modules, functions and classes are ignored.
+Names starting with ``_``, imported modules, functions and classes are ignored, except the
+two the loader reads (Python or YAML): ``_base_ = "base.py"`` (build on that file, a path
+relative to this one) and ``_target_ = "qwen3_8b"`` (apply that row of the ``targets.py``
+table next to the file or one folder up). So the config file layer is itself layered:
+base → target row → the file's own keys (see :func:`read_config_layers`). Other
+``_name_``-shaped names are refused as misspelt loader names.
 """
 
 from __future__ import annotations
@@ -254,12 +259,21 @@ def _python_error(path: str, exc: BaseException) -> ConfigError:
     return ConfigError(f"{where}: the config file raised {type(exc).__name__}: {text}; fix the file")
 
 
-def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a Python or YAML config file into a flat ``{key.path: value}`` dict.
+# Names a config file may set for the loader itself (``_name_``: one underscore each side).
+BASE_NAME = "_base_"
+TARGET_NAME = "_target_"
+LOADER_NAMES = (BASE_NAME, TARGET_NAME)
+# The table ``_target_`` reads: ``targets.py`` next to a config file or one folder up.
+TARGETS_FILE = "targets.py"
 
-    Problems are one :class:`ConfigError` naming ``file:line[:column]``: YAML syntax errors,
-    a key given twice in one YAML mapping, a Python config that does not compile or raises."""
-    path = os.fspath(path)
+
+def _is_loader_name(name: str) -> bool:
+    """``_base_``-shaped: one leading and one trailing underscore (not a dunder, not ``_x``)."""
+    return len(name) > 2 and name[0] == name[-1] == "_" and name[1] != "_" and name[-2] != "_"
+
+
+def _read_tree(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One file's ``(sections and top-level keys, loader names)``, both still nested."""
     if os.path.isdir(path):
         raise ConfigError(f"config file {path} is a directory; give --config a .py or .yaml file")
     if not os.path.isfile(path):
@@ -270,6 +284,7 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             namespace = runpy.run_path(path)
         except (Exception, SystemExit) as exc:  # a config file that does not run
             raise _python_error(path, exc) from None
+        special = {name: value for name, value in namespace.items() if _is_loader_name(name)}
         tree = {
             name: value
             for name, value in namespace.items()
@@ -288,9 +303,144 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             ) from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(tree).__name__}")
+        special = {name: tree.pop(name) for name in LOADER_NAMES if name in tree}
     else:
         raise ConfigError(f"config file {path}: unsupported extension {ext!r} (use .py, .yaml or .yml)")
-    return flatten(tree)
+    return tree, special
+
+
+def _read_chain(
+    path: str, chain: list[tuple[str, dict[str, Any], Any]], problems: _Problems, seen: list[str]
+) -> None:
+    """Append ``(source, flat keys, target name or None)`` for ``path``'s bases, then for ``path``."""
+    tree, special = _read_tree(path)
+    for name in special:
+        if name not in LOADER_NAMES:
+            problems.add(
+                name,
+                f"not a loader name (those are {', '.join(LOADER_NAMES)}); name a helper without "
+                "the trailing underscore",
+                path,
+            )
+    base = special.get(BASE_NAME)
+    if base is not None:
+        if not isinstance(base, str) or not base.strip():
+            problems.add(BASE_NAME, f"must be the path of a config file, not {_describe(base)}", path)
+        else:
+            base_path = os.path.expanduser(base)
+            if not os.path.isabs(base_path):  # relative to the file that names it
+                base_path = os.path.join(os.path.dirname(path), base_path)
+            base_path = os.path.normpath(base_path)
+            real = os.path.realpath(base_path)
+            if not os.path.isfile(base_path):
+                problems.add(BASE_NAME, f"{base!r} not found (looked for {base_path})", path)
+            elif real in seen:
+                problems.add(BASE_NAME, f"{base!r} builds on itself ({base_path} is already read)", path)
+            else:
+                _read_chain(base_path, chain, problems, [*seen, real])
+    target = special.get(TARGET_NAME)
+    if target is not None and (not isinstance(target, str) or not target.strip()):
+        problems.add(TARGET_NAME, f"must be a target name, not {_describe(target)}", path)
+        target = None
+    chain.append((path, flatten(tree), target))
+
+
+def _find_targets_file(files: Sequence[str]) -> str | None:
+    """The ``targets.py`` next to the first of ``files`` that has one, or one folder up."""
+    for path in files:
+        folder = os.path.dirname(path)
+        for candidate in (os.path.join(folder, TARGETS_FILE), os.path.join(folder, os.pardir, TARGETS_FILE)):
+            if os.path.isfile(candidate):
+                return os.path.normpath(candidate)
+    return None
+
+
+def _target_layer(
+    name: str, files: Sequence[str], algorithm: str, problems: _Problems
+) -> tuple[str, dict[str, Any]] | None:
+    """The keys row ``name`` of the targets table sets for ``algorithm``, as a source layer.
+
+    ``files``: the file naming the target first, then the files it builds on (where the
+    table is looked for, in that order)."""
+    source = files[0]
+    table = _find_targets_file(files)
+    if table is None:
+        problems.add(
+            TARGET_NAME,
+            f"{name!r} needs a {TARGETS_FILE} table next to the config file or one folder up; none found",
+            source,
+        )
+        return None
+    try:
+        namespace = runpy.run_path(table)
+    except (Exception, SystemExit) as exc:
+        raise _python_error(table, exc) from None
+    targets, columns = namespace.get("TARGETS"), namespace.get("COLUMNS")
+    if not isinstance(targets, Mapping) or not isinstance(columns, Mapping):
+        problems.add(TARGET_NAME, f"{table} must define the dicts TARGETS and COLUMNS", source)
+        return None
+    if name not in targets:
+        problems.add(
+            TARGET_NAME, f"{name!r} is not a target of {table}; known targets: {', '.join(targets)}", source
+        )
+        return None
+    if algorithm not in columns:
+        if algorithm in ALGORITHM_DEFAULTS:  # an unknown algorithm is reported by build_config
+            problems.add(TARGET_NAME, f"{table} COLUMNS has no entry for algorithm {algorithm!r}", source)
+        return None
+    row, mapping = targets[name], columns[algorithm]
+    missing = [column for column in mapping if column not in row]
+    if missing:
+        problems.add(TARGET_NAME, f"row {name!r} of {table} lacks {', '.join(missing)}", source)
+        return None
+    values = {key: list(row[col]) if isinstance(row[col], list) else row[col] for col, key in mapping.items()}
+    return f"{table}, target {name}", values
+
+
+def read_config_layers(
+    path: str | os.PathLike[str], problems: _Problems | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """Read a config file into source layers ``[(source, flat {key.path: value})]``, earliest first.
+
+    A file may build on another: ``_base_ = "base.py"`` (a path relative to the file) reads
+    that file first, recursively. ``_target_ = "qwen3_8b"`` applies that row of the nearest
+    ``targets.py`` table (next to the file or one folder up; else next to its bases): its
+    ``COLUMNS[algorithm]`` map row columns to keys, for the algorithm the files name. Per
+    file the order is: its base, its target row, its own keys (later wins).
+
+    Problems are one :class:`ConfigError`: ``file:line[:column]`` for a file that cannot be
+    read (YAML syntax, a key given twice in one YAML mapping, Python that does not compile
+    or raises); otherwise every missing base, unknown target and misspelt loader name, or,
+    given ``problems``, added to those instead (:func:`load_config` reports them together
+    with the keys' problems)."""
+    own = problems is None
+    problems = _Problems() if problems is None else problems
+    chain: list[tuple[str, dict[str, Any], Any]] = []
+    _read_chain(os.fspath(path), chain, problems, [os.path.realpath(path)])
+    algorithm = FIELDS_BY_KEY["algorithm"].default
+    for _, flat, _ in chain:
+        if isinstance(flat.get("algorithm"), str):
+            algorithm = flat["algorithm"]
+    layers: list[tuple[str, dict[str, Any]]] = []
+    for i, (source, flat, target) in enumerate(chain):
+        if target is not None:
+            files = [source] + [earlier for earlier, _, _ in reversed(chain[:i])]
+            layer = _target_layer(target, files, algorithm, problems)
+            if layer is not None:
+                layers.append(layer)
+        layers.append((source, flat))
+    if own:
+        problems.raise_if_any()
+    return layers
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a Python or YAML config file (with its ``_base_`` and ``_target_``) into one flat
+    ``{key.path: value}`` dict; :func:`read_config_layers` keeps the sources apart."""
+    flat: dict[str, Any] = {}
+    for _, layer in read_config_layers(path):
+        flat.update(layer)
+    return flat
 
 
 def parse_opts(opts: Iterable[str] | None) -> dict[str, Any]:
@@ -336,9 +486,16 @@ def get_default_config(algorithm: str = "dspark") -> CfgNode:
     return cfg
 
 
-def build_config(layers: Sequence[tuple[str, Mapping[str, Any]]], *, finalize: bool = True) -> CfgNode:
-    """Merge flat override layers ``[(source name, {key: value})]`` over the defaults."""
-    problems = _Problems()
+def build_config(
+    layers: Sequence[tuple[str, Mapping[str, Any]]],
+    *,
+    finalize: bool = True,
+    problems: _Problems | None = None,
+) -> CfgNode:
+    """Merge flat override layers ``[(source name, {key: value})]`` over the defaults.
+
+    ``problems``: ones already found (a config file's), raised together with these."""
+    problems = _Problems() if problems is None else problems
     algorithm = "dspark"
     for _, layer in layers:
         if "algorithm" in layer and isinstance(layer["algorithm"], str):
@@ -380,12 +537,13 @@ def load_config(
     Raises :class:`ConfigError` naming every unknown key, wrong type and invalid value.
     """
     layers: list[tuple[str, Mapping[str, Any]]] = []
+    problems = _Problems()  # a missing base or unknown target, reported with the keys' problems
     if path is not None:
-        layers.append((os.fspath(path), read_config_file(path)))
+        layers.extend(read_config_layers(path, problems))
     overrides = parse_opts(opts)
     if overrides:
         layers.append(("--opts", overrides))
-    return build_config(layers, finalize=finalize)
+    return build_config(layers, finalize=finalize, problems=problems)
 
 
 def _validate(cfg: CfgNode, problems: _Problems, sources: Mapping[str, str]) -> None:

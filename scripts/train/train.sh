@@ -9,7 +9,9 @@
 # MASTER_PORT: node 0's address and a free port. Under torchrun (LOCAL_RANK set) each
 # process is one worker instead.
 #
-# Shipped configs:
+# Shipped configs, one per algorithm and target (each is config/<algo>/base.py, the
+# algorithm, plus its target's row of config/targets.py: hub id, layer ids, mask token;
+# the smollm2_135m ones add the tuned CPU recipe; README "Configs"):
 ## dspark
 #   config/dspark/dspark_qwen3_4b.py   config/dspark/dspark_qwen3_8b.py
 #   config/dspark/dspark_qwen3_14b.py  config/dspark/dspark_gemma4_12b.py
