@@ -15,10 +15,12 @@ import argparse
 import os
 
 from deepspec.cli import ArgumentParser, run_main
-from deepspec.config.schema import DEFAULT_EVAL_TASKS
+from deepspec.data.eval_prompts import DEFAULT_EVAL_TASKS
 from deepspec.errors import ConfigError, check_number
+from deepspec.eval.settings import EvalSettings
 
 MAX_SEED = 2**32 - 1
+DEFAULTS = EvalSettings(tasks=list(DEFAULT_EVAL_TASKS))  # the one home of the defaults below
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,34 +32,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(DEFAULT_EVAL_TASKS),
         help="comma-separated benchmark names (files in --eval-datasets-dir)",
     )
-    parser.add_argument("--max-samples", type=int, default=None, help="cap per task (default: task caps)")
-    parser.add_argument("--max-new-tokens", type=int, default=2048)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument(
+        "--max-samples", type=int, default=DEFAULTS.max_samples, help="cap per task (default: task caps)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=DEFAULTS.temperature)
     parser.add_argument(
         "--confidence-threshold",
         type=float,
-        default=0.0,
+        default=DEFAULTS.confidence_threshold,
         help="threshold policy (the DeepSpec reference's rule): verify the drafted tokens before the "
         "first slot whose own confidence c_k = sigmoid(l_k) is below this (none when slot 0 is)",
     )
     parser.add_argument(
         "--survival-threshold",
         type=float,
-        default=0.0,
+        default=DEFAULTS.survival_threshold,
         help="cumulative policy: verify the drafted tokens before the first slot whose cumulative "
         "survival c_0 * ... * c_k is below this",
     )
     parser.add_argument(
         "--policy",
         choices=("auto", "fixed", "threshold", "cumulative", "scheduled"),
-        default="auto",
+        default=DEFAULTS.policy,
         help="how many drafted tokens to verify: fixed (the whole block), threshold "
         "(--confidence-threshold), cumulative (--survival-threshold), scheduled (DSpark's prefix "
         "scheduler with --sps-table); auto = the policy of the threshold flag given, else fixed",
     )
     parser.add_argument(
         "--sps-table",
-        default=None,
+        default=DEFAULTS.sps_table,
         metavar="JSON",
         help="steps/s of the target per batch token count, for --policy scheduled "
         "(python benchmarks/sps_profile.py writes it)",
@@ -65,18 +69,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-size",
         type=int,
-        default=1,
+        default=DEFAULTS.batch_size,
         help="requests decoded at once (continuous batching); the baseline decodes as many",
     )
     parser.add_argument(
         "--split",
         choices=("report", "calibration"),
-        default="report",
+        default=DEFAULTS.split,
         help="calibration: prompts disjoint from the reported ones, for python -m deepspec.eval.calibration",
     )
-    parser.add_argument("--seed", type=int, default=980406)
-    parser.add_argument("--eval-datasets-dir", default="eval_datasets")
-    parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    parser.add_argument("--eval-datasets-dir", default=DEFAULTS.eval_datasets_dir)
+    parser.add_argument("--output-dir", default=DEFAULTS.output_dir)
     parser.add_argument("--no-baseline", action="store_true", help="skip plain target decoding")
     parser.add_argument(
         "--allow-other-target",
@@ -85,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--baseline-from",
-        default=None,
+        default=DEFAULTS.baseline_from,
         metavar="DIR",
         help="reuse the plain-decoding runs of an earlier --output-dir made with the same target, "
         "tasks, prompts and decoding settings (when comparing several drafts, decode the baseline once)",
@@ -99,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dtype",
         choices=("auto", "bf16", "fp32"),
-        default="auto",
+        default=DEFAULTS.dtype,
         help="target and draft precision; auto = fp32 at temperature 0 (bf16 matmuls of "
         "different shapes can flip near-tied greedy choices), bf16 otherwise",
     )

@@ -331,7 +331,7 @@ def train_args(env, cache, tmp_path, **extra):
         "model.target_model_name_or_path": env["target"], "model.target_layer_ids": "[0,2]",
         "model.block_size": 4, "model.num_draft_layers": 1, "model.markov_rank": 8, "model.num_anchors": 16,
         "data.target_cache_path": str(cache), "data.max_length": 256, "data.min_loss_tokens": 4,
-        "data.num_workers": 0, "train.precision": "fp32", "train.torch_compile": "false",
+        "train.precision": "fp32", "train.torch_compile": "false",
         "train.global_batch_size": 2, "train.local_batch_size": 2, "train.max_train_steps": 2,
         "logging.checkpoint_root": str(tmp_path / "ck"), "logging.tensorboard_root": str(tmp_path / "tb"),
         "exp_name": "run", **extra,

@@ -68,7 +68,6 @@ def opts_for(setup, root, algo="dspark", **extra):
         "data.target_cache_path": setup["cache"],
         "data.max_length": 256,
         "data.min_loss_tokens": 4,
-        "data.num_workers": 0,
         "train.precision": "fp32",
         "train.global_batch_size": 4,
         "train.local_batch_size": 2,

@@ -59,5 +59,4 @@ logging = dict(
 
 data = dict(
     max_length=1024,
-    num_workers=0,
 )

@@ -11,11 +11,10 @@ from deepspec.config.loader import (
     suggest_keys,
     validate_against_target,
 )
-from deepspec.config.schema import ALGORITHMS, DEFAULT_EVAL_TASKS, FIELDS, FIELDS_BY_KEY
+from deepspec.config.schema import ALGORITHMS, FIELDS, FIELDS_BY_KEY
 
 __all__ = [
     "ALGORITHMS",
-    "DEFAULT_EVAL_TASKS",
     "FIELDS",
     "FIELDS_BY_KEY",
     "build_config",

@@ -20,6 +20,7 @@ import difflib
 import math
 import os
 import runpy
+import sys
 import traceback
 import types
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,7 +30,14 @@ import yaml
 from yacs.config import CfgNode
 
 from deepspec.algorithms import ALGORITHMS
-from deepspec.config.schema import ALGORITHM_DEFAULTS, FIELDS, FIELDS_BY_KEY, SECTIONS, Field
+from deepspec.config.schema import (
+    ALGORITHM_DEFAULTS,
+    FIELDS,
+    FIELDS_BY_KEY,
+    RETIRED_KEYS,
+    SECTIONS,
+    Field,
+)
 from deepspec.errors import ConfigError
 from deepspec.utils.io import atomic_write_text
 
@@ -157,6 +165,15 @@ def _check_bounds(field: Field, value: Any) -> str | None:
             return f"{_describe(value)} is invalid, must be <= {_bound(field.maximum)}"
         if field.exclusive_maximum is not None and v >= field.exclusive_maximum:
             return f"{_describe(value)} is invalid, must be < {_bound(field.exclusive_maximum)}"
+    return None
+
+
+def retired_reason(key: str) -> str | None:
+    """Why a key the reference's configs carry is not read (``RETIRED_KEYS``), else ``None``."""
+    for prefix, why in RETIRED_KEYS.items():
+        section = prefix.endswith(".")
+        if key == prefix.rstrip(".") or (section and key.startswith(prefix)):
+            return why
     return None
 
 
@@ -505,9 +522,14 @@ def build_config(
         problems.raise_if_any()
     cfg = get_default_config(algorithm)
     sources: dict[str, str] = {}
+    retired: dict[str, list[str]] = {}
     for source, layer in layers:
         for key, value in layer.items():
             field = FIELDS_BY_KEY.get(key)
+            why = None if field is not None else retired_reason(key)
+            if why is not None:
+                retired.setdefault(why, []).append(key)
+                continue
             if field is None and key in SECTIONS:
                 problems.add(key, f"is a section: give it a mapping of keys, not {_describe(value)}", source)
                 continue
@@ -521,6 +543,8 @@ def build_config(
                 problems.add(key, str(exc), source)
     _validate(cfg, problems, sources)
     problems.raise_if_any()
+    for why, keys in retired.items():
+        print(f"note: ignoring {', '.join(dict.fromkeys(keys))}: {why}", file=sys.stderr)
     if finalize:
         finalize_config(cfg)
     return cfg

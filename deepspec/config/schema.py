@@ -16,18 +16,6 @@ from deepspec.algorithms import ALGORITHMS as REGISTERED
 
 ALGORITHMS = tuple(REGISTERED)
 
-DEFAULT_EVAL_TASKS = {
-    "gsm8k": 500,
-    "math500": 500,
-    "aime25": 30,
-    "humaneval": 164,
-    "mbpp": 256,
-    "livecodebench": 500,
-    "mt-bench": 80,
-    "alpaca": 500,
-    "arena-hard-v2": 500,
-}
-
 
 @dataclass(frozen=True)
 class Field:
@@ -283,14 +271,6 @@ FIELDS: tuple[Field, ...] = (
     _f("data.enable_thinking", False, "bool", "Passed to chat templates that support thinking."),
     _f("data.max_length", 4096, "int", "Truncate tokenized conversations to this many tokens.", minimum=2),
     _f("data.min_loss_tokens", 14, "int", "Drop samples with fewer supervised tokens.", minimum=0),
-    _f(
-        "data.num_workers",
-        4,
-        "int",
-        "Read by nothing: batches are read in the training process. Accepted so the reference's "
-        "configs load unchanged.",
-        minimum=0,
-    ),
     _f("data.shuffle", True, "bool", "Shuffle samples each epoch (seeded)."),
     _f(
         "data.heldout_samples",
@@ -335,35 +315,17 @@ FIELDS: tuple[Field, ...] = (
         "Derived: <tensorboard_root>/<project_name>/<exp_name> unless set.",
         optional=True,
     ),
-    # ---- eval ------------------------------------------------------------------------
-    # Recorded with a config (the reference's configs carry them); train.py does not evaluate
-    # and eval.py takes these as its own flags with the same defaults.
-    _f("eval.tasks", list(DEFAULT_EVAL_TASKS), "list[str]", "Benchmarks under eval_datasets/."),
-    _f(
-        "eval.max_samples",
-        None,
-        "int",
-        "Cap per task; null = the task's default cap.",
-        optional=True,
-        minimum=1,
-    ),
-    _f("eval.max_new_tokens", 2048, "int", "Generation limit per prompt.", minimum=1),
-    _f("eval.temperature", 1.0, "float", "Sampling temperature; 0 = greedy.", minimum=0.0),
-    _f(
-        "eval.confidence_threshold",
-        0.0,
-        "float",
-        "DSpark: cut the proposal at the first slot whose confidence is below this (eval.py's "
-        "--confidence-threshold).",
-        minimum=0.0,
-        maximum=1.0,
-    ),
-    _f("eval.seed", 980406, "int", "Seed for prompt subsampling and sampling.", minimum=0, maximum=2**32 - 1),
-    _f("eval.eval_datasets_dir", "eval_datasets", "str", "Folder with <task>.jsonl prompt files."),
 )
 
 FIELDS_BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}
-SECTIONS = ("model", "train", "data", "logging", "eval")
+SECTIONS = ("model", "train", "data", "logging")
+
+# Keys the reference's configs carry that training does not read: accepted, reported in one
+# note and dropped, so those configs load unchanged (a prefix ending in "." covers a section).
+RETIRED_KEYS = {
+    "eval.": "train.py does not evaluate; pass these to eval.py as flags (eval.py --help)",
+    "data.num_workers": "batches are read in the training process",
+}
 
 # Applied over the schema defaults, before the config file, by `algorithm` (each
 # algorithm's registry entry holds its own: deepspec/algorithms.py).

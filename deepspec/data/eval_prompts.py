@@ -15,6 +15,22 @@ from dataclasses import dataclass
 from deepspec.data.conversations import describe_json_error
 from deepspec.errors import DataError
 
+# The one home of the evaluation defaults (eval.py, EvalSettings and the loader read these):
+# every benchmark in eval_datasets/ with its default cap (the reference's prompt counts).
+DEFAULT_EVAL_TASKS = {
+    "gsm8k": 500,
+    "math500": 500,
+    "aime25": 30,
+    "humaneval": 164,
+    "mbpp": 256,
+    "livecodebench": 500,
+    "mt-bench": 80,
+    "alpaca": 500,
+    "arena-hard-v2": 500,
+}
+DEFAULT_EVAL_SEED = 980406
+DEFAULT_DATASETS_DIR = "eval_datasets"
+
 
 @dataclass(frozen=True)
 class EvalPrompt:
@@ -35,10 +51,10 @@ SPLITS = ("report", "calibration")
 
 def load_eval_prompts(
     task: str,
-    datasets_dir: str | os.PathLike[str] = "eval_datasets",
+    datasets_dir: str | os.PathLike[str] = DEFAULT_DATASETS_DIR,
     *,
     max_samples: int | None = None,
-    seed: int = 980406,
+    seed: int = DEFAULT_EVAL_SEED,
     split: str = "report",
 ) -> list[EvalPrompt]:
     """Read ``<datasets_dir>/<task>.jsonl``; malformed rows stop with ``file:line: reason``.

@@ -22,9 +22,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from deepspec.config.schema import DEFAULT_EVAL_TASKS
 from deepspec.data.chat import ChatTokenizer
-from deepspec.data.eval_prompts import load_eval_prompts
+from deepspec.data.eval_prompts import DEFAULT_EVAL_TASKS, load_eval_prompts
 from deepspec.errors import ConfigError, DataError, as_user_error
 from deepspec.eval.decode import DecodeResult, plain_generate, speculative_generate
 from deepspec.eval.metrics import acceptance_stats, calibration_stats, macro_average, threshold_sweep

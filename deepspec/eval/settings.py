@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from deepspec.algorithms import ALGORITHMS
+from deepspec.data.eval_prompts import DEFAULT_DATASETS_DIR, DEFAULT_EVAL_SEED
 from deepspec.errors import ConfigError, DataError
 from deepspec.utils.io import check_writable_dir
 
@@ -23,8 +24,8 @@ class EvalSettings:
     max_new_tokens: int = 2048
     temperature: float = 1.0
     confidence_threshold: float = 0.0  # threshold policy: cut at the first slot with c_k < t
-    seed: int = 980406
-    eval_datasets_dir: str = "eval_datasets"
+    seed: int = DEFAULT_EVAL_SEED
+    eval_datasets_dir: str = DEFAULT_DATASETS_DIR
     output_dir: str | None = None
     baseline: bool = True
     dtype: str = "auto"  # auto: fp32 at temperature 0 (bit-exact greedy), else bf16

@@ -245,11 +245,11 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 #     checksum (the cache directory may move);
 #   * the order: ``seed``, ``data.shuffle``, world size and batch sizes.
 # Free to change: every other ``train.*`` key (lr, warmup, step budget, clipping,
-# precision, sharding, torch_compile), ``logging.*``, ``eval.*``, the loss weights and
+# precision, sharding, torch_compile), ``logging.*``, the loss weights and
 # sampling (``model.num_anchors``, ``model.eagle3_num_positions``, ``model.loss_decay_gamma``,
 # ``model.ce_loss_alpha``, ``model.l1_loss_alpha``, ``model.step_loss_decay``, a non-zero
 # ``model.confidence_head_alpha``), ``model.attention_backend``, ``model.output_norm_init``
-# (initialisation only), ``data.num_workers`` and the paths of the target and the cache.
+# (initialisation only) and the paths of the target and the cache.
 ORDER_KEYS = ("seed", "data.shuffle", "data.mode")
 DATA_KEYS = {
     "offline": (),
