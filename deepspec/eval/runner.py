@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from deepspec.data.chat import ChatTokenizer
 from deepspec.data.eval_prompts import DEFAULT_EVAL_TASKS, load_eval_prompts
-from deepspec.errors import ConfigError, DataError, as_user_error
+from deepspec.errors import ConfigError, DataError
 from deepspec.eval.decode import DecodeResult, plain_generate, speculative_generate
 from deepspec.eval.metrics import acceptance_stats, calibration_stats, macro_average, threshold_sweep
 from deepspec.eval.settings import (  # noqa: F401 - re-exported: the runner's public names
@@ -38,7 +37,7 @@ from deepspec.eval.settings import (  # noqa: F401 - re-exported: the runner's p
     resolve_settings,
 )
 from deepspec.eval.target import HFTarget
-from deepspec.utils.distributed import record_worker_error, recorded_failure
+from deepspec.utils.distributed import spawn
 from deepspec.utils.io import atomic_open, atomic_write_json
 
 MACRO_KEYS = ("acceptance_length", "speedup", "verify_rate", "draft_tokens_per_proposal")
@@ -259,22 +258,18 @@ def _worker_records(
 
 
 def _spawned_worker(
-    worker: int, target_dir, draft_path, settings, workers: int, result_dir: str, reused: dict | None
+    target_dir, draft_path, settings, workers: int, result_dir: str, reused: dict | None
 ) -> None:
-    """One worker process; a user error is recorded for the parent (which reports it once)."""
-    try:
-        if torch.cuda.is_available():
-            device = f"cuda:{worker}"
-        else:  # CPU workers (tests): share the cores
-            device = "cpu"
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-        records = _worker_records(target_dir, draft_path, settings, worker, workers, device, reused)
-        atomic_write_json(os.path.join(result_dir, f"worker{worker}.json"), records)
-    except Exception as exc:  # noqa: BLE001 - user errors go to the parent, bugs keep their trace
-        user = as_user_error(exc)
-        if user is None:
-            raise
-        sys.exit(record_worker_error(result_dir, worker, user))
+    """One worker process (:func:`deepspec.utils.distributed.spawn`): its share of the prompts,
+    written to ``result_dir/worker<i>.json``."""
+    worker = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = f"cuda:{worker}"
+    else:  # CPU workers (tests): share the cores
+        device = "cpu"
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    records = _worker_records(target_dir, draft_path, settings, worker, workers, device, reused)
+    atomic_write_json(os.path.join(result_dir, f"worker{worker}.json"), records)
 
 
 def _worker_count(num_workers: int | None) -> int:
@@ -318,21 +313,8 @@ def evaluate(
         device = "cuda:0" if torch.cuda.is_available() else "cpu"
         per_worker = [_worker_records(target_dir, draft_path, s, 0, 1, device, reused)]
     else:
-        import torch.multiprocessing as mp
-
         with tempfile.TemporaryDirectory() as result_dir:
-            try:
-                mp.start_processes(
-                    _spawned_worker,
-                    args=(target_dir, draft_path, s, workers, result_dir, reused),
-                    nprocs=workers,
-                    start_method="spawn",
-                )
-            except (mp.ProcessExitedException, mp.ProcessRaisedException):
-                recorded = recorded_failure(result_dir)
-                if recorded is None:
-                    raise
-                raise recorded from None
+            spawn(_spawned_worker, workers, target_dir, draft_path, s, workers, result_dir, reused)
             per_worker = []
             for w in range(workers):
                 with open(os.path.join(result_dir, f"worker{w}.json"), encoding="utf-8") as fh:

@@ -16,12 +16,9 @@ the workers is printed once, by the launcher, as one ``error: [rank r] ...`` lin
 from __future__ import annotations
 
 import os
-import signal
-import sys
 from collections.abc import Mapping
 from typing import Any
 
-from deepspec.errors import Preempted, as_user_error
 from deepspec.utils import distributed as dist_utils
 
 
@@ -47,44 +44,6 @@ def run_worker(config_path: str | None, opts: list[str]) -> Any:
         return Trainer(cfg).run()
     finally:
         dist_utils.cleanup()
-
-
-def _spawned(
-    local_rank: int,
-    config_path,
-    opts,
-    nproc: int,
-    node_rank: int,
-    nodes: int,
-    addr: str,
-    port: int,
-    errdir: str,
-):
-    dist_utils._die_with_parent()
-    os.environ.update(
-        RANK=str(node_rank * nproc + local_rank),
-        WORLD_SIZE=str(nodes * nproc),
-        LOCAL_RANK=str(local_rank),
-        LOCAL_WORLD_SIZE=str(nproc),
-        MASTER_ADDR=addr,
-        MASTER_PORT=str(port),
-    )
-    if nodes == 1:  # nothing to meet over the network: a file store, sockets on loopback
-        os.environ.update(dist_utils.local_rendezvous_env(os.path.join(errdir, "store")))
-    try:
-        run_worker(config_path, opts)
-    except dist_utils.PeerError as exc:
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, quietly (the launcher says so)
-        sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - user errors become one line, bugs keep their trace
-        user = as_user_error(exc)
-        if user is None:
-            raise
-        sys.exit(dist_utils.record_worker_error(errdir, int(os.environ["RANK"]), user))
-
-
-_GRACE_S = 10  # after one worker stops, the others get this long to stop on their own
 
 
 def node_topology(env: Mapping[str, str]) -> tuple[int, int]:
@@ -122,55 +81,17 @@ def launch(config_path: str | None, opts: list[str], cfg: Any) -> Any:
         for key in dist_utils.ENV_KEYS:
             os.environ.pop(key, None)
         return run_worker(config_path, opts)
-    import tempfile
-
-    import torch.multiprocessing as mp
-
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    port = int(os.environ.get("MASTER_PORT") or (dist_utils.find_free_port() if nodes == 1 else 29500))
-    with tempfile.TemporaryDirectory(prefix="deepspec-train-") as errdir:
-        os.mkdir(os.path.join(errdir, "store"))
-        ctx = mp.start_processes(
-            _spawned,
-            args=(config_path, opts, nproc, node_rank, nodes, addr, port, errdir),
-            nprocs=nproc,
-            join=False,
-            start_method="spawn",
-        )
-        received: list[int] = []
-
-        def forward(signum, frame):
-            received.append(signum)
-            if signum == signal.SIGINT:
-                if received.count(signal.SIGINT) > 1:  # a second Ctrl-C: abort now
-                    for proc in ctx.processes:
-                        if proc.is_alive():
-                            os.kill(proc.pid, signal.SIGKILL)
-                    raise KeyboardInterrupt
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    os.kill(proc.pid, signal.SIGTERM)
-
-        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            while not ctx.join(grace_period=_GRACE_S):
-                pass
-        except (mp.ProcessExitedException, mp.ProcessRaisedException) as exc:
-            recorded = dist_utils.recorded_failure(errdir)
-            if recorded is not None:
-                raise recorded from None
-            if received:  # stopped before the workers could save (still setting up)
-                raise Preempted(
-                    f"stopped by {signal.Signals(received[0]).name} before a training step finished; "
-                    f"nothing new was saved; rerun the same command to resume"
-                ) from None
-            if isinstance(exc, mp.ProcessRaisedException):
-                raise  # a bug in a worker: its traceback is in the message
-            raise dist_utils.WorkerFailed(
-                f"worker {exc.error_index} of {nproc} exited with code {exc.exit_code}"
-                + (" (killed)" if exc.exit_code < 0 else "")
-            ) from None
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+    port = int(os.environ.get("MASTER_PORT") or 29500)
+    dist_utils.spawn(
+        run_worker,
+        nproc,
+        config_path,
+        opts,
+        node_rank=node_rank,
+        nodes=nodes,
+        addr=addr,
+        port=port,
+        forward_signals=True,
+    )
     return None

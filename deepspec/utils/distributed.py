@@ -268,25 +268,33 @@ def _die_with_parent() -> None:
 
 
 def _spawned_worker(
-    local_rank: int, fn: Callable[..., Any], nproc: int, args: tuple[Any, ...], errdir: str
+    local_rank: int, fn: Callable[..., Any], args: tuple[Any, ...], place: dict[str, Any], errdir: str
 ) -> None:
+    """A worker's body: its place in the job in the environment, then ``fn(*args)``; a user
+    error is recorded for the launcher (:func:`record_worker_error`), which reports it once."""
     _die_with_parent()
+    nproc, node_rank, nodes = place["nproc"], place["node_rank"], place["nodes"]
     os.environ.update(
-        RANK=str(local_rank),
-        WORLD_SIZE=str(nproc),
+        RANK=str(node_rank * nproc + local_rank),
+        WORLD_SIZE=str(nodes * nproc),
         LOCAL_RANK=str(local_rank),
         LOCAL_WORLD_SIZE=str(nproc),
-        **local_rendezvous_env(errdir),
     )
+    if nodes == 1:  # nothing to meet over the network: a file store, sockets on loopback
+        os.environ.update(local_rendezvous_env(os.path.join(errdir, "store")))
+    else:
+        os.environ.update(MASTER_ADDR=place["addr"], MASTER_PORT=str(place["port"]))
     try:
         fn(*args)
     except PeerError as exc:
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, quietly (the launcher says so)
+        sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - user errors are recorded, bugs keep their trace
         user = as_user_error(exc)
         if user is None:
             raise
-        sys.exit(record_worker_error(errdir, local_rank, user))
+        sys.exit(record_worker_error(errdir, int(os.environ["RANK"]), user))
 
 
 def record_worker_error(errdir: str, rank: int, error: DeepSpecError) -> int:
@@ -333,16 +341,35 @@ def recorded_failure(errdir: str) -> DeepSpecError | None:
     return None
 
 
-def spawn(fn: Callable[..., Any], nproc: int, *args: Any) -> None:
-    """Run ``fn(*args)`` in ``nproc`` local processes with a torchrun-style environment.
+_GRACE_S = 10  # after one worker stops, the others get this long to stop on their own
 
-    ``fn`` must be importable (defined at module level). A worker's user error stops the
-    others and is raised here as :class:`WorkerFailed` (``[rank r] message``, the worker's
-    exit code): one line for the job. Refuses to nest inside an existing multi-process job.
-    """
+
+def spawn(
+    fn: Callable[..., Any],
+    nproc: int,
+    *args: Any,
+    node_rank: int = 0,
+    nodes: int = 1,
+    addr: str = "127.0.0.1",
+    port: int = 29500,
+    forward_signals: bool = False,
+) -> None:
+    """Run ``fn(*args)`` in ``nproc`` local processes with a torchrun-style environment: the
+    one launcher of training, evaluation and cache workers.
+
+    ``fn`` must be importable (defined at module level). Workers get global ranks
+    ``node_rank * nproc + i`` of ``nodes * nproc``; one node rendezvouses through a private
+    file store (:func:`local_rendezvous_env`), several through ``addr:port``. A worker's user
+    error stops the others and is raised here as :class:`WorkerFailed` (``[rank r] message``,
+    the worker's exit code): one line for the job. With ``forward_signals`` SIGTERM or a first
+    Ctrl-C is passed on to the workers as SIGTERM (they save and stop; a job stopped before
+    any worker reported is :class:`Preempted`), a second Ctrl-C kills them at once. Refuses
+    to nest inside an existing multi-process job."""
     import tempfile
 
     import torch.multiprocessing as mp
+
+    from deepspec.errors import Preempted
 
     if nproc < 1:
         raise DeepSpecError(f"--nproc must be >= 1, got {nproc}")
@@ -350,23 +377,47 @@ def spawn(fn: Callable[..., Any], nproc: int, *args: Any) -> None:
         raise DeepSpecError(
             "--nproc cannot be combined with torchrun (WORLD_SIZE is already set); use one or the other"
         )
+    place = {"nproc": nproc, "node_rank": node_rank, "nodes": nodes, "addr": addr, "port": port}
+    received: list[int] = []
     with tempfile.TemporaryDirectory(prefix="deepspec-workers-") as errdir:
+        os.mkdir(os.path.join(errdir, "store"))
+        ctx = mp.start_processes(
+            _spawned_worker, args=(fn, args, place, errdir), nprocs=nproc, join=False, start_method="spawn"
+        )
+
+        def forward(signum, frame):
+            received.append(signum)
+            if signum == signal.SIGINT and received.count(signal.SIGINT) > 1:  # a second Ctrl-C
+                for proc in ctx.processes:
+                    if proc.is_alive():
+                        os.kill(proc.pid, signal.SIGKILL)
+                raise KeyboardInterrupt
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    os.kill(proc.pid, signal.SIGTERM)
+
+        watched = (signal.SIGTERM, signal.SIGINT) if forward_signals else ()
+        previous = {sig: signal.signal(sig, forward) for sig in watched}
         try:
-            mp.start_processes(
-                _spawned_worker,
-                args=(fn, nproc, args, errdir),
-                nprocs=nproc,
-                join=True,
-                start_method="spawn",
-            )
+            while not ctx.join(grace_period=_GRACE_S):
+                pass
             return
         except (mp.ProcessExitedException, mp.ProcessRaisedException) as exc:
             failure, error = recorded_failure(errdir), exc
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     if failure is not None:  # a worker's own error, not a peer's reaction to it
         raise failure
+    if received:  # stopped before the workers could report (still setting up)
+        raise Preempted(
+            f"stopped by {signal.Signals(received[0]).name} before a worker could save or report; "
+            "nothing new was saved; rerun the same command to resume"
+        )
     if isinstance(error, mp.ProcessExitedException):
         raise WorkerFailed(
-            f"worker {error.error_index} of {nproc} exited with code {error.exit_code} (killed, or see its output above)"
+            f"worker {error.error_index} of {nproc} exited with code {error.exit_code} "
+            f"({'killed' if error.exit_code < 0 else 'see its output above'})"
         )
     print(str(error), file=sys.stderr, flush=True)
     first = str(error).strip().splitlines()
