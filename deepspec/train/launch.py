@@ -18,15 +18,17 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-from deepspec.errors import Preempted, as_user_error
+from deepspec.config import load_config
+from deepspec.errors import ConfigError, Preempted, as_user_error
 from deepspec.utils import distributed as dist_utils
 
 
 def local_worker_count(cfg: Any) -> int:
-    import torch
+    import torch  # lazy: importing this module (train.py, node_topology) needs no torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return gpus if gpus > 0 else cfg.train.num_cpu_workers
@@ -34,9 +36,10 @@ def local_worker_count(cfg: Any) -> int:
 
 def run_worker(config_path: str | None, opts: list[str]) -> Any:
     """Body of one worker: process group from the environment, then the trainer."""
-    import torch
+    import torch  # lazy: as in local_worker_count
 
-    from deepspec.config import load_config
+    # lazy: a launcher of several workers never trains, so it does not import the trainer
+    # (the drafts, transformers); only the workers do
     from deepspec.train.trainer import Trainer
 
     cfg = load_config(config_path, opts)
@@ -90,8 +93,6 @@ _GRACE_S = 10  # after one worker stops, the others get this long to stop on the
 def node_topology(env: Mapping[str, str]) -> tuple[int, int]:
     """``(node rank, node count)`` from ``NODE_RANK`` / ``NNODES``, else ``RANK`` / ``WORLD_SIZE``
     (the reference's meaning: node rank and node count, not process rank and count)."""
-    from deepspec.errors import ConfigError
-
     values = []
     for names, default in ((("NODE_RANK", "RANK"), "0"), (("NNODES", "WORLD_SIZE"), "1")):
         name = next((n for n in names if env.get(n, "").strip()), None)
@@ -122,9 +123,7 @@ def launch(config_path: str | None, opts: list[str], cfg: Any) -> Any:
         for key in dist_utils.ENV_KEYS:
             os.environ.pop(key, None)
         return run_worker(config_path, opts)
-    import tempfile
-
-    import torch.multiprocessing as mp
+    import torch.multiprocessing as mp  # lazy: as torch in local_worker_count
 
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = int(os.environ.get("MASTER_PORT") or (dist_utils.find_free_port() if nodes == 1 else 29500))
