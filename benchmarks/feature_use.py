@@ -36,8 +36,8 @@ def measure(
     from deepspec.config import load_config
     from deepspec.data.cache_reader import CacheDataset
     from deepspec.drafts import get_algorithm, load_draft
+    from deepspec.train.batch import TrainModule
     from deepspec.train.heldout import score
-    from deepspec.train.trainer import TrainModule
 
     cfg = load_config(os.path.join(draft_dir, "trainer_state", "config.yaml"))
     draft = load_draft(draft_dir)

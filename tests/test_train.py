@@ -377,7 +377,8 @@ def _cfg(setup, tmp_path, **extra):
 
 
 def test_nonfinite_weights_after_an_update_stop_training_and_are_not_saved(setup, tmp_path, monkeypatch):
-    from deepspec.train.trainer import NonFiniteLoss, Trainer
+    from deepspec.train.checkpointer import NonFiniteLoss
+    from deepspec.train.trainer import Trainer
 
     real_step = torch.optim.AdamW.step
     calls = {"n": 0}
@@ -403,7 +404,8 @@ def test_nonfinite_weights_after_an_update_stop_training_and_are_not_saved(setup
 
 
 def test_nonfinite_gradient_norm_stops_before_the_update(setup, tmp_path, monkeypatch):
-    from deepspec.train.trainer import NonFiniteLoss, Trainer
+    from deepspec.train.checkpointer import NonFiniteLoss
+    from deepspec.train.trainer import Trainer
 
     real_clip = torch.nn.utils.clip_grad_norm_
     calls = {"n": 0}
@@ -429,7 +431,7 @@ def test_nonfinite_gradient_norm_stops_before_the_update(setup, tmp_path, monkey
 
 
 def test_truncate_metrics_drops_later_steps_and_a_torn_tail(tmp_path):
-    from deepspec.train.trainer import truncate_metrics
+    from deepspec.train.metrics_log import truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\nnote kept\n{"step": 3}\n{"step": 4, "lo')

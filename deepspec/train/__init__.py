@@ -1,1 +1,3 @@
-"""Training: data order and batches, LR schedule, checkpoints, the loop, worker launch."""
+"""Training: samples and their order (data), micro-batches (batch), LR schedule, the loop
+(trainer), DDP/FSDP (parallelize), checkpoints (checkpoint: format; checkpointer: save and
+resume), metrics log, held-out scoring, worker launch (docs/DESIGN.md §6)."""

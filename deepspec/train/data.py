@@ -18,6 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepspec.data.chat import ChatTokenizer
+from deepspec.data.conversations import read_conversations
+from deepspec.data.target_features import TargetFeatureExtractor
 from deepspec.errors import DataError
 
 
@@ -34,10 +37,7 @@ class OnlineSamples(torch.utils.data.Dataset):
     """Tokenized conversations from ``data.train_data_paths`` (no features)."""
 
     def __init__(self, cfg: Any, target_dir: str) -> None:
-        from transformers import AutoTokenizer
-
-        from deepspec.data.chat import ChatTokenizer
-        from deepspec.data.conversations import read_conversations
+        from transformers import AutoTokenizer  # lazy: heavy, and only online runs need it
 
         if not cfg.data.train_data_paths:
             raise DataError(
@@ -89,6 +89,20 @@ def check_heldout_split(num_samples: int, cfg: Any, source: str) -> None:
         f"data.heldout_samples={held} holds out {min(held, n)} of the {n} samples of {source}, leaving {left} "
         f"for training, fewer than one global batch (train.global_batch_size={batch}); {fix}"
     )
+
+
+def split_heldout(dataset: Any, cfg: Any, source: str) -> tuple[Any, range | None]:
+    """(training samples, held-out sample indices or None): the last ``data.heldout_samples``
+    are held out (refused when they leave less than a global batch; ``source`` names the
+    data); training uses the first ``data.max_samples`` of the rest (all when None).
+    Held-out samples keep their cache indices, which seed their anchors."""
+    n, heldout, max_samples = len(dataset), cfg.data.heldout_samples, cfg.data.max_samples
+    check_heldout_split(n, cfg, source)
+    stop = n - heldout
+    if max_samples is not None:
+        stop = min(stop, max_samples)
+    train = dataset if stop == n else FirstSamples(dataset, stop)
+    return train, (range(n - heldout, n) if heldout else None)
 
 
 def sample_tokens_of(dataset: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -206,8 +220,6 @@ class FeatureSource:
     def __init__(self, mode: str, target_dir: str, layer_ids: list[int], device: str) -> None:
         self.extractor = None
         if mode == "online":
-            from deepspec.data.target_features import TargetFeatureExtractor
-
             self.extractor = TargetFeatureExtractor.from_pretrained(target_dir, layer_ids, device=device)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepspec.train.batch import prepare_micro_batch
+
 REPORTED = ("ce", "accuracy@1", "accept_rate@1", "tau_probabilistic")
 
 
@@ -31,6 +33,7 @@ def score(
     features: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     device: torch.device | str = "cpu",
 ) -> dict[str, dict[str, float]]:
+<<<<<<< HEAD
     """``{"real": metrics, "zero": metrics}`` of ``module`` (a ``TrainModule``) over
     ``dataset[indices]``, each metric averaged over supervised positions; ``positions``
     counts them."""
@@ -39,6 +42,11 @@ def score(
 
     prepare = get_algorithm(cfg.algorithm).prepare_batch
 
+=======
+    """``{"real": metrics, "zero": metrics}`` of ``module`` (a
+    :class:`~deepspec.train.batch.TrainModule`) over ``dataset[indices]``, each metric
+    averaged over supervised positions; ``positions`` counts them."""
+>>>>>>> trainer-split
     device = torch.device(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     was_training = module.training
@@ -48,11 +56,9 @@ def score(
     try:
         for start in range(0, len(indices), batch):
             chunk = list(indices[start : start + batch])
-            data = collate([dataset[i] for i in chunk], pad_id)
-            if features is not None:
-                data = features(data)
-            data = {k: v.to(device) for k, v in data.items()}
-            extra, weight = prepare(cfg, data, sample_generators(cfg.seed, 0, chunk))
+            data, extra, weight = prepare_micro_batch(
+                cfg, dataset, chunk, epoch=0, pad_id=pad_id, features=features, device=device
+            )
             for name in ("real", "zero"):
                 run = dict(data)
                 if name == "zero":

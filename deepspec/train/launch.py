@@ -19,11 +19,13 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from deepspec.config import load_config
+from deepspec.errors import ConfigError
 from deepspec.utils import distributed as dist_utils
 
 
 def local_worker_count(cfg: Any) -> int:
-    import torch
+    import torch  # lazy: importing this module (train.py, node_topology) needs no torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return gpus if gpus > 0 else cfg.train.num_cpu_workers
@@ -31,9 +33,10 @@ def local_worker_count(cfg: Any) -> int:
 
 def run_worker(config_path: str | None, opts: list[str]) -> Any:
     """Body of one worker: process group from the environment, then the trainer."""
-    import torch
+    import torch  # lazy: as in local_worker_count
 
-    from deepspec.config import load_config
+    # lazy: a launcher of several workers never trains, so it does not import the trainer
+    # (the drafts, transformers); only the workers do
     from deepspec.train.trainer import Trainer
 
     cfg = load_config(config_path, opts)
@@ -49,8 +52,6 @@ def run_worker(config_path: str | None, opts: list[str]) -> Any:
 def node_topology(env: Mapping[str, str]) -> tuple[int, int]:
     """``(node rank, node count)`` from ``NODE_RANK`` / ``NNODES``, else ``RANK`` / ``WORLD_SIZE``
     (the reference's meaning: node rank and node count, not process rank and count)."""
-    from deepspec.errors import ConfigError
-
     values = []
     for names, default in ((("NODE_RANK", "RANK"), "0"), (("NNODES", "WORLD_SIZE"), "1")):
         name = next((n for n in names if env.get(n, "").strip()), None)
