@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepspec.drafts.registry import get_algorithm
+from deepspec.algorithms import get_algorithm
 from deepspec.train.data import collate, sample_generators
 
 Batch = dict[str, torch.Tensor]

@@ -33,20 +33,9 @@ def score(
     features: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     device: torch.device | str = "cpu",
 ) -> dict[str, dict[str, float]]:
-<<<<<<< HEAD
-    """``{"real": metrics, "zero": metrics}`` of ``module`` (a ``TrainModule``) over
-    ``dataset[indices]``, each metric averaged over supervised positions; ``positions``
-    counts them."""
-    from deepspec.algorithms import get_algorithm
-    from deepspec.train.data import collate, sample_generators
-
-    prepare = get_algorithm(cfg.algorithm).prepare_batch
-
-=======
     """``{"real": metrics, "zero": metrics}`` of ``module`` (a
     :class:`~deepspec.train.batch.TrainModule`) over ``dataset[indices]``, each metric
     averaged over supervised positions; ``positions`` counts them."""
->>>>>>> trainer-split
     device = torch.device(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     was_training = module.training
