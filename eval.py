@@ -179,70 +179,43 @@ def check_policy_args(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tasks = check_args(args)
-    from deepspec.data import load_eval_prompts
-    from deepspec.eval.settings import (
-        EvalSettings,
-        check_draft_supports_policy,
-        check_output_dir,
-        load_baseline,
-        resolve_settings,
-    )
-    from deepspec.targets import load_family_spec, resolve_target
-
-    for task in tasks:  # fail on a malformed prompt file or an impossible split before any model
-        load_eval_prompts(
-            task,
-            args.eval_datasets_dir,
-            max_samples=args.max_samples or DEFAULT_EVAL_TASKS.get(task),
-            seed=args.seed,
-            split=args.split,
-        )
-    if args.sps_table:  # unreadable or implausible: refused before any model loads
-        from deepspec.eval.scheduler import SPSTable
-
-        SPSTable.load(args.sps_table)
-    from deepspec.drafts.checkpoint import resolve_draft
+    from deepspec.drafts.checkpoint import check_draft_target, resolve_draft
+    from deepspec.eval.runner import plan_evaluation
 
     local = os.path.expanduser(args.draft_name_or_path)  # the label: the step, or the hub id's name
     draft_label = os.path.basename(
         os.path.realpath(local) if os.path.exists(local) else os.path.normpath(local)
     )
     args.draft_name_or_path = resolve_draft(args.draft_name_or_path)  # a hub id: downloaded once
-    # a policy that reads confidences needs a draft with a confidence head: its config.json says
-    check_draft_supports_policy(
-        args.policy, args.draft_name_or_path, args.confidence_threshold, args.survival_threshold
+    settings = EvalSettings(
+        tasks=tasks,
+        max_samples=args.max_samples,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        confidence_threshold=args.confidence_threshold,
+        survival_threshold=args.survival_threshold,
+        seed=args.seed,
+        eval_datasets_dir=args.eval_datasets_dir,
+        output_dir=args.output_dir,
+        baseline=not args.no_baseline,
+        dtype=args.dtype,
+        baseline_from=args.baseline_from,
+        split=args.split,
+        batch_size=args.batch_size,
+        policy=args.policy,
+        sps_table=args.sps_table,
     )
-    settings = resolve_settings(
-        EvalSettings(
-            tasks=tasks,
-            max_samples=args.max_samples,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            confidence_threshold=args.confidence_threshold,
-            survival_threshold=args.survival_threshold,
-            seed=args.seed,
-            eval_datasets_dir=args.eval_datasets_dir,
-            output_dir=args.output_dir,
-            baseline=not args.no_baseline,
-            dtype=args.dtype,
-            baseline_from=args.baseline_from,
-            split=args.split,
-            batch_size=args.batch_size,
-            policy=args.policy,
-            sps_table=args.sps_table,
-        )
-    )
-    if args.output_dir:
-        check_output_dir(args.output_dir)
-    if args.baseline_from:  # a torn or mismatched earlier run stops here, not after decoding
-        load_baseline(args.baseline_from, settings, args.target_name_or_path)
+    # prompts, SPS table, policy vs the draft's heads, output dir, baseline: read once, and
+    # refused here before any model loads
+    plan = plan_evaluation(args.draft_name_or_path, settings, args.target_name_or_path)
+    from deepspec.targets import load_family_spec, resolve_target
+
     target_dir = resolve_target(args.target_name_or_path)
     spec = load_family_spec(target_dir)
     import torch
 
     from deepspec.drafts import load_draft
-    from deepspec.drafts.checkpoint import check_draft_target
-    from deepspec.eval.runner import check_draft_matches_target, evaluate, format_table
+    from deepspec.eval.runner import check_draft_matches_target, format_table, run_plan
 
     torch.manual_seed(args.seed)
     check_draft_target(
@@ -253,13 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     draft = load_draft(args.draft_name_or_path)  # fail here, once, on a bad checkpoint
     check_draft_matches_target(draft, spec, args.target_name_or_path)
-    results = evaluate(
-        target_dir,
-        args.draft_name_or_path,
-        settings,
-        target_name=args.target_name_or_path,
-        num_workers=args.num_workers,
-    )
+    results = run_plan(target_dir, plan, draft=draft, num_workers=args.num_workers)
     print(format_table(results, f"{draft.algorithm}:{draft_label}"))
     if args.output_dir:
         print(f"results: {os.path.join(args.output_dir, 'results.json')}")

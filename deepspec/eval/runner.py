@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -58,7 +58,9 @@ def check_draft_matches_target(draft, spec, target_name: str) -> None:
 class Evaluator:
     """Holds the target, tokenizer and draft of one worker and decodes prompts."""
 
-    def __init__(self, target_dir: str, draft, settings: EvalSettings, device: str = "cpu") -> None:
+    def __init__(
+        self, target_dir: str, draft, settings: EvalSettings, device: str = "cpu", policy: Any = None
+    ) -> None:
         from deepspec.targets.family import load_family_spec
         from deepspec.targets.load import load_target_model, load_target_tokenizer
 
@@ -76,7 +78,7 @@ class Evaluator:
             eos.add(int(self.chat.tokenizer.eos_token_id))
         self.eos_ids = eos
         self.reused: dict[tuple[str, int], dict] = {}
-        self.policy = settings.verify_policy()
+        self.policy = policy if policy is not None else settings.verify_policy()
 
     def _generate(
         self, prompt_ids: list[int], seed: int, max_new: int, plain: bool = True
@@ -237,29 +239,62 @@ def _task_prompts(settings: EvalSettings) -> dict[str, list]:
     }
 
 
+@dataclass
+class EvalPlan:
+    """Everything an evaluation reads before decoding, read once (:func:`plan_evaluation`)
+    and handed to every worker: the resolved settings, the prompts of each task, the
+    verification policy (its SPS table loaded), the reused baseline records and what
+    identifies the draft in the results."""
+
+    settings: EvalSettings
+    draft_path: str  # a local checkpoint directory (a hub id already resolved)
+    target_name: str
+    prompts: dict[str, list]
+    policy: Any  # deepspec.eval.policies.VerifyPolicy
+    reused: dict | None
+    draft_identity: dict[str, Any]
+
+
+def plan_evaluation(draft_path: str, settings: EvalSettings, target_name: str) -> EvalPlan:
+    """The plan of an evaluation; every one-line refusal that needs no model (a malformed
+    prompt file, an impossible split, an SPS table, a policy the draft cannot run, the
+    output directory, a mismatched ``--baseline-from``) happens here."""
+    from deepspec.drafts import read_draft_config
+    from deepspec.drafts.checkpoint import draft_fingerprint, read_calibration
+
+    s = resolve_settings(settings)
+    path = os.path.expanduser(draft_path)
+    _, config = read_draft_config(path)
+    check_draft_supports_policy(s.policy, path, s.confidence_threshold, s.survival_threshold, config)
+    prompts = _task_prompts(s)
+    policy = s.verify_policy()
+    if s.output_dir:
+        check_output_dir(s.output_dir)
+    reused = load_baseline(s.baseline_from, s, target_name) if s.baseline and s.baseline_from else None
+    identity = {
+        "draft_algorithm": config.algorithm,
+        "draft_checksum": draft_fingerprint(path),
+        "confidence_temperatures": read_calibration(path),
+    }
+    return EvalPlan(s, draft_path, target_name, prompts, policy, reused, identity)
+
+
 def _worker_records(
-    target_dir: str,
-    draft_path: str,
-    settings: EvalSettings,
-    worker: int,
-    workers: int,
-    device: str,
-    reused: dict | None = None,
+    target_dir: str, plan: EvalPlan, worker: int, workers: int, device: str, draft=None
 ) -> dict[str, list[dict[str, Any]]]:
     from deepspec.drafts import load_draft
 
-    evaluator = Evaluator(target_dir, load_draft(draft_path), settings, device=device)
-    evaluator.reused = reused or {}
+    draft = draft if draft is not None else load_draft(plan.draft_path)
+    evaluator = Evaluator(target_dir, draft, plan.settings, device=device, policy=plan.policy)
+    evaluator.reused = plan.reused or {}
     out = {}
-    for task, prompts in _task_prompts(settings).items():
+    for task, prompts in plan.prompts.items():
         desc = f"eval {task}" if workers == 1 else f"eval {task} [{worker}]"
         out[task] = evaluator.records(task, prompts[worker::workers], desc)
     return out
 
 
-def _spawned_worker(
-    target_dir, draft_path, settings, workers: int, result_dir: str, reused: dict | None
-) -> None:
+def _spawned_worker(target_dir: str, plan: EvalPlan, workers: int, result_dir: str) -> None:
     """One worker process (:func:`deepspec.utils.distributed.spawn`): its share of the prompts,
     written to ``result_dir/worker<i>.json``."""
     worker = int(os.environ["LOCAL_RANK"])
@@ -268,7 +303,7 @@ def _spawned_worker(
     else:  # CPU workers (tests): share the cores
         device = "cpu"
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    records = _worker_records(target_dir, draft_path, settings, worker, workers, device, reused)
+    records = _worker_records(target_dir, plan, worker, workers, device)
     atomic_write_json(os.path.join(result_dir, f"worker{worker}.json"), records)
 
 
@@ -294,27 +329,29 @@ def evaluate(
     target_name: str = "",
     num_workers: int | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a draft checkpoint on ``settings.tasks``; one worker per visible GPU (prompts
-    split round-robin), else one CPU worker. Writes outputs when ``output_dir`` is set."""
-    from deepspec.data.fingerprint import target_fingerprint
-    from deepspec.drafts import read_draft_config
-    from deepspec.drafts.checkpoint import draft_fingerprint, read_calibration
+    """Evaluate a draft checkpoint on ``settings.tasks`` (:func:`plan_evaluation`, then
+    :func:`run_plan`)."""
+    plan = plan_evaluation(draft_path, settings, target_name or target_dir)
+    return run_plan(target_dir, plan, num_workers=num_workers)
 
-    s = resolve_settings(settings)
-    check_draft_supports_policy(s.policy, draft_path, s.confidence_threshold, s.survival_threshold)
+
+def run_plan(
+    target_dir: str, plan: EvalPlan, *, draft=None, num_workers: int | None = None
+) -> dict[str, Any]:
+    """Decode ``plan``: one worker per visible GPU (prompts split round-robin), else one CPU
+    worker, which uses ``draft`` when given (loaded once by the caller). Writes outputs when
+    ``output_dir`` is set."""
+    from deepspec.data.fingerprint import target_fingerprint
+
+    s = plan.settings
     workers = _worker_count(num_workers)
-    if s.output_dir:
-        check_output_dir(s.output_dir)
-    reused = None
-    if s.baseline and s.baseline_from:
-        reused = load_baseline(s.baseline_from, s, target_name or target_dir)
     start = time.perf_counter()
     if workers == 1:
         device = "cuda:0" if torch.cuda.is_available() else "cpu"
-        per_worker = [_worker_records(target_dir, draft_path, s, 0, 1, device, reused)]
+        per_worker = [_worker_records(target_dir, plan, 0, 1, device, draft)]
     else:
         with tempfile.TemporaryDirectory() as result_dir:
-            spawn(_spawned_worker, workers, target_dir, draft_path, s, workers, result_dir, reused)
+            spawn(_spawned_worker, workers, target_dir, plan, workers, result_dir)
             per_worker = []
             for w in range(workers):
                 with open(os.path.join(result_dir, f"worker{w}.json"), encoding="utf-8") as fh:
@@ -323,16 +360,13 @@ def evaluate(
         t: sorted((r for part in per_worker for r in part[t]), key=lambda r: r["index"]) for t in s.tasks
     }
     per_task = [task_metrics(t, by_task[t], s) for t in s.tasks]
-    arch, draft_config = read_draft_config(os.path.expanduser(draft_path))
     results = {
         "config": {
             **asdict(s),
-            "target": target_name or target_dir,
-            "draft": draft_path,
-            "draft_algorithm": draft_config.algorithm,
-            "draft_checksum": draft_fingerprint(os.path.expanduser(draft_path)),
+            "target": plan.target_name,
+            "draft": plan.draft_path,
+            **plan.draft_identity,
             "target_fingerprint": target_fingerprint(target_dir),
-            "confidence_temperatures": read_calibration(os.path.expanduser(draft_path)),
             "workers": workers,
         },
         "datasets": per_task,

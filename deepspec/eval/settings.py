@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from deepspec.algorithms import ALGORITHMS
 from deepspec.data.eval_prompts import DEFAULT_DATASETS_DIR, DEFAULT_EVAL_SEED
@@ -71,7 +72,11 @@ CONFIDENCE_POLICIES = ("threshold", "cumulative", "scheduled")  # they read the 
 
 
 def check_draft_supports_policy(
-    policy: str, draft_path: str, confidence_threshold: float = 0.0, survival_threshold: float = 0.0
+    policy: str,
+    draft_path: str,
+    confidence_threshold: float = 0.0,
+    survival_threshold: float = 0.0,
+    config: Any = None,
 ) -> None:
     """Refuse a verification policy that reads confidences (``threshold``, ``cumulative``,
     ``scheduled``) for a draft without a confidence head, from the draft's ``config.json``
@@ -79,9 +84,10 @@ def check_draft_supports_policy(
     resolved = resolve_policy(policy, confidence_threshold, survival_threshold)
     if resolved not in CONFIDENCE_POLICIES:
         return
-    from deepspec.drafts import read_draft_config  # not at import: this module stays torch-free
+    if config is None:  # the draft's DraftConfig, unless the caller has read it
+        from deepspec.drafts import read_draft_config  # not at import: this module stays torch-free
 
-    _, config = read_draft_config(draft_path)
+        _, config = read_draft_config(draft_path)
     if config.confidence_head:
         return
     if policy == resolved:
