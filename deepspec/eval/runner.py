@@ -262,10 +262,11 @@ def plan_evaluation(draft_path: str, settings: EvalSettings, target_name: str) -
     from deepspec.drafts import read_draft_config
     from deepspec.drafts.checkpoint import draft_fingerprint, read_calibration
 
+    asked = settings.policy  # the refusal names the flag the user gave ("auto": a threshold flag)
     s = resolve_settings(settings)
     path = os.path.expanduser(draft_path)
     _, config = read_draft_config(path)
-    check_draft_supports_policy(s.policy, path, s.confidence_threshold, s.survival_threshold, config)
+    check_draft_supports_policy(asked, path, s.confidence_threshold, s.survival_threshold, config)
     prompts = _task_prompts(s)
     policy = s.verify_policy()
     if s.output_dir:
