@@ -179,14 +179,13 @@ def check_policy_args(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tasks = check_args(args)
-    from deepspec.drafts.checkpoint import check_draft_target, resolve_draft
+    from deepspec.drafts.checkpoint import check_draft_target
     from deepspec.eval.runner import plan_evaluation
 
     local = os.path.expanduser(args.draft_name_or_path)  # the label: the step, or the hub id's name
     draft_label = os.path.basename(
         os.path.realpath(local) if os.path.exists(local) else os.path.normpath(local)
     )
-    args.draft_name_or_path = resolve_draft(args.draft_name_or_path)  # a hub id: downloaded once
     settings = EvalSettings(
         tasks=tasks,
         max_samples=args.max_samples,
@@ -208,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     # prompts, SPS table, policy vs the draft's heads, output dir, baseline: read once, and
     # refused here before any model loads
     plan = plan_evaluation(args.draft_name_or_path, settings, args.target_name_or_path)
+    args.draft_name_or_path = plan.draft_path  # a hub id resolved to its local directory
     from deepspec.targets import load_family_spec, resolve_target
 
     target_dir = resolve_target(args.target_name_or_path)

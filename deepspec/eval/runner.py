@@ -257,18 +257,20 @@ class EvalPlan:
 
 def plan_evaluation(draft_path: str, settings: EvalSettings, target_name: str) -> EvalPlan:
     """The plan of an evaluation; every one-line refusal that needs no model (a malformed
-    prompt file, an impossible split, an SPS table, a policy the draft cannot run, the
-    output directory, a mismatched ``--baseline-from``) happens here."""
+    prompt file, an impossible split, an SPS table, a missing draft or one whose heads cannot
+    run the policy, the output directory, a mismatched ``--baseline-from``) happens here.
+    ``draft_path``: a checkpoint directory or a hub id (resolved here)."""
     from deepspec.drafts import read_draft_config
-    from deepspec.drafts.checkpoint import draft_fingerprint, read_calibration
+    from deepspec.drafts.checkpoint import draft_fingerprint, read_calibration, resolve_draft
 
     asked = settings.policy  # the refusal names the flag the user gave ("auto": a threshold flag)
     s = resolve_settings(settings)
+    prompts = _task_prompts(s)  # the user's own files first: prompts, then the SPS table
+    policy = s.verify_policy()
+    draft_path = resolve_draft(draft_path)  # a hub id: downloaded once
     path = os.path.expanduser(draft_path)
     _, config = read_draft_config(path)
     check_draft_supports_policy(asked, path, s.confidence_threshold, s.survival_threshold, config)
-    prompts = _task_prompts(s)
-    policy = s.verify_policy()
     if s.output_dir:
         check_output_dir(s.output_dir)
     reused = load_baseline(s.baseline_from, s, target_name) if s.baseline and s.baseline_from else None
