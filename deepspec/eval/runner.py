@@ -25,9 +25,14 @@ from tqdm import tqdm
 from deepspec.config.schema import DEFAULT_EVAL_TASKS
 from deepspec.data.chat import ChatTokenizer
 from deepspec.data.eval_prompts import load_eval_prompts
+from deepspec.data.fingerprint import target_fingerprint
+from deepspec.drafts import load_draft, read_draft_config
+from deepspec.drafts.checkpoint import draft_fingerprint, read_calibration
 from deepspec.errors import ConfigError, DataError, as_user_error
+from deepspec.eval.batch_decode import plain_generate_batch, speculative_generate_batch
 from deepspec.eval.decode import DecodeResult, plain_generate, speculative_generate
 from deepspec.eval.metrics import acceptance_stats, calibration_stats, macro_average, threshold_sweep
+from deepspec.eval.ragged_target import RaggedTarget
 from deepspec.eval.settings import (  # noqa: F401 - re-exported: the runner's public names
     BASELINE_KEYS,
     RESULTS_NAME,
@@ -39,6 +44,8 @@ from deepspec.eval.settings import (  # noqa: F401 - re-exported: the runner's p
     resolve_settings,
 )
 from deepspec.eval.target import HFTarget
+from deepspec.targets.family import load_family_spec
+from deepspec.targets.load import load_target_model, load_target_tokenizer
 from deepspec.utils.distributed import record_worker_error, recorded_failure
 from deepspec.utils.io import atomic_open, atomic_write_json
 
@@ -61,9 +68,6 @@ class Evaluator:
     """Holds the target, tokenizer and draft of one worker and decodes prompts."""
 
     def __init__(self, target_dir: str, draft, settings: EvalSettings, device: str = "cpu") -> None:
-        from deepspec.targets.family import load_family_spec
-        from deepspec.targets.load import load_target_model, load_target_tokenizer
-
         self.settings = settings
         spec = load_family_spec(target_dir)
         check_draft_matches_target(draft, spec, target_dir)
@@ -105,9 +109,6 @@ class Evaluator:
     ) -> tuple[list[DecodeResult], list[DecodeResult | None]]:
         """Continuous batching of ``prompts``; the baseline (where ``plain``) decodes the
         same prompts at the same batch size."""
-        from deepspec.eval.batch_decode import plain_generate_batch, speculative_generate_batch
-        from deepspec.eval.ragged_target import RaggedTarget
-
         s = self.settings
         rows = min(s.batch_size, len(prompts))
         common = dict(max_new_tokens=max_new, temperature=s.temperature, eos_ids=self.eos_ids)
@@ -248,8 +249,6 @@ def _worker_records(
     device: str,
     reused: dict | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    from deepspec.drafts import load_draft
-
     evaluator = Evaluator(target_dir, load_draft(draft_path), settings, device=device)
     evaluator.reused = reused or {}
     out = {}
@@ -302,10 +301,6 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a draft checkpoint on ``settings.tasks``; one worker per visible GPU (prompts
     split round-robin), else one CPU worker. Writes outputs when ``output_dir`` is set."""
-    from deepspec.data.fingerprint import target_fingerprint
-    from deepspec.drafts import read_draft_config
-    from deepspec.drafts.checkpoint import draft_fingerprint, read_calibration
-
     s = resolve_settings(settings)
     check_draft_supports_policy(s.policy, draft_path, s.confidence_threshold, s.survival_threshold)
     workers = _worker_count(num_workers)
@@ -382,7 +377,11 @@ def write_outputs(results: dict[str, Any], by_task: dict[str, list[dict[str, Any
 def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
     """Per-position conditional acceptance per dataset; reliability diagrams and threshold
     sweeps for drafts with a confidence head."""
-    from deepspec.eval.plots import plot_conditional_acceptance, plot_reliability, plot_threshold_sweep
+    from deepspec.eval.plots import (  # matplotlib: only when plots are written
+        plot_conditional_acceptance,
+        plot_reliability,
+        plot_threshold_sweep,
+    )
 
     datasets = results["datasets"]
     paths = [

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepspec.data.cache_reader import sample_tokens_of
 from deepspec.errors import DataError
 
 
@@ -89,16 +90,6 @@ def check_heldout_split(num_samples: int, cfg: Any, source: str) -> None:
         f"data.heldout_samples={held} holds out {min(held, n)} of the {n} samples of {source}, leaving {left} "
         f"for training, fewer than one global batch (train.global_batch_size={batch}); {fix}"
     )
-
-
-def sample_tokens_of(dataset: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(input_ids, loss_mask)`` of sample ``i`` of any training dataset, without reading
-    its hidden states where the dataset can (a target cache)."""
-    fast = getattr(dataset, "tokens", None)
-    if fast is not None:
-        return fast(i)
-    sample = dataset[i]
-    return np.asarray(sample["input_ids"]), np.asarray(sample["loss_mask"])
 
 
 class FirstSamples:

@@ -22,8 +22,9 @@ from torch import nn
 
 from deepspec.config import save_config, validate_against_target
 from deepspec.drafts import build_draft, get_algorithm
-from deepspec.drafts.checkpoint import load_weights, weights_are_finite, write_draft_files
+from deepspec.drafts.checkpoint import load_weights, weights_are_finite
 from deepspec.drafts.fused_head import check_compile_toolchain, use_compiled_vocab_rows
+from deepspec.drafts.saving import write_draft_files
 from deepspec.drafts.vocab import build_draft_vocab
 from deepspec.errors import (
     ConfigError,

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from deepspec.errors import DeepSpecError, as_user_error
+from deepspec.errors import DeepSpecError, Preempted, as_user_error
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 STORE_FILE_ENV = "DEEPSPEC_STORE_FILE"  # set by local launchers: rendezvous through this file
@@ -295,8 +295,6 @@ def record_worker_error(errdir: str, rank: int, error: DeepSpecError) -> int:
     only fails once this process is gone, so the launcher finds the root cause here."""
     import json
 
-    from deepspec.errors import Preempted
-
     record = {
         "rank": rank,
         "code": error.exit_code,
@@ -312,8 +310,6 @@ def recorded_failure(errdir: str) -> DeepSpecError | None:
     """The job's error from its workers' records: the lowest rank's own error, else (every
     recorded worker was preempted) the lowest rank's :class:`Preempted`, else None."""
     import json
-
-    from deepspec.errors import Preempted
 
     records = []
     for name in sorted(os.listdir(errdir)):
