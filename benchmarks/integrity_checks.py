@@ -20,7 +20,7 @@ from collections.abc import Callable
 from deepspec.config import load_config
 from deepspec.data.fingerprint import target_fingerprint
 from deepspec.drafts import build_draft, load_draft
-from deepspec.drafts.checkpoint import WEIGHTS_NAME, weights_checksum
+from deepspec.drafts.saving import WEIGHTS_NAME, weights_checksum
 from deepspec.targets import resolve_target
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

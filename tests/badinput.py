@@ -105,7 +105,7 @@ def rewrite_draft_weights(path, tensors: dict) -> None:
 
     from safetensors.torch import save_file
 
-    from deepspec.drafts.checkpoint import CONFIG_NAME, WEIGHTS_CHECKSUM, WEIGHTS_NAME, weights_checksum
+    from deepspec.drafts.saving import CONFIG_NAME, WEIGHTS_CHECKSUM, WEIGHTS_NAME, weights_checksum
 
     path = os.fspath(path)
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})

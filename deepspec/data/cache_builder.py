@@ -41,11 +41,16 @@ from deepspec.data.cache_plan import (
     prepare_output_dir,
     settle_plan,
 )
+from deepspec.data.cache_reader import read_manifest
 from deepspec.data.cache_writer import ShardWriter, finalize_cache, load_commit_record
+from deepspec.data.chat import ChatTokenizer
 from deepspec.data.conversations import ReadStats, duplicate_id_error, read_conversations
 from deepspec.data.target_features import TargetFeatureExtractor
 from deepspec.errors import DataError, DeepSpecError, as_user_error
+from deepspec.targets.family import load_family_spec
+from deepspec.targets.resolve import resolve_target
 from deepspec.utils import distributed as dist_utils
+from deepspec.utils.locks import directory_lock
 
 TARGET_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -67,8 +72,6 @@ _TOKENIZER: Any = None
 def _init_tokenizer(target_dir: str, kwargs: dict[str, Any]) -> None:
     global _TOKENIZER
     from transformers import AutoTokenizer
-
-    from deepspec.data.chat import ChatTokenizer
 
     _TOKENIZER = ChatTokenizer(AutoTokenizer.from_pretrained(target_dir), **kwargs)
 
@@ -124,8 +127,6 @@ def build_target_cache(opts: CacheBuildOptions) -> BuildResult:
     before the output directory is touched; a user error found by several ranks is
     reported once (by the lowest rank; the others raise :class:`PeerError`).
     """
-    from deepspec.targets.resolve import resolve_target
-
     info = dist_utils.get_info()
     _on_main(check_options, opts)
     out = os.path.abspath(os.path.expanduser(opts.output_dir))
@@ -170,8 +171,6 @@ def build_target_cache(opts: CacheBuildOptions) -> BuildResult:
 
 def cache_lock(out: str) -> contextlib.AbstractContextManager[None]:
     """The exclusive lock a build holds on its cache directory (rank 0, for the whole build)."""
-    from deepspec.utils.locks import directory_lock
-
     return directory_lock(
         out,
         f"target cache {out}",
@@ -355,14 +354,10 @@ def _everywhere(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def _read_manifest(out: str) -> dict[str, Any]:
-    from deepspec.data.cache_reader import read_manifest
-
     return read_manifest(out)
 
 
 def _pad_id(target_dir: str) -> int:
-    from deepspec.targets.family import load_family_spec
-
     spec = load_family_spec(target_dir)
     for candidate in (spec.pad_token_id, *spec.eos_token_ids, 0):
         if candidate is not None:

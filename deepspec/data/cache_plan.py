@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from deepspec.data.cache_format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
     FP8_MAX,
     INDEX,
     INDEX_DTYPE,
@@ -27,9 +29,14 @@ from deepspec.data.cache_format import (
     STORAGE_DTYPES,
     SampleLayout,
 )
+from deepspec.data.cache_reader import REPAIR_HINT, CacheDataset
 from deepspec.data.cache_writer import load_commit_record
+from deepspec.data.chat import NO_ANSWER, PROMPT_TOO_LONG, load_chat_template
+from deepspec.data.conversations import check_data_file
+from deepspec.data.fingerprint import chat_fingerprint, file_xxh3_128, target_fingerprint
 from deepspec.data.target_features import LAYER_ID_CONVENTION
 from deepspec.errors import DataError
+from deepspec.targets.family import load_family_spec
 from deepspec.utils import distributed as dist_utils
 from deepspec.utils.io import atomic_write_json
 from deepspec.utils.locks import LOCK_NAME
@@ -130,19 +137,12 @@ def prepare_output_dir(out: str, opts: CacheBuildOptions) -> str:
 
 
 def _source_info(path: str) -> dict[str, Any]:
-    from deepspec.data.conversations import check_data_file
-    from deepspec.data.fingerprint import file_xxh3_128
-
     check_data_file(path)
     return {"path": os.path.abspath(path), "bytes": os.path.getsize(path), "checksum": file_xxh3_128(path)}
 
 
 def make_plan(opts: CacheBuildOptions, target_dir: str) -> dict[str, Any]:
     from transformers import AutoTokenizer
-
-    from deepspec.data.chat import load_chat_template
-    from deepspec.data.fingerprint import chat_fingerprint, target_fingerprint
-    from deepspec.targets.family import load_family_spec
 
     spec = load_family_spec(target_dir)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
@@ -278,8 +278,6 @@ def check_not_empty(
     before any shard is written."""
     from collections import Counter
 
-    from deepspec.data.chat import NO_ANSWER, PROMPT_TOO_LONG
-
     done = [load_commit_record(out, k) for k in range(num_shards)]
     if pending_samples + sum(r["samples"] for r in done if r) > 0:
         return
@@ -348,8 +346,6 @@ def check_options(opts: CacheBuildOptions) -> None:
         problems.append("no output directory given")
     if problems:
         raise DataError("invalid cache options: " + "; ".join(problems))
-    from deepspec.data.conversations import check_data_file
-
     for path in opts.train_data_paths:
         check_data_file(path)
     out = os.path.abspath(os.path.expanduser(opts.output_dir))
@@ -367,8 +363,6 @@ def drop_damaged_shards(out: str) -> list[str]:
     is interrupted) and then its data; the build writes it again from the source rows.
     Temporary files of a killed writer are removed too. Returns the shard files dropped."""
     import glob
-
-    from deepspec.data.fingerprint import file_xxh3_128
 
     for pattern in (os.path.join(out, SHARD_DIR, ".shard-*.tmp"), os.path.join(out, ".*.tmp")):
         for litter in glob.glob(pattern):  # no writer runs now: rank 0 calls this before any
@@ -401,9 +395,6 @@ def check_complete_cache(out: str) -> str:
     Checks what the reader checks on open plus a hash of every whole shard. A damaged
     cache loses its manifest and index first (it is then an unfinished cache), then the
     damaged shards; the build rewrites those and finalises again."""
-    from deepspec.data.cache_format import FORMAT_NAME, FORMAT_VERSION
-    from deepspec.data.cache_reader import REPAIR_HINT, CacheDataset
-
     try:
         with open(os.path.join(out, MANIFEST), encoding="utf-8") as fh:
             manifest = json.load(fh)

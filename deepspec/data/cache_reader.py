@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import xxhash
 
+from deepspec.cli import ArgumentParser, run_main
 from deepspec.data.cache_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -36,7 +37,10 @@ from deepspec.data.cache_format import (
     decode_sample,
     manifest_checksum,
 )
+from deepspec.data.chat import load_chat_template
+from deepspec.data.fingerprint import chat_fingerprint, target_fingerprint
 from deepspec.errors import DataError
+from deepspec.targets.family import load_family_spec
 
 REPAIR_HINT = (
     "repair it with scripts/data/prepare_target_cache.py --resume and the arguments it was built "
@@ -323,6 +327,16 @@ class CacheDataset(torch.utils.data.Dataset):
         )
 
 
+def sample_tokens_of(dataset: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(input_ids, loss_mask)`` of sample ``i`` of any training dataset, without reading
+    its hidden states where the dataset can (a target cache)."""
+    fast = getattr(dataset, "tokens", None)
+    if fast is not None:
+        return fast(i)
+    sample = dataset[i]
+    return np.asarray(sample["input_ids"]), np.asarray(sample["loss_mask"])
+
+
 def validate_cache_for_config(
     cache_or_path: CacheDataset | str | os.PathLike[str], cfg: Any, target_dir: str | os.PathLike[str]
 ) -> CacheDataset:
@@ -333,10 +347,6 @@ def validate_cache_for_config(
     :class:`DataError` line naming every mismatch. Returns the opened dataset.
     """
     from transformers import AutoTokenizer
-
-    from deepspec.data.chat import load_chat_template
-    from deepspec.data.fingerprint import chat_fingerprint, target_fingerprint
-    from deepspec.targets.family import load_family_spec
 
     cache = cache_or_path if isinstance(cache_or_path, CacheDataset) else CacheDataset(cache_or_path)
     m = cache.manifest
@@ -388,8 +398,6 @@ def main() -> int:
 
     from tqdm import tqdm
 
-    from deepspec.cli import ArgumentParser
-
     parser = ArgumentParser(
         prog="python -m deepspec.data.cache_reader",
         description="Check a target cache (every sample's checksum and token ids) and print a summary.",
@@ -423,6 +431,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from deepspec.cli import run_main
-
     run_main(main)

@@ -20,6 +20,8 @@ from typing import Any
 import xxhash
 
 from deepspec.errors import TargetError
+from deepspec.targets.resolve import cache_root
+from deepspec.utils.io import atomic_write_json
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash")
@@ -40,8 +42,6 @@ def file_xxh3_128(path: str | os.PathLike[str]) -> str:
 
 
 def _memo_path() -> str:
-    from deepspec.targets.resolve import cache_root
-
     return os.path.join(cache_root(), "fingerprints.json")
 
 
@@ -67,8 +67,6 @@ def _file_hash_memoised(path: str, memo: dict[str, str]) -> tuple[str, bool]:
 
 def target_fingerprint(model_dir: str | os.PathLike[str]) -> str:
     """``xxh3-128:<hex>`` of a local HF target directory (config + weight contents)."""
-    from deepspec.utils.io import atomic_write_json
-
     model_dir = os.fspath(model_dir)
     config_path = os.path.join(model_dir, "config.json")
     try:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deepspec.errors import DataError
+from deepspec.targets.resolve import resolve_target
 
 
 class RequestError(Exception):
@@ -342,8 +343,6 @@ class HFBackend:
     def __init__(self, target: str, *, batch_size: int = 8, dtype: str = "bf16", seed: int = 0) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from deepspec.targets.resolve import resolve_target
 
         model_dir = resolve_target(target)
         self.model_name = public_model_name(target)

@@ -40,7 +40,7 @@ from deepspec.data.conversations import (
 )
 from deepspec.data.generation_backends import Completion, RequestError, SamplingParams
 from deepspec.errors import DataError
-from deepspec.utils.io import check_writable_dir, same_file
+from deepspec.utils.io import atomic_open, check_writable_dir, fsync_dir, same_file
 
 PARTIAL_SUFFIX = ".partial"  # where an --overwrite run writes until it completes
 
@@ -153,8 +153,6 @@ def _cut_tail(path: str, end: int, size: int) -> None:
 
 
 def _rewrite_without(path: str, ids: set[str]) -> None:
-    from deepspec.utils.io import atomic_open
-
     with open(path, "rb") as fh:
         lines = fh.read().splitlines(keepends=True)
     with atomic_open(path, "wb") as fh:
@@ -238,8 +236,6 @@ def load_input(options: RegenOptions) -> tuple[list[Conversation], ReadStats]:
 
 def _commit(options: RegenOptions) -> None:
     """Move an --overwrite run's partial files over the previous output and error file."""
-    from deepspec.utils.io import fsync_dir
-
     out_partial, err_partial = options.write_paths()
     out, err = options.output_path, options.resolved_error_path()
     for path in (out_partial, err_partial):  # on disk before they replace anything

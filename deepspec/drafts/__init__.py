@@ -10,8 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from deepspec.algorithms import ALGORITHMS, Algorithm, get_algorithm
-from deepspec.drafts.base import DraftConfig, DraftModel, KVCache, Proposal, sample_tokens
-from deepspec.drafts.checkpoint import load_draft, read_draft_config, save_draft
+from deepspec.drafts.base import DraftConfig, DraftModel
+from deepspec.drafts.checkpoint import load_draft, read_draft_config
+from deepspec.drafts.saving import save_draft
+from deepspec.drafts.state import KVCache, Proposal, sample_tokens
+from deepspec.targets.family import load_family_spec
 
 
 def build_draft(
@@ -20,8 +23,6 @@ def build_draft(
     """A new draft for a training config; embedding + LM head copied from ``target_dir``.
     ``draft_ids`` [N]: the pruned draft vocabulary (``model.draft_vocab_size`` N > 0; see
     :func:`deepspec.drafts.vocab.build_draft_vocab`), else the first N ids."""
-    from deepspec.targets.family import load_family_spec
-
     if spec is None:
         spec = load_family_spec(target_dir)
     algorithm = get_algorithm(cfg.algorithm)

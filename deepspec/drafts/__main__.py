@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 
 from deepspec.cli import ArgumentParser, run_main
+from deepspec.drafts.checkpoint import load_draft, read_draft_config, resolve_draft
+from deepspec.drafts.saving import save_draft
 
 
 def main() -> int:
@@ -25,9 +27,6 @@ def main() -> int:
     show = sub.add_parser("show", help="print a draft's config as deepspec reads it")
     show.add_argument("src", help="draft directory (deepspec or DeepSpec reference format) or hub id")
     args = parser.parse_args()
-
-    from deepspec.drafts.checkpoint import load_draft, read_draft_config, resolve_draft, save_draft
-
     src = resolve_draft(args.src)
     if args.command == "show":
         arch, config = read_draft_config(src)

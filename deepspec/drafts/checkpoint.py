@@ -4,11 +4,13 @@ the target's family spec and the layer-id / anchor conventions) and ``model.safe
 The frozen target embedding and LM head are included, so a checkpoint loads and drafts
 without the training config or the target's weights. A pruned draft vocabulary adds
 ``d2t`` [N] and ``t2d`` [V] and stores its own ``lm_head.weight`` [N, d].
+
+This module reads, checks and loads them (:func:`load_draft` builds the class the
+registry names); writing them is :mod:`deepspec.drafts.saving`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable
@@ -17,106 +19,32 @@ import torch
 from safetensors.torch import load_file
 
 from deepspec.algorithms import ARCHITECTURES
+from deepspec.data.fingerprint import target_fingerprint
 from deepspec.drafts.base import WINDOW_CONVENTION, DraftConfig, DraftModel
 from deepspec.drafts.reference_format import (
     is_reference_config,
     read_reference_config,
     tensors_from_reference,
 )
-from deepspec.errors import DataError
-from deepspec.utils.io import (
-    atomic_directory,
-    atomic_write_json,
-    read_json_object,
-    save_tensors,
-    unreadable_safetensors,
-    writing,
+from deepspec.drafts.saving import (
+    CONFIG_NAME,
+    IDENTITY_KEYS,
+    TARGET_FINGERPRINT,
+    WEIGHTS_CHECKSUM,
+    WEIGHTS_NAME,
+    weights_checksum,
 )
+from deepspec.errors import DataError
+from deepspec.targets.resolve import hub_snapshot, is_hub_id
+from deepspec.utils.io import atomic_write_json, read_json_object, unreadable_safetensors
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 CONFIG_FIX = "copy it again or use another checkpoint"
-
-
-WEIGHTS_CHECKSUM = "weights_checksum"  # xxh3-128 of model.safetensors, in config.json
-TARGET_FINGERPRINT = "target_fingerprint"  # deepspec.data.fingerprint of the target trained for
-IDENTITY_KEYS = (WEIGHTS_CHECKSUM, TARGET_FINGERPRINT)
-
-
-def weights_checksum(path: str) -> str:
-    """``xxh3-128:<hex>`` of a checkpoint directory's ``model.safetensors``."""
-    from deepspec.data.fingerprint import file_xxh3_128
-
-    return "xxh3-128:" + file_xxh3_128(os.path.join(path, WEIGHTS_NAME))
-
-
-def write_draft_files(
-    model: DraftModel,
-    directory: str,
-    state: dict[str, torch.Tensor] | None = None,
-    *,
-    target_fingerprint: str | None = None,
-) -> None:
-    """Write ``config.json`` + ``model.safetensors`` into an existing ``directory``.
-
-    ``state`` defaults to the model's own state dict (a trainer passes the gathered full
-    state of a sharded model). A tied LM head is stored once, as ``embed_tokens.weight``.
-    ``config.json`` records the weights' checksum and, when given, the fingerprint of the
-    target the draft was trained for; :func:`read_weights` and :func:`check_draft_target`
-    check them.
-    """
-    state = model.state_dict() if state is None else state
-    tied = model.head_is_tied
-    tensors = {
-        k: v.detach().contiguous().cpu() for k, v in state.items() if not (tied and k == "lm_head.weight")
-    }
-    save_tensors(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-    config = model.config_json()
-    config[WEIGHTS_CHECKSUM] = weights_checksum(directory)
-    if target_fingerprint:
-        config[TARGET_FINGERPRINT] = target_fingerprint
-    config_path = os.path.join(directory, CONFIG_NAME)
-    with writing(config_path), open(config_path, "w", encoding="utf-8") as fh:
-        json.dump(config, fh, indent=2)
-
-
-def is_draft_dir(path: str) -> bool:
-    """``path`` holds a draft checkpoint deepspec wrote (a config.json naming one of its
-    architectures, and weights) and nothing more: a training step directory (``COMPLETE``,
-    ``trainer_state/``, see :mod:`deepspec.train.checkpoint`) is not replaceable."""
-    if any(os.path.exists(os.path.join(path, name)) for name in ("COMPLETE", "trainer_state")):
-        return False
-
-    try:
-        with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as fh:
-            arch = (json.load(fh).get("architectures") or [""])[0]
-    except (OSError, ValueError, AttributeError, TypeError):
-        return False
-    return arch in ARCHITECTURES and os.path.isfile(os.path.join(path, WEIGHTS_NAME))
-
-
-def save_draft(model: DraftModel, out_dir: str) -> None:
-    """Write the draft atomically: a temporary directory renamed over ``out_dir``, which
-    may only be new, empty or an earlier draft checkpoint. The target's fingerprint is
-    recorded when known: the one a loaded draft recorded, else that of the target directory
-    :func:`~deepspec.drafts.build_draft` built it from."""
-    from deepspec.data.fingerprint import target_fingerprint
-
-    fingerprint, target = model.target_fingerprint, model.target_dir
-    if fingerprint is None and target and os.path.isfile(os.path.join(target, CONFIG_NAME)):
-        fingerprint = target_fingerprint(target)
-    with atomic_directory(
-        out_dir, flag="save_pretrained", ours=is_draft_dir, what="a draft checkpoint"
-    ) as tmp:
-        write_draft_files(model, tmp, target_fingerprint=fingerprint)
 
 
 def resolve_draft(name_or_path: str) -> str:
     """A local draft directory for ``name_or_path``: the directory itself, else a hub id
     (``deepseek-ai/dspark_qwen3_4b_block7``) downloaded when the hub is reachable, with one
     :class:`DataError` line when it is not."""
-    from deepspec.targets.resolve import hub_snapshot, is_hub_id
-
     path = os.path.expanduser(os.fspath(name_or_path))
     if os.path.exists(path) or not is_hub_id(path):
         return path
@@ -216,8 +144,6 @@ def check_draft_target(path: str, target_dir: str, *, allow_other: bool = False,
     """Refuse a target that is not the one the draft was trained for (by the fingerprint
     the draft recorded; drafts that recorded none pass). ``allow_other`` lets a user who
     means it through; ``flag`` names the option that does so."""
-    from deepspec.data.fingerprint import target_fingerprint
-
     recorded = recorded_identity(path).get(TARGET_FINGERPRINT)
     if recorded is None or allow_other:
         return

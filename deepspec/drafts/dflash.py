@@ -24,9 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepspec.drafts.base import DraftConfig, DraftModel, KVCache, Proposal
+from deepspec.drafts.base import DraftConfig, DraftModel
 from deepspec.drafts.blocks import block_attention, block_targets, recent_context_attention, sample_anchors
 from deepspec.drafts.layers import DecoderLayer, RotaryEmbedding, attend, norm_for
+from deepspec.drafts.losses import block_weights
+from deepspec.drafts.state import KVCache, Proposal
 
 
 @dataclass
@@ -64,8 +66,6 @@ def prepare_batch(cfg: Any, batch: dict[str, torch.Tensor], generator, probe: bo
     """``(forward keyword arguments, local loss normaliser Σw)`` of one micro-batch of a block
     drafter: ``model.num_anchors`` anchors per sequence; ``probe`` asks the forward to measure
     where block slot 0 looks (logged steps)."""
-    from deepspec.drafts.losses import block_weights
-
     anchors, keep = sample_anchors(batch["loss_mask"], cfg.model.num_anchors, generator)
     *_, eval_mask = block_targets(batch["input_ids"], batch["loss_mask"], anchors, keep, cfg.model.block_size)
     weight = block_weights(eval_mask, cfg.model.loss_decay_gamma, torch.float64).sum()

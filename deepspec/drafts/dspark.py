@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from deepspec.drafts.base import DraftConfig, KVCache, Proposal
+from deepspec.drafts.base import DraftConfig
 from deepspec.drafts.dflash import BlockTrainOutput, DFlashDraft
 from deepspec.drafts.heads import ConfidenceHead, SequentialHead
 from deepspec.drafts.layers import init_weights
+from deepspec.drafts.state import KVCache, Proposal
 
 
 class DSparkDraft(DFlashDraft):

@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepspec.drafts.base import DraftConfig, DraftModel, KVCache, Proposal
+from deepspec.drafts.base import DraftConfig, DraftModel
+from deepspec.drafts.blocks import sample_anchors
 from deepspec.drafts.layers import DecoderLayer, RotaryEmbedding, attend, norm_for
+from deepspec.drafts.state import KVCache, Proposal
 
 
 @dataclass
@@ -67,8 +69,6 @@ def supervised_mask(loss_mask: torch.Tensor, steps: int) -> torch.Tensor:
 def prepare_batch(cfg: Any, batch: dict[str, torch.Tensor], generator, probe: bool = False):
     """``(forward keyword arguments, [K] supervised rows per step)`` of one micro-batch: every
     draft index, or ``model.eagle3_num_positions`` sampled ones (the anchors' indices)."""
-    from deepspec.drafts.blocks import sample_anchors
-
     mask = supervised_mask(batch["loss_mask"], cfg.model.ttt_length)  # [B, K, T]
     if not cfg.model.eagle3_num_positions:
         return {}, mask.sum(dim=(0, 2)).double()

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from deepspec.errors import EnvironmentProblem
+
 
 @dataclass
 class HeadLossRows:
@@ -117,8 +119,6 @@ def check_compile_toolchain() -> None:
     import subprocess
     import sys
     import tempfile
-
-    from deepspec.errors import EnvironmentProblem
 
     fix = "install a working C++ compiler (g++) or run with --opts train.torch_compile=false"
     if sys.platform == "win32":

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepspec.data.cache_reader import REBUILD_HINT
+from deepspec.data.cache_reader import REBUILD_HINT, sample_tokens_of
 from deepspec.errors import DataError
 
 
@@ -43,8 +43,6 @@ def count_supervised_tokens(
     dataset: Any, vocab_size: int, indices: Sequence[int] | None = None, progress: bool = False
 ) -> np.ndarray:
     """How often each target id appears at a supervised position (int64 ``[vocab_size]``)."""
-    from deepspec.train.data import sample_tokens_of
-
     counts = np.zeros(vocab_size, dtype=np.int64)
     indices = range(len(dataset)) if indices is None else indices
     it = indices

@@ -18,7 +18,11 @@ import os
 
 import numpy as np
 
-from deepspec.eval.metrics import expected_calibration_error
+from deepspec.cli import ArgumentParser, run_main
+from deepspec.errors import DataError
+from deepspec.eval.metrics import calibration_stats, expected_calibration_error
+from deepspec.eval.settings import read_eval_run
+from deepspec.utils.io import check_writable_dir
 
 DEFAULT_GRID = np.geomspace(0.05, 20.0, 241)
 
@@ -157,8 +161,8 @@ def check_rounds_source(name: str, directory: str, config: dict, draft: str, fin
     fingerprint, not the path) or verified by another target than the draft was trained for,
     not greedy, not fully verified, or on the wrong prompt split (calibration rounds on the
     calibration split; held-out rounds on the report split)."""
-    from deepspec.drafts.checkpoint import TARGET_FINGERPRINT, recorded_identity
-    from deepspec.errors import DataError
+    from deepspec.drafts.checkpoint import recorded_identity  # torch, transformers: not at import
+    from deepspec.drafts.saving import TARGET_FINGERPRINT  # (eval.simulator imports this module)
 
     redo = f"decode them again: eval.py --draft_name_or_path {draft} --temperature 0 --policy fixed"
     split = "calibration" if name == "calibration" else "report"
@@ -203,8 +207,7 @@ def check_rounds_source(name: str, directory: str, config: dict, draft: str, fin
 
 def check_draft_writable(draft: str) -> None:
     """Refuse, before fitting, a draft directory the temperatures cannot be written into."""
-    from deepspec.drafts.checkpoint import CALIBRATION_NAME
-    from deepspec.utils.io import check_writable_dir
+    from deepspec.drafts.checkpoint import CALIBRATION_NAME  # torch, transformers: not at import
 
     check_writable_dir(
         draft,
@@ -224,16 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     temperatures with the draft; report ECE per position before and after."""
     import argparse
 
-    from deepspec.cli import ArgumentParser
-    from deepspec.drafts.checkpoint import (
+    from deepspec.drafts.checkpoint import (  # torch, transformers: not at import
         draft_fingerprint,
         read_calibration,
         read_weights,
         write_calibration,
     )
-    from deepspec.errors import DataError
-    from deepspec.eval.metrics import calibration_stats
-    from deepspec.eval.settings import read_eval_run
 
     parser = ArgumentParser(
         prog="python -m deepspec.eval.calibration",
@@ -291,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_ece_line(f"{name} before", before))
         print(_ece_line(f"{name} after", after))
         if args.plots:
-            from deepspec.eval.plots import plot_reliability
+            from deepspec.eval.plots import plot_reliability  # matplotlib: only with --plots
 
             os.makedirs(args.plots, exist_ok=True)
             for when, temps in (("before", base), ("after", fitted)):
@@ -306,6 +305,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from deepspec.cli import run_main
-
     run_main(main)

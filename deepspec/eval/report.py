@@ -20,6 +20,7 @@ from typing import Any
 
 from deepspec.cli import ArgumentParser, run_main
 from deepspec.errors import ConfigError, DataError
+from deepspec.eval.settings import check_output_dir
 from deepspec.utils.io import atomic_open, atomic_write_json, atomic_write_text, read_json_object
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -163,8 +164,6 @@ def main() -> int:
         if (label, temp) in runs:
             raise ConfigError(f"--run {label}@{temp:g} is given twice; give each label and temperature once")
         runs[(label, temp)] = directory
-    from deepspec.eval.settings import check_output_dir
-
     for directory in runs.values():
         load_results(directory)  # every run readable before the output is touched
     check_output_dir(args.out, "--out")

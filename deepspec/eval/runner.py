@@ -23,9 +23,14 @@ from tqdm import tqdm
 
 from deepspec.data.chat import ChatTokenizer
 from deepspec.data.eval_prompts import DEFAULT_EVAL_TASKS, load_eval_prompts
+from deepspec.data.fingerprint import target_fingerprint
+from deepspec.drafts import load_draft, read_draft_config
+from deepspec.drafts.checkpoint import draft_fingerprint, read_calibration, resolve_draft
 from deepspec.errors import ConfigError, DataError
+from deepspec.eval.batch_decode import plain_generate_batch, speculative_generate_batch
 from deepspec.eval.decode import DecodeResult, plain_generate, speculative_generate
 from deepspec.eval.metrics import acceptance_stats, calibration_stats, macro_average, threshold_sweep
+from deepspec.eval.ragged_target import RaggedTarget
 from deepspec.eval.settings import (  # noqa: F401 - re-exported: the runner's public names
     BASELINE_KEYS,
     RESULTS_NAME,
@@ -37,6 +42,8 @@ from deepspec.eval.settings import (  # noqa: F401 - re-exported: the runner's p
     resolve_settings,
 )
 from deepspec.eval.target import HFTarget
+from deepspec.targets.family import load_family_spec
+from deepspec.targets.load import load_target_model, load_target_tokenizer
 from deepspec.utils.distributed import spawn
 from deepspec.utils.io import atomic_open, atomic_write_json
 
@@ -61,9 +68,6 @@ class Evaluator:
     def __init__(
         self, target_dir: str, draft, settings: EvalSettings, device: str = "cpu", policy: Any = None
     ) -> None:
-        from deepspec.targets.family import load_family_spec
-        from deepspec.targets.load import load_target_model, load_target_tokenizer
-
         self.settings = settings
         spec = load_family_spec(target_dir)
         check_draft_matches_target(draft, spec, target_dir)
@@ -105,9 +109,6 @@ class Evaluator:
     ) -> tuple[list[DecodeResult], list[DecodeResult | None]]:
         """Continuous batching of ``prompts``; the baseline (where ``plain``) decodes the
         same prompts at the same batch size."""
-        from deepspec.eval.batch_decode import plain_generate_batch, speculative_generate_batch
-        from deepspec.eval.ragged_target import RaggedTarget
-
         s = self.settings
         rows = min(s.batch_size, len(prompts))
         common = dict(max_new_tokens=max_new, temperature=s.temperature, eos_ids=self.eos_ids)
@@ -260,9 +261,6 @@ def plan_evaluation(draft_path: str, settings: EvalSettings, target_name: str) -
     prompt file, an impossible split, an SPS table, a missing draft or one whose heads cannot
     run the policy, the output directory, a mismatched ``--baseline-from``) happens here.
     ``draft_path``: a checkpoint directory or a hub id (resolved here)."""
-    from deepspec.drafts import read_draft_config
-    from deepspec.drafts.checkpoint import draft_fingerprint, read_calibration, resolve_draft
-
     asked = settings.policy  # the refusal names the flag the user gave ("auto": a threshold flag)
     s = resolve_settings(settings)
     prompts = _task_prompts(s)  # the user's own files first: prompts, then the SPS table
@@ -285,8 +283,6 @@ def plan_evaluation(draft_path: str, settings: EvalSettings, target_name: str) -
 def _worker_records(
     target_dir: str, plan: EvalPlan, worker: int, workers: int, device: str, draft=None
 ) -> dict[str, list[dict[str, Any]]]:
-    from deepspec.drafts import load_draft
-
     draft = draft if draft is not None else load_draft(plan.draft_path)
     evaluator = Evaluator(target_dir, draft, plan.settings, device=device, policy=plan.policy)
     evaluator.reused = plan.reused or {}
@@ -344,8 +340,6 @@ def run_plan(
     """Decode ``plan``: one worker per visible GPU (prompts split round-robin), else one CPU
     worker, which uses ``draft`` when given (loaded once by the caller). Writes outputs when
     ``output_dir`` is set."""
-    from deepspec.data.fingerprint import target_fingerprint
-
     s = plan.settings
     workers = _worker_count(num_workers)
     start = time.perf_counter()
@@ -400,7 +394,11 @@ def write_outputs(results: dict[str, Any], by_task: dict[str, list[dict[str, Any
 def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
     """Per-position conditional acceptance per dataset; reliability diagrams and threshold
     sweeps for drafts with a confidence head."""
-    from deepspec.eval.plots import plot_conditional_acceptance, plot_reliability, plot_threshold_sweep
+    from deepspec.eval.plots import (  # matplotlib: only when plots are written
+        plot_conditional_acceptance,
+        plot_reliability,
+        plot_threshold_sweep,
+    )
 
     datasets = results["datasets"]
     paths = [

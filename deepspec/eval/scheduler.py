@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from deepspec.errors import DataError
+
 # How much steps/s may rise with the token count before a table is refused: profiles on a
 # shared machine wobble (benchmarks/README.md: +2.9% from 24 to 32 tokens at R = 16).
 RISE_TOLERANCE = 0.05
@@ -66,8 +68,6 @@ class SPSTable:
         than :data:`RISE_TOLERANCE` (measurement noise)."""
         import json
         import os
-
-        from deepspec.errors import DataError
 
         redo = "python benchmarks/sps_profile.py --out <file>"
         try:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from deepspec.algorithms import ALGORITHMS
+from deepspec.data.conversations import describe_json_error
 from deepspec.data.eval_prompts import DEFAULT_DATASETS_DIR, DEFAULT_EVAL_SEED
 from deepspec.errors import ConfigError, DataError
 from deepspec.utils.io import check_writable_dir
@@ -40,8 +41,8 @@ class EvalSettings:
 
     def verify_policy(self):
         """The :class:`~deepspec.eval.policies.VerifyPolicy` these settings describe."""
-        from deepspec.eval.policies import VerifyPolicy
-        from deepspec.eval.scheduler import SPSTable
+        from deepspec.eval.policies import VerifyPolicy  # numpy: not at import, this module starts fast
+        from deepspec.eval.scheduler import SPSTable  # numpy, as above
 
         policy = resolve_policy(self.policy, self.confidence_threshold, self.survival_threshold)
         sps = SPSTable.load(self.sps_table) if policy == "scheduled" else None
@@ -162,8 +163,6 @@ class _BadLine(ValueError):
 
 def _jsonl_rows(raw: bytes, path: str) -> list:
     """The rows of a JSONL file's bytes; a bad line raises :class:`_BadLine`."""
-    from deepspec.data.conversations import describe_json_error
-
     rows = []
     for lineno, line in enumerate(raw.decode("utf-8").split("\n"), start=1):
         if line.strip():

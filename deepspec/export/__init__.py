@@ -21,8 +21,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from deepspec.drafts.checkpoint import check_draft_dir, check_draft_target, resolve_draft
 from deepspec.errors import ConfigError
+from deepspec.export import engines
 from deepspec.export.source import MANIFEST, ExportRefused, check_out, is_export_dir, read_source
+from deepspec.targets import resolve_target
 
 FORMATS = ("llamacpp", "vllm", "sglang", "speculators", "deepspec-reference")
 OUTTYPES = ("f32", "bf16", "f16", "q8_0")
@@ -31,8 +34,6 @@ OUTTYPES = ("f32", "bf16", "f16", "q8_0")
 def _local_target(target: str, to: str) -> str | None:
     """The local directory ``--target`` names (resolved like every target name), or None
     for a hub id that speculators only records. A path that does not exist is refused."""
-    from deepspec.targets import resolve_target
-
     looks_local = target.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(target))
     if to == "speculators" and not looks_local and ":" not in target:
         return None  # a hub name: recorded as the verifier, checked by whoever loads it
@@ -57,9 +58,6 @@ def export_draft(
     Checked before anything is written: ``out`` (:func:`check_out`), the draft's weights
     against their checksum, and ``target_dir`` against the target the draft was trained
     for (``allow_other_target`` skips that one)."""
-    from deepspec.drafts.checkpoint import check_draft_dir, check_draft_target, resolve_draft
-    from deepspec.export import engines
-
     if to not in FORMATS:
         raise ExportRefused(f"unknown export format {to!r}; choose one of {', '.join(FORMATS)}")
     if outtype is not None and to != "llamacpp":
@@ -75,8 +73,6 @@ def export_draft(
     if target_dir is not None:
         local_target = _local_target(target_dir, to)
     elif to == "llamacpp":
-        from deepspec.targets import resolve_target
-
         local_target = resolve_target(src.config.target_model_name_or_path)
     if local_target is not None:
         check_draft_target(

@@ -17,6 +17,12 @@ from typing import Any
 
 import torch
 
+from deepspec.drafts.reference_format import (
+    REFERENCE_FORMAT,
+    reference_config,
+    reference_export_problem,
+    tensors_to_reference,
+)
 from deepspec.errors import EnvironmentProblem
 from deepspec.export.layouts import (
     block_draft_tensors,
@@ -34,6 +40,7 @@ from deepspec.export.source import (
     input_layer_ids,
     mask_host_id,
 )
+from deepspec.targets import llama_server_bin
 from deepspec.utils.io import atomic_directory, atomic_write_json, save_tensors, writing
 
 
@@ -103,8 +110,6 @@ def _block_config(src: DraftSource, architecture: str, mask_id: int, *, dspark: 
 def llama_cpp_converter() -> tuple[str, str]:
     """``(convert_hf_to_gguf.py, gguf-py dir)`` of the llama.cpp tree ``setup.sh
     --llama-server`` built, or a one-line error naming the fix."""
-    from deepspec.targets import llama_server_bin
-
     root = os.path.dirname(os.path.dirname(os.path.dirname(llama_server_bin())))
     script = os.path.join(root, "convert_hf_to_gguf.py")
     if not os.path.isfile(script):
@@ -378,13 +383,6 @@ def export_reference(src: DraftSource, out: str) -> dict[str, Any]:
     """The DeepSpec reference implementation's own layout (its released drafts' format):
     the target's text config with the draft fields its classes assert, every tensor under
     its names, ``lm_head`` included (:mod:`deepspec.drafts.reference_format`)."""
-    from deepspec.drafts.reference_format import (
-        REFERENCE_FORMAT,
-        reference_config,
-        reference_export_problem,
-        tensors_to_reference,
-    )
-
     problem = reference_export_problem(src.config)
     if problem is not None:
         raise src.refuse("the DeepSpec reference format", *problem)

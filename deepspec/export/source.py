@@ -25,6 +25,7 @@ from deepspec.drafts.checkpoint import (
 )
 from deepspec.errors import DataError
 from deepspec.targets.family import FamilySpec
+from deepspec.utils.io import check_replaceable
 
 MANIFEST = "deepspec_export.json"
 
@@ -45,8 +46,6 @@ EXPORT_OUT = {"flag": "--out", "ours": is_export_dir, "what": "an earlier deepsp
 def check_out(out: str, draft_dir: str, target_dir: str | None = None) -> str:
     """``out`` made absolute when an export may be written there: new, empty or an earlier
     export, and neither the draft, the target nor the working directory inside it."""
-    from deepspec.utils.io import check_replaceable
-
     protect = [draft_dir] + ([target_dir] if target_dir and os.path.exists(target_dir) else [])
     return check_replaceable(out, **EXPORT_OUT, protect=protect)
 

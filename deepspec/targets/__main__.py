@@ -15,6 +15,7 @@ import time
 from deepspec.cli import ArgumentParser, run_main
 from deepspec.errors import ConfigError, TargetError, check_number
 from deepspec.targets.family import load_family_spec
+from deepspec.targets.load import load_target_model, load_target_tokenizer
 from deepspec.targets.resolve import (
     DEFAULT_TARGET,
     EMBEDDED_PREFIX,
@@ -27,8 +28,6 @@ from deepspec.targets.resolve import (
 def chat(model_dir: str, prompt: str, *, max_new_tokens: int, dtype: str) -> str:
     """Greedy-answer one user prompt with the target's chat template; returns the reply."""
     import torch
-
-    from deepspec.targets.load import load_target_model, load_target_tokenizer
 
     tokenizer = load_target_tokenizer(model_dir)
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32

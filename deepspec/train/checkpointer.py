@@ -19,7 +19,8 @@ import yaml
 from torch import nn
 
 from deepspec.config import config_to_dict, save_config
-from deepspec.drafts.checkpoint import load_weights, weights_are_finite, write_draft_files
+from deepspec.drafts.checkpoint import load_weights, weights_are_finite
+from deepspec.drafts.saving import write_draft_files
 from deepspec.errors import DataError, DeepSpecError, EnvironmentProblem, describe_os_error
 from deepspec.train import checkpoint as ckpt
 from deepspec.train.data import DataCursor

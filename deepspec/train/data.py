@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepspec.data.cache_reader import sample_tokens_of
 from deepspec.data.chat import ChatTokenizer
 from deepspec.data.conversations import read_conversations
 from deepspec.data.target_features import TargetFeatureExtractor
@@ -103,16 +104,6 @@ def split_heldout(dataset: Any, cfg: Any, source: str) -> tuple[Any, range | Non
         stop = min(stop, max_samples)
     train = dataset if stop == n else FirstSamples(dataset, stop)
     return train, (range(n - heldout, n) if heldout else None)
-
-
-def sample_tokens_of(dataset: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(input_ids, loss_mask)`` of sample ``i`` of any training dataset, without reading
-    its hidden states where the dataset can (a target cache)."""
-    fast = getattr(dataset, "tokens", None)
-    if fast is not None:
-        return fast(i)
-    sample = dataset[i]
-    return np.asarray(sample["input_ids"]), np.asarray(sample["loss_mask"])
 
 
 class FirstSamples:

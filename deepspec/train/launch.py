@@ -37,7 +37,7 @@ def run_worker(config_path: str | None, opts: list[str]) -> Any:
 
     # lazy: a launcher of several workers never trains, so it does not import the trainer
     # (the drafts, transformers); only the workers do
-    from deepspec.train.trainer import Trainer
+    from deepspec.train.trainer import Trainer  # lazy: see above
 
     cfg = load_config(config_path, opts)
     info = dist_utils.init_distributed()

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from deepspec.errors import DeepSpecError, as_user_error
+from deepspec.errors import DeepSpecError, Preempted, as_user_error
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 STORE_FILE_ENV = "DEEPSPEC_STORE_FILE"  # set by local launchers: rendezvous through this file
@@ -303,8 +303,6 @@ def record_worker_error(errdir: str, rank: int, error: DeepSpecError) -> int:
     only fails once this process is gone, so the launcher finds the root cause here."""
     import json
 
-    from deepspec.errors import Preempted
-
     record = {
         "rank": rank,
         "code": error.exit_code,
@@ -320,8 +318,6 @@ def recorded_failure(errdir: str) -> DeepSpecError | None:
     """The job's error from its workers' records: the lowest rank's own error, else (every
     recorded worker was preempted) the lowest rank's :class:`Preempted`, else None."""
     import json
-
-    from deepspec.errors import Preempted
 
     records = []
     for name in sorted(os.listdir(errdir)):
@@ -368,8 +364,6 @@ def spawn(
     import tempfile
 
     import torch.multiprocessing as mp
-
-    from deepspec.errors import Preempted
 
     if nproc < 1:
         raise DeepSpecError(f"--nproc must be >= 1, got {nproc}")

@@ -10,6 +10,9 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
+from deepspec.errors import ConfigError, DataError, EnvironmentProblem
+from deepspec.utils.locks import hold_directory, remove_abandoned
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
@@ -44,8 +47,6 @@ def writing(path: str | os.PathLike[str]) -> Iterator[None]:
     ``OSError`` (when it carries an OS error code) or an
     :class:`~deepspec.errors.EnvironmentProblem` naming the file and the usual fix."""
     import re
-
-    from deepspec.errors import EnvironmentProblem
 
     path = os.fspath(path)
     try:
@@ -120,8 +121,6 @@ def check_replaceable(
     one :class:`~deepspec.errors.ConfigError` line: an empty name, a path that contains the
     working directory or one of ``protect`` (what the command reads), anything else that
     exists. ``flag`` names the option."""
-    from deepspec.errors import ConfigError
-
     raw = os.fspath(path)
     if not raw.strip():
         raise ConfigError(f"{flag} is empty; name the directory to write")
@@ -168,8 +167,6 @@ def atomic_directory(
     Only what :func:`check_replaceable` allows is replaced (checked before and after the
     work). The temporary directory is locked while it is filled, so leftovers of killed
     runs (``.<name>.deepspec-tmp-*``) are recognised and removed by the next run."""
-    from deepspec.utils.locks import hold_directory, remove_abandoned
-
     path = check_replaceable(path, flag, ours=ours, what=what, protect=protect)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -235,8 +232,6 @@ def check_writable_dir(directory: str, flag: str, fix: str = "choose a writable 
     """Refuse, before any work, a ``directory`` that is a file, lies under a file, or cannot
     take new files. Creates nothing: the nearest existing folder on the path is probed with
     a temporary file. ``flag`` names the option in the one-line error, ``fix`` the way out."""
-    from deepspec.errors import ConfigError, EnvironmentProblem
-
     path = os.path.abspath(os.path.expanduser(directory))
     probe = path
     while not os.path.exists(probe) and os.path.dirname(probe) != probe:
@@ -258,8 +253,6 @@ def read_json_object(path: str, fix: str, error: type[Exception] | None = None) 
     """The JSON object in ``path``. A torn, non-UTF-8 or non-object file raises ``error``
     (default :class:`~deepspec.errors.DataError`) as one line naming the file and ``fix``;
     a missing file raises ``FileNotFoundError`` for the caller to word."""
-    from deepspec.errors import DataError
-
     error = error or DataError
     try:
         with open(path, encoding="utf-8") as fh:
@@ -281,8 +274,6 @@ def unreadable_safetensors(
 ) -> Exception:
     """The one-line error for a safetensors file that does not open (``raise`` it); an
     ``OSError`` is returned unchanged (the entry point words it)."""
-    from deepspec.errors import DataError
-
     if isinstance(exc, OSError):
         return exc
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

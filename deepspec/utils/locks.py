@@ -19,6 +19,8 @@ import socket
 import warnings
 from collections.abc import Iterator
 
+from deepspec.errors import EnvironmentProblem
+
 LOCK_NAME = ".deepspec.lock"
 _NO_FLOCK = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)
 
@@ -91,7 +93,6 @@ def directory_lock(directory: str, what: str, fix: str) -> contextlib.AbstractCo
     :class:`~deepspec.errors.EnvironmentProblem` line (``what`` is in use by pid N; ``fix``).
     Leaves nothing behind that was not there: the lock file it created, and the directory
     when the body wrote nothing into it."""
-    from deepspec.errors import EnvironmentProblem
 
     @contextlib.contextmanager
     def held() -> Iterator[None]:
