@@ -31,7 +31,7 @@ from tests.badinput import (
     unwritable_dir,
 )
 from tests.conftest import ROOT
-from tests.test_train import opts_for
+from tests.helpers import opts_for
 
 CONFIG = "config/dspark/dspark_smollm2_135m.py"
 MINI = os.path.join(ROOT, "data", "train_prompts", "mini.jsonl")
