@@ -58,7 +58,7 @@ def build_cache(target: str, rows: list[str], out) -> str:
 
 
 def opts(base, out, **extra) -> list[str]:
-    """The tiny run of ``tests/test_train.py`` (DSpark, 4 steps, checkpoints every 2), eager."""
+    """The tiny run of ``tests/e2e/test_train.py`` (DSpark, 4 steps, checkpoints every 2), eager."""
     return opts_for(base, out, **{"train.torch_compile": "false", **extra})
 
 
