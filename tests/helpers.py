@@ -21,6 +21,9 @@ needs_llamacpp = pytest.mark.skipif(
     reason="llama-cpp-python is not importable (install it with: bash scripts/setup.sh --llamacpp)",
 )
 
+# Decoder layer counts of the shipped targets (from their public HF configs).
+TARGET_LAYERS = {"qwen3_4b": 36, "qwen3_8b": 36, "qwen3_14b": 40, "gemma4_12b": 48, "smollm2_135m": 30}
+
 
 def block_attention_inputs(seed: int, B=2, N=6, H=4, G=3, hd=16, KVH=2, S=24) -> tuple[torch.Tensor, ...]:
     """Random ``q`` [B, N, H, G, hd], block keys/values ``kb, vb`` [B, N, KVH, G, hd], context
