@@ -4,6 +4,7 @@
 # virtualenvs of their own) and run the whole test suite.
 #   bash scripts/test.sh            # everything
 #   bash scripts/test.sh -k config  # extra arguments go to pytest
+# The quick tier alone (no servers, a few minutes): python -m pytest tests/unit (README, Tests).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}

@@ -1,4 +1,4 @@
-"""Helpers for the bad-input suite (``tests/test_bad_inputs_*.py``).
+"""Helpers for the bad-input suite (``tests/cli/test_bad_inputs_*.py``).
 
 Every case runs a real entry point as a subprocess and asserts what a user must see: a
 non-zero exit, exactly one ``error:`` line on stderr, no Python traceback, and that no input

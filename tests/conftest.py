@@ -57,6 +57,27 @@ def tiny_target(tmp_path_factory, smollm2_dir):
     return make
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Torch on one thread for the module (tiny models)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: thread start-up costs more than the maths
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small_target(tmp_path_factory):
+    """A one-layer tiny llama with a 6-token vocabulary and its exact joint law of the first
+    three tokens after ``PROMPT`` (helpers.exact_joint)."""
+    from tests.helpers import V_SMALL, exact_joint, tiny_model
+
+    target_dir, model = tiny_model(tmp_path_factory, "llama", vocab=V_SMALL, layers=1)
+    return target_dir, model, exact_joint(model)
+
+
 def tiny_dspark(target_dir: str, seed: int = 0, opts: tuple[str, ...] = ()):
     """A DSpark draft (block 3, one layer, Markov rank 8, confidence head) for a tiny
     target whose layers 0 and 1 it reads; random weights from ``seed``; ``opts`` are more

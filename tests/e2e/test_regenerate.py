@@ -8,7 +8,6 @@ used only to inject failures a real server does not produce on demand.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -30,16 +29,11 @@ from deepspec.targets import embedded_bf16_gguf_path, llama_server_bin
 from deepspec.utils.distributed import find_free_port
 from tests.conftest import ROOT
 from tests.fault_server import FaultServer
+from tests.helpers import HAVE_LLAMACPP, needs_llamacpp
 
 MINI = os.path.join(ROOT, "data", "train_prompts", "mini.jsonl")
 GENERATE = os.path.join(ROOT, "scripts", "data", "generate_train_data.py")
 LAUNCH = os.path.join(ROOT, "scripts", "data", "launch_server.sh")
-
-HAVE_LLAMACPP = importlib.util.find_spec("llama_cpp") is not None
-needs_llamacpp = pytest.mark.skipif(
-    not HAVE_LLAMACPP,
-    reason="llama-cpp-python is not importable (install it with: bash scripts/setup.sh --llamacpp)",
-)
 
 
 def head(path, n, out):

@@ -24,6 +24,7 @@ from deepspec.errors import DeepSpecError
 from deepspec.train import checkpoint as ckpt
 from deepspec.train.data import DataCursor, EpochOrder
 from tests.conftest import ROOT
+from tests.helpers import opts_for
 
 MINI = os.path.join(ROOT, "data", "train_prompts", "mini.jsonl")
 LAYERS = [0, 2]
@@ -53,35 +54,6 @@ def setup(tmp_path_factory, tiny_target):
         )
     )
     return {"target": target, "data": str(data), "cache": str(cache)}
-
-
-def opts_for(setup, root, algo="dspark", **extra):
-    opts = {
-        "algorithm": algo,
-        "model.target_model_name_or_path": setup["target"],
-        "model.target_layer_ids": "[0,2]",
-        "model.block_size": 4,
-        "model.num_draft_layers": 1,
-        "model.markov_rank": 8,
-        "model.num_anchors": 16,
-        "model.ttt_length": 3,
-        "data.target_cache_path": setup["cache"],
-        "data.max_length": 256,
-        "data.min_loss_tokens": 4,
-        "train.precision": "fp32",
-        "train.global_batch_size": 4,
-        "train.local_batch_size": 2,
-        "train.max_train_steps": 4,
-        "train.lr": 1e-3,
-        "logging.logging_steps": 1,
-        "logging.checkpointing_steps": 2,
-        "logging.keep_last_checkpoints": 0,
-        "logging.checkpoint_root": str(root / "ck"),
-        "logging.tensorboard_root": str(root / "tb"),
-        "exp_name": "run",
-    }
-    opts.update(extra)
-    return [f"{k}={v}" for k, v in opts.items()]
 
 
 def train_cmd(opts):

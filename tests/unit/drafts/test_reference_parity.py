@@ -21,8 +21,9 @@ import torch
 
 from deepspec.drafts import get_algorithm, load_draft
 from deepspec.drafts.fused_head import head_loss_rows
+from tests.conftest import ROOT
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "reference_fixtures")
+FIXTURES = os.path.join(ROOT, "tests", "data", "reference_fixtures")
 BLOCK, EAGLE3 = ("qwen3_dspark", "gemma4_dspark"), ("qwen3_eagle3",)
 TOL = dict(atol=1e-5, rtol=0)
 

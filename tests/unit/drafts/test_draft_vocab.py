@@ -20,7 +20,7 @@ from deepspec.drafts.vocab import (
 )
 from deepspec.errors import DataError
 from tests.badinput import rewrite_draft_weights
-from tests.test_drafts import hand_block_loss, infer, make_cfg, make_draft, random_batch
+from tests.helpers import hand_block_loss, infer, make_cfg, make_draft, random_batch
 
 
 def test_selection_keeps_the_most_frequent_ties_by_id_and_fills_with_unseen_ids():

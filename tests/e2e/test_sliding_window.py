@@ -18,12 +18,11 @@ from deepspec.eval.decode import plain_generate, speculative_generate
 from deepspec.eval.ragged_target import RaggedTarget
 from deepspec.eval.target import HFTarget
 from tests.conftest import tiny_dspark
-from tests.test_batch_decode import greedy_reference
-from tests.test_decode import (
+from tests.helpers import (
     V_SMALL,
     draft_for,
+    greedy_reference,
     law_check,
-    single_thread,  # noqa: F401 - fixture
     tiny_model,
 )
 

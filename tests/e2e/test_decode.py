@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 import deepspec.eval.decode as decode
 from deepspec.config import load_config
@@ -19,73 +18,8 @@ from deepspec.drafts import Proposal, build_draft
 from deepspec.eval.decode import plain_generate, speculative_generate
 from deepspec.eval.policies import VerifyPolicy
 from deepspec.eval.target import HFTarget
-from deepspec.targets.family import load_family_spec
-from deepspec.targets.tiny import build_tiny_target
 from tests.conftest import ROOT
-
-DRAFTS = [
-    ("dflash", []),
-    ("dspark", ["model.markov_head_type=rnn"]),
-    ("dspark", ["model.context_window=7", "model.qk_norm=true"]),
-    ("dspark", ["model.draft_vocab_size=40"]),
-    ("eagle3", []),
-    ("eagle3", ["model.draft_vocab_size=40"]),
-]
-DRAFT_IDS = ["dflash", "dspark-rnn", "dspark-window-qknorm", "dspark-pruned", "eagle3", "eagle3-pruned"]
-
-
-@pytest.fixture(scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread start-up costs more than the maths
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model(tmp_path_factory, family: str, vocab: int, layers: int = 2):
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path_factory.mktemp(f"{family}{vocab}")
-    build_tiny_target(
-        family,
-        out,
-        vocab_size=vocab,
-        num_hidden_layers=layers,
-        hidden_size=32,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        intermediate_size=64,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-        seed=3,
-        tie_word_embeddings=False,
-        initializer_range=0.3,
-    )  # varied, non-repeating outputs
-    return str(out), AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-
-
-def draft_for(target_dir: str, algo: str, extra: list[str], layer_ids=(0, 1), block: int = 4, seed: int = 0):
-    cfg = load_config(
-        opts=[
-            f"algorithm={algo}",
-            f"model.target_layer_ids={list(layer_ids)}",
-            f"model.block_size={block}",
-            "model.num_draft_layers=1",
-            "model.markov_rank=8",
-            f"model.ttt_length={block}",
-            *extra,
-        ]
-    )
-    torch.manual_seed(seed)
-    draft_ids = None
-    if cfg.model.draft_vocab_size:  # a scattered draft vocabulary: index != target id
-        vocab = load_family_spec(target_dir).vocab_size
-        pick = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed + 5))
-        draft_ids = pick[: cfg.model.draft_vocab_size].sort().values
-    return build_draft(cfg, target_dir, draft_ids=draft_ids).eval()
-
+from tests.helpers import DRAFT_IDS, DRAFTS, PROMPT, V_SMALL, draft_for, law_check, tiny_model
 
 # ---- greedy ---------------------------------------------------------------------------------
 
@@ -250,20 +184,7 @@ def test_non_finite_draft_is_a_numerical_error_never_a_token(tmp_path_factory, s
 
 # ---- losslessness at temperature 1 ----------------------------------------------------------
 
-V_SMALL = 6
 N_SAMPLES = 20_000
-PROMPT = [1, 2, 3]
-
-
-def exact_joint(model) -> np.ndarray:
-    """P(first three generated tokens) of the target, by enumeration: [V, V, V]."""
-    with torch.no_grad():
-        p1 = torch.softmax(model(torch.tensor([PROMPT])).logits[0, -1].double(), -1)
-        two = torch.tensor([PROMPT + [a] for a in range(V_SMALL)])
-        p2 = torch.softmax(model(two).logits[:, -1].double(), -1)  # [V, V]
-        three = torch.tensor([PROMPT + [a, b] for a, b in itertools.product(range(V_SMALL), repeat=2)])
-        p3 = torch.softmax(model(three).logits[:, -1].double(), -1).view(V_SMALL, V_SMALL, V_SMALL)
-    return (p1[:, None, None] * p2[:, :, None] * p3).numpy()
 
 
 def empirical_joint(target, draft, n: int, threshold: float = 0.0, seed: int = 0) -> np.ndarray:
@@ -282,26 +203,6 @@ def empirical_joint(target, draft, n: int, threshold: float = 0.0, seed: int = 0
         )
         counts[tuple(out.output_ids)] += 1
     return counts
-
-
-def law_check(counts: np.ndarray, exact: np.ndarray) -> tuple[float, float, float]:
-    """(chi-square p-value, TV, TV bound for this sample size)."""
-    n = counts.sum()
-    p, c = exact.ravel(), counts.ravel()
-    big = p * n >= 5  # pool rare cells into one bucket
-    obs = np.append(c[big], c[~big].sum())
-    exp = np.append(p[big] * n, p[~big].sum() * n)
-    keep = exp > 0
-    pvalue = stats.chisquare(obs[keep], exp[keep]).pvalue
-    tv = 0.5 * np.abs(c / n - p).sum()
-    bound = 3 * 0.5 * np.sqrt(p * (1 - p) / n).sum()  # 3x the expected TV of an exact sampler
-    return float(pvalue), float(tv), float(bound)
-
-
-@pytest.fixture(scope="module")
-def small_target(tmp_path_factory):
-    target_dir, model = tiny_model(tmp_path_factory, "llama", vocab=V_SMALL, layers=1)
-    return target_dir, model, exact_joint(model)
 
 
 @pytest.mark.slow

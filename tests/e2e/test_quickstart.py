@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_regenerate import needs_llamacpp
+from tests.helpers import needs_llamacpp
 
 ALGOS = ("dspark", "dflash", "eagle3")
 TEMPS = ("1.0", "0")

@@ -22,14 +22,13 @@ from deepspec.errors import ConfigError
 from deepspec.targets.family import family_spec_from_config
 from deepspec.targets.tiny import tiny_config
 from tests.conftest import ROOT
+from tests.helpers import TARGET_LAYERS
 
 # The per-target configs; config/<algo>/base.py, which they build on, is tested in
 # test_config_table.py.
 SHIPPED = sorted(
     p for p in glob.glob(os.path.join(ROOT, "config", "*", "*.py")) if os.path.basename(p) != "base.py"
 )
-# Decoder layer counts of the shipped targets (from their public HF configs).
-TARGET_LAYERS = {"qwen3_4b": 36, "qwen3_8b": 36, "qwen3_14b": 40, "gemma4_12b": 48, "smollm2_135m": 30}
 
 
 def test_every_algorithm_and_target_has_a_config():

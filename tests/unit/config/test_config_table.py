@@ -5,7 +5,7 @@
 became bases + a target table (generated from the 50-line files, HOME=/home/fixture). A
 deliberate change to a shipped config or a schema default regenerates it:
 
-    python tests/test_config_table.py --regenerate
+    python tests/unit/config/test_config_table.py --regenerate
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 import pytest
 
 if __name__ == "__main__":  # run as a script to regenerate the fixture
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")))
 
 from deepspec.config import config_to_dict, load_config
 from deepspec.config.loader import read_config_layers
@@ -99,7 +99,7 @@ def test_every_target_row_has_a_config_per_algorithm():
 
 
 def test_target_table_rows():
-    from tests.test_config import TARGET_LAYERS  # the layer counts, written down independently
+    from tests.helpers import TARGET_LAYERS  # the layer counts, written down independently
 
     for name, row in TARGETS.items():
         assert set(row) == {

@@ -21,7 +21,7 @@ from deepspec.utils.distributed import find_free_port
 from tests.badinput import assert_one_error, digest_tree, run_cli, unwritable_dir
 from tests.conftest import ROOT
 from tests.fault_server import FaultServer
-from tests.test_regenerate import needs_llamacpp
+from tests.helpers import needs_llamacpp
 
 GENERATE = os.path.join(ROOT, "scripts", "data", "generate_train_data.py")
 SPLIT = os.path.join(ROOT, "scripts", "data", "download_and_split.py")

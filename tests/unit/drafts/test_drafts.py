@@ -12,12 +12,18 @@ from deepspec.config import load_config
 from deepspec.drafts import build_draft, get_algorithm, load_draft
 from deepspec.drafts.blocks import block_attention, sample_anchors
 from deepspec.drafts.losses import position_weights
-from deepspec.targets.family import family_spec_from_config
-from deepspec.targets.tiny import TINY_FAMILIES, tiny_config
-from tests.helpers import block_attention_inputs
+from deepspec.targets.tiny import TINY_FAMILIES
+from tests.helpers import (
+    LAYER_IDS,
+    D,
+    V,
+    block_attention_inputs,
+    hand_block_loss,
+    infer,
+    make_draft,
+    random_batch,
+)
 
-V, D = 128, 64
-LAYER_IDS = [0, 2]
 VARIANTS = [
     ("dflash", {}),
     ("dspark", {"model.markov_head_type": "vanilla"}),
@@ -44,64 +50,6 @@ IDS = [
     "eagle3-pruned",
     "eagle3",
 ]
-
-
-def make_cfg(algo: str, **overrides):
-    opts = [
-        f"algorithm={algo}",
-        f"model.target_layer_ids={LAYER_IDS}",
-        "model.block_size=5",
-        "model.num_draft_layers=2",
-        "model.markov_rank=16",
-        "model.ttt_length=4",
-    ]
-    opts += [f"{k}={v}" for k, v in overrides.items()]
-    return load_config(opts=opts)
-
-
-def make_draft(
-    algo: str,
-    family: str = "qwen3",
-    dtype=torch.float32,
-    seed: int = 0,
-    target: dict | None = None,
-    **overrides,
-):
-    """A draft on a tiny ``family`` spec; ``target``: more fields of the target's config."""
-    torch.manual_seed(seed)
-    config = tiny_config(family, vocab_size=V, hidden_size=D, num_hidden_layers=4, **(target or {}))
-    spec = family_spec_from_config(config)
-    cfg = make_cfg(algo, **overrides)
-    model = build_draft(cfg, spec=spec).to(dtype)
-    with torch.no_grad():  # stand-in for the target's embedding (rows of norm ~0.8)
-        model.embed_tokens.weight.normal_(std=0.1)
-    if model.pruned:  # a scattered vocabulary, so draft index and target id differ
-        ids = torch.randperm(V, generator=torch.Generator().manual_seed(seed + 7))[
-            : cfg.model.draft_vocab_size
-        ]
-        model.set_draft_vocab(ids.sort().values)
-    return cfg, model
-
-
-def random_batch(B: int, S: int, dtype=torch.float32, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, V, (B, S), generator=g)
-    loss_mask = torch.ones(B, S, dtype=torch.long)
-    feats = torch.randn(B, S, len(LAYER_IDS) * D, generator=g, dtype=dtype)
-    last = torch.randn(B, S, D, generator=g, dtype=dtype)
-    return ids, loss_mask, feats, last
-
-
-def infer(model, ids, feats, anchor_pos, n_tokens=None):
-    """Extend with positions < anchor_pos, then propose greedily after the anchor."""
-    B = ids.shape[0]
-    state = model.new_state(B)
-    counts = torch.as_tensor(anchor_pos).expand(B).clone()
-    T = int(counts.max())
-    model.extend(state, feats[:, :T], counts, tokens=ids[:, :T])
-    anchor = ids[torch.arange(B), counts]
-    kwargs = {"num_tokens": n_tokens} if model.algorithm == "eagle3" else {}
-    return model.propose(state, anchor, temperature=0.0, **kwargs)
 
 
 # ---- the key test: the packed training forward equals inference ---------------------------
@@ -427,20 +375,6 @@ def test_only_trainable_parameters_change(algo, overrides):
     opt.step()
     for name, before in frozen.items():
         assert torch.equal(dict(model.named_parameters())[name], before)
-
-
-def hand_block_loss(cfg, out, ce, l1):
-    """DSpark's block loss written out from per-position ``ce`` and ``l1`` [B, N, G]:
-    ``(α_ce Σ w·CE + α_tv Σ w·L1 + α_conf Σ w·BCE(c, 1 − L1/2)) / Σ w`` with the position
-    weights ``w`` on the eval mask (which already drops dummy blocks). Returns (loss, w)."""
-    m = cfg.model
-    c = torch.sigmoid(out.confidence_logits)
-    c_star = (1 - 0.5 * l1).detach()  # the confidence target carries no gradient
-    bce = -(c_star * torch.log(c) + (1 - c_star) * torch.log(1 - c))
-    G = out.eval_mask.shape[-1]
-    w = torch.exp(-torch.arange(float(G), dtype=torch.float64) / m.loss_decay_gamma) * out.eval_mask
-    terms = m.ce_loss_alpha * (w * ce).sum() + m.l1_loss_alpha * (w * l1).sum()
-    return (terms + m.confidence_head_alpha * (w * bce).sum()) / w.sum(), w
 
 
 def test_block_loss_matches_hand_computation():

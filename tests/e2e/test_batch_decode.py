@@ -19,26 +19,19 @@ from deepspec.eval.ragged_target import RaggedTarget
 from deepspec.eval.scheduler import SPSTable
 from deepspec.eval.target import HFTarget
 from deepspec.targets.tiny import TINY_FAMILIES
-from tests.test_decode import (
+from tests.helpers import (
     DRAFT_IDS,
     DRAFTS,
     PROMPT,
     V_SMALL,
     draft_for,
+    greedy_reference,
     law_check,
-    single_thread,  # noqa: F401 - fixture
-    small_target,  # noqa: F401 - fixture
     tiny_model,
 )
 
 PROMPTS = [[5, 9, 3], [17, 4, 4, 80, 2, 31, 64], [1], [40, 2, 77, 13], [90, 91], [5, 50, 60, 70], [8, 8]]
 FLAT = SPSTable.from_mapping({1: 10.0, 512: 10.0})
-
-
-def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
-    return model.generate(
-        torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
-    )[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

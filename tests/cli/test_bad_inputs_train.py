@@ -31,7 +31,7 @@ from tests.badinput import (
     unwritable_dir,
 )
 from tests.conftest import ROOT
-from tests.test_train import opts_for
+from tests.helpers import opts_for
 
 CONFIG = "config/dspark/dspark_smollm2_135m.py"
 MINI = os.path.join(ROOT, "data", "train_prompts", "mini.jsonl")
@@ -58,7 +58,7 @@ def build_cache(target: str, rows: list[str], out) -> str:
 
 
 def opts(base, out, **extra) -> list[str]:
-    """The tiny run of ``tests/test_train.py`` (DSpark, 4 steps, checkpoints every 2), eager."""
+    """The tiny run of ``tests/e2e/test_train.py`` (DSpark, 4 steps, checkpoints every 2), eager."""
     return opts_for(base, out, **{"train.torch_compile": "false", **extra})
 
 
