@@ -20,7 +20,9 @@ from collections.abc import Iterator
 
 import pytest
 
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deepspec")
+from tests.conftest import ROOT as REPO
+
+ROOT = os.path.join(REPO, "deepspec")
 
 
 def package_modules(root: str = ROOT) -> dict[str, str]:
