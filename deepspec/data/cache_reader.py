@@ -372,8 +372,9 @@ def validate_cache_for_config(
             "tokenizer / chat template / data.system_prompt / data.enable_thinking differ from the cache's"
         )
     for key in ("max_length", "min_loss_tokens"):
-        if tok.get(key) != cfg.data[key]:
-            problems.append(f"data.{key}={cfg.data[key]} but the cache was built with {tok.get(key)}")
+        value = getattr(cfg.data, key)
+        if tok.get(key) != value:
+            problems.append(f"data.{key}={value} but the cache was built with {tok.get(key)}")
     if problems:
         raise DataError(
             f"target cache {cache.path} does not match the config: "
