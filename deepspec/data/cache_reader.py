@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import xxhash
 
+from deepspec.config import Config
 from deepspec.data.cache_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -324,7 +325,7 @@ class CacheDataset(torch.utils.data.Dataset):
 
 
 def validate_cache_for_config(
-    cache_or_path: CacheDataset | str | os.PathLike[str], cfg: Any, target_dir: str | os.PathLike[str]
+    cache_or_path: CacheDataset | str | os.PathLike[str], cfg: Config, target_dir: str | os.PathLike[str]
 ) -> CacheDataset:
     """Check that a cache fits a training config and its resolved target directory.
 

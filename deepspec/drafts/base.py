@@ -26,6 +26,7 @@ from torch import nn
 
 from deepspec import __version__
 from deepspec.algorithms import Algorithm
+from deepspec.config import Config
 from deepspec.drafts.layers import init_weights
 from deepspec.drafts.vocab import check_vocab_maps, d2t_from_ids, t2d_from_ids
 from deepspec.errors import TargetError
@@ -66,7 +67,7 @@ class DraftConfig:
         return FamilySpec.from_dict(self.target)
 
     @classmethod
-    def from_cfg(cls, cfg: Any, spec: FamilySpec, algorithm: Algorithm) -> DraftConfig:
+    def from_cfg(cls, cfg: Config, spec: FamilySpec, algorithm: Algorithm) -> DraftConfig:
         """Build from a validated training config (``deepspec.config``), the target spec and
         the algorithm's registry entry (which fields it reads: block drafters the window and
         q/k norms, DSpark the Markov and confidence heads)."""
