@@ -617,14 +617,19 @@ def finalize_config(cfg: Config) -> Config:
 
     Returns a new :class:`Config` (``cfg`` itself is frozen and stays as it was)."""
     exp_name = cfg.exp_name or default_exp_name(cfg)
-    dirs: dict[str, str] = {}
-    for kind in ("checkpoint", "tensorboard"):
-        path = getattr(cfg.logging, f"{kind}_dir")
-        if path is None:
-            root = os.path.expanduser(getattr(cfg.logging, f"{kind}_root"))
-            path = os.path.join(root, cfg.project_name, exp_name)
-        dirs[f"{kind}_dir"] = path
-    return dataclasses.replace(cfg, exp_name=exp_name, logging=dataclasses.replace(cfg.logging, **dirs))
+
+    def derived(path: str | None, root: str) -> str:
+        if path is not None:  # set in the config
+            return path
+        return os.path.join(os.path.expanduser(root), cfg.project_name, exp_name)
+
+    log = cfg.logging
+    logging = dataclasses.replace(
+        log,
+        checkpoint_dir=derived(log.checkpoint_dir, log.checkpoint_root),
+        tensorboard_dir=derived(log.tensorboard_dir, log.tensorboard_root),
+    )
+    return dataclasses.replace(cfg, exp_name=exp_name, logging=logging)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

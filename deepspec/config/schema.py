@@ -331,18 +331,18 @@ def _records(cls: type, prefix: str) -> list[Field]:
         if f.name in SECTION_TYPES and cls is Config:
             continue
         kind, optional = _kind(hints[f.name], prefix + f.name)
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         records.append(
             Field(key=prefix + f.name, default=default, kind=kind, optional=optional, **f.metadata)
         )
     return records
 
 
-# The sections: every field of Config whose type is a dataclass, in order.
+# The sections: the fields of Config whose type is a dataclass, in order.
 SECTION_TYPES: dict[str, type] = {
-    f.name: f.default_factory
-    for f in dataclasses.fields(Config)
-    if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory)
+    name: hint
+    for name, hint in typing.get_type_hints(Config).items()
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint)
 }
 SECTIONS = tuple(SECTION_TYPES)
 FIELDS: tuple[Field, ...] = tuple(
