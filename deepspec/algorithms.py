@@ -19,10 +19,13 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the config schema imports this registry
+    from deepspec.config import Config
 
 
-def _block_kwargs(cfg: Any, progress: float = 1.0) -> dict[str, Any]:
+def _block_kwargs(cfg: Config, progress: float = 1.0) -> dict[str, Any]:
     """The block loss weights at ``progress``. With ``model.tv_ramp_ratio`` r > 0 the TV
     weight ramps linearly from 0 to ``l1_loss_alpha`` over the first r of training while the
     CE weight gives up the same amount (CE first: the TV term has almost no gradient while
@@ -38,7 +41,7 @@ def _block_kwargs(cfg: Any, progress: float = 1.0) -> dict[str, Any]:
     )
 
 
-def _chain_kwargs(cfg: Any, progress: float = 1.0) -> dict[str, Any]:
+def _chain_kwargs(cfg: Config, progress: float = 1.0) -> dict[str, Any]:
     return dict(step_loss_decay=cfg.model.step_loss_decay)
 
 

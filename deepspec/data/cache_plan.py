@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
+from deepspec.config import Config
 from deepspec.data.cache_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -71,7 +72,7 @@ class CacheBuildOptions:
     progress: bool = True
 
     @classmethod
-    def from_config(cls, cfg: Any, **overrides: Any) -> CacheBuildOptions:
+    def from_config(cls, cfg: Config, **overrides: Any) -> CacheBuildOptions:
         """Options from a loaded config (model/data keys), then ``overrides``."""
         values: dict[str, Any] = dict(
             output_dir=cfg.data.target_cache_path,

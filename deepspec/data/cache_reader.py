@@ -26,6 +26,7 @@ import torch
 import xxhash
 
 from deepspec.cli import ArgumentParser, run_main
+from deepspec.config import Config
 from deepspec.data.cache_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -338,7 +339,7 @@ def sample_tokens_of(dataset: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def validate_cache_for_config(
-    cache_or_path: CacheDataset | str | os.PathLike[str], cfg: Any, target_dir: str | os.PathLike[str]
+    cache_or_path: CacheDataset | str | os.PathLike[str], cfg: Config, target_dir: str | os.PathLike[str]
 ) -> CacheDataset:
     """Check that a cache fits a training config and its resolved target directory.
 
@@ -382,8 +383,9 @@ def validate_cache_for_config(
             "tokenizer / chat template / data.system_prompt / data.enable_thinking differ from the cache's"
         )
     for key in ("max_length", "min_loss_tokens"):
-        if tok.get(key) != cfg.data[key]:
-            problems.append(f"data.{key}={cfg.data[key]} but the cache was built with {tok.get(key)}")
+        value = getattr(cfg.data, key)
+        if tok.get(key) != value:
+            problems.append(f"data.{key}={value} but the cache was built with {tok.get(key)}")
     if problems:
         raise DataError(
             f"target cache {cache.path} does not match the config: "

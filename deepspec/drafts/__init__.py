@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from deepspec.algorithms import ALGORITHMS, Algorithm, get_algorithm
+from deepspec.config import Config
 from deepspec.drafts.base import DraftConfig, DraftModel
 from deepspec.drafts.checkpoint import load_draft, read_draft_config
 from deepspec.drafts.saving import save_draft
@@ -18,7 +19,7 @@ from deepspec.targets.family import load_family_spec
 
 
 def build_draft(
-    cfg: Any, target_dir: str | None = None, spec: Any = None, draft_ids: Any = None
+    cfg: Config, target_dir: str | None = None, spec: Any = None, draft_ids: Any = None
 ) -> DraftModel:
     """A new draft for a training config; embedding + LM head copied from ``target_dir``.
     ``draft_ids`` [N]: the pruned draft vocabulary (``model.draft_vocab_size`` N > 0; see

@@ -24,6 +24,7 @@ from torch import nn
 
 from deepspec import __version__
 from deepspec.algorithms import Algorithm
+from deepspec.config import Config
 from deepspec.drafts.fused_head import target_lse
 from deepspec.drafts.layers import init_weights
 from deepspec.drafts.saving import save_draft
@@ -68,7 +69,7 @@ class DraftConfig:
         return FamilySpec.from_dict(self.target)
 
     @classmethod
-    def from_cfg(cls, cfg: Any, spec: FamilySpec, algorithm: Algorithm) -> DraftConfig:
+    def from_cfg(cls, cfg: Config, spec: FamilySpec, algorithm: Algorithm) -> DraftConfig:
         """Build from a validated training config (``deepspec.config``), the target spec and
         the algorithm's registry entry (which fields it reads: block drafters the window and
         q/k norms, DSpark the Markov and confidence heads)."""

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import torch
 from torch import nn
 
+from deepspec.config import Config
 from deepspec.drafts.base import DraftConfig, DraftModel
 from deepspec.drafts.blocks import block_attention, block_targets, recent_context_attention, sample_anchors
 from deepspec.drafts.layers import DecoderLayer, RotaryEmbedding, attend, norm_for
@@ -62,7 +62,7 @@ class BlockTrainOutput:
     attention_probe: dict[str, float] = field(default_factory=dict)
 
 
-def prepare_batch(cfg: Any, batch: dict[str, torch.Tensor], generator, probe: bool = False):
+def prepare_batch(cfg: Config, batch: dict[str, torch.Tensor], generator, probe: bool = False):
     """``(forward keyword arguments, local loss normaliser Σw)`` of one micro-batch of a block
     drafter: ``model.num_anchors`` anchors per sequence; ``probe`` asks the forward to measure
     where block slot 0 looks (logged steps)."""

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepspec.config import Config
 from deepspec.drafts.base import DraftConfig, DraftModel
 from deepspec.drafts.blocks import sample_anchors
 from deepspec.drafts.layers import DecoderLayer, RotaryEmbedding, attend, norm_for
@@ -66,7 +66,7 @@ def supervised_mask(loss_mask: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.stack(rows, 1)
 
 
-def prepare_batch(cfg: Any, batch: dict[str, torch.Tensor], generator, probe: bool = False):
+def prepare_batch(cfg: Config, batch: dict[str, torch.Tensor], generator, probe: bool = False):
     """``(forward keyword arguments, [K] supervised rows per step)`` of one micro-batch: every
     draft index, or ``model.eagle3_num_positions`` sampled ones (the anchors' indices)."""
     mask = supervised_mask(batch["loss_mask"], cfg.model.ttt_length)  # [B, K, T]

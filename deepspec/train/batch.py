@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from deepspec.algorithms import get_algorithm
+from deepspec.config import Config
 from deepspec.train.data import collate, sample_generators
 
 Batch = dict[str, torch.Tensor]
@@ -41,7 +42,7 @@ class TrainModule(nn.Module):
 
 
 def prepare_micro_batch(
-    cfg: Any,
+    cfg: Config,
     dataset: Any,
     indices: Sequence[int],
     *,

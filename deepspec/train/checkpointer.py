@@ -18,7 +18,7 @@ import torch
 import yaml
 from torch import nn
 
-from deepspec.config import config_to_dict, save_config
+from deepspec.config import Config, config_to_dict, save_config
 from deepspec.drafts.checkpoint import load_weights, weights_are_finite
 from deepspec.drafts.saving import write_draft_files
 from deepspec.errors import DataError, DeepSpecError, EnvironmentProblem, describe_os_error
@@ -61,7 +61,9 @@ class Checkpointer:
     budget. Use: :meth:`resume_draft` before the draft is wrapped, :meth:`bind` once the
     wrapped model, optimizer and scheduler exist, then :meth:`save` from the loop."""
 
-    def __init__(self, cfg: Any, info: dist_utils.DistInfo, draft: nn.Module, *, identity: dict, total: int):
+    def __init__(
+        self, cfg: Config, info: dist_utils.DistInfo, draft: nn.Module, *, identity: dict, total: int
+    ):
         self.cfg, self.info, self.draft = cfg, info, draft
         self.identity, self.total = identity, total
         self.root = cfg.logging.checkpoint_dir
@@ -257,7 +259,7 @@ class Checkpointer:
         )
 
 
-def flat_config(cfg: Any) -> dict[str, Any]:
+def flat_config(cfg: Config) -> dict[str, Any]:
     """``{key.path: value}`` of a config, as :func:`save_config` writes it (YAML round trip)."""
     tree = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return ckpt._flatten(tree)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepspec.config import Config
 from deepspec.data.cache_reader import sample_tokens_of
 from deepspec.data.chat import ChatTokenizer
 from deepspec.data.conversations import read_conversations
@@ -37,7 +38,7 @@ class DataCursor:
 class OnlineSamples(torch.utils.data.Dataset):
     """Tokenized conversations from ``data.train_data_paths`` (no features)."""
 
-    def __init__(self, cfg: Any, target_dir: str) -> None:
+    def __init__(self, cfg: Config, target_dir: str) -> None:
         from transformers import AutoTokenizer  # lazy: heavy, and only online runs need it
 
         if not cfg.data.train_data_paths:
@@ -71,7 +72,7 @@ class OnlineSamples(torch.utils.data.Dataset):
         }
 
 
-def check_heldout_split(num_samples: int, cfg: Any, source: str) -> None:
+def check_heldout_split(num_samples: int, cfg: Config, source: str) -> None:
     """Refuse a ``data.heldout_samples`` that leaves fewer training samples than one global
     batch (the trainer holds out the last samples), naming the held-out count and a value
     that works. ``source`` names the data (a cache directory, the conversation files)."""
@@ -92,7 +93,7 @@ def check_heldout_split(num_samples: int, cfg: Any, source: str) -> None:
     )
 
 
-def split_heldout(dataset: Any, cfg: Any, source: str) -> tuple[Any, range | None]:
+def split_heldout(dataset: Any, cfg: Config, source: str) -> tuple[Any, range | None]:
     """(training samples, held-out sample indices or None): the last ``data.heldout_samples``
     are held out (refused when they leave less than a global batch; ``source`` names the
     data); training uses the first ``data.max_samples`` of the rest (all when None).

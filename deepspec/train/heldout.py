@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepspec.config import Config
 from deepspec.train.batch import prepare_micro_batch
 
 REPORTED = ("ce", "accuracy@1", "accept_rate@1", "tau_probabilistic")
@@ -24,7 +25,7 @@ REPORTED = ("ce", "accuracy@1", "accept_rate@1", "tau_probabilistic")
 @torch.no_grad()
 def score(
     module: nn.Module,
-    cfg: Any,
+    cfg: Config,
     dataset: Any,
     indices: Sequence[int],
     *,

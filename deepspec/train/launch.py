@@ -19,12 +19,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from deepspec.config import load_config
+from deepspec.config import Config, load_config
 from deepspec.errors import ConfigError
 from deepspec.utils import distributed as dist_utils
 
 
-def local_worker_count(cfg: Any) -> int:
+def local_worker_count(cfg: Config) -> int:
     import torch  # lazy: importing this module (train.py, node_topology) needs no torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -68,7 +68,7 @@ def node_topology(env: Mapping[str, str]) -> tuple[int, int]:
     return rank, count
 
 
-def launch(config_path: str | None, opts: list[str], cfg: Any) -> Any:
+def launch(config_path: str | None, opts: list[str], cfg: Config) -> Any:
     """Run training here (one worker) or spawn this node's workers and wait for them.
 
     SIGTERM, or a first Ctrl-C, to the launcher is forwarded to the workers as SIGTERM:

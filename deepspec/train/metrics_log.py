@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 from tqdm import tqdm
 
+from deepspec.config import Config
 from deepspec.utils.io import atomic_open
 
 
 class MetricsLogger:
     """Rank-0 progress bar, TensorBoard scalars and ``metrics.jsonl`` in the checkpoint dir."""
 
-    def __init__(self, cfg: Any, total: int, start: int, *, enabled: bool, progress: bool) -> None:
+    def __init__(self, cfg: Config, total: int, start: int, *, enabled: bool, progress: bool) -> None:
         self.enabled = enabled
         self.every = cfg.logging.logging_steps
         self.bar = self.writer = self.jsonl = None

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepspec.config import Config
 from deepspec.utils import distributed as dist_utils
 
 
-def parallelize(module: nn.Module, cfg: Any, info: dist_utils.DistInfo) -> nn.Module:
+def parallelize(module: nn.Module, cfg: Config, info: dist_utils.DistInfo) -> nn.Module:
     """``module`` (a :class:`~deepspec.train.batch.TrainModule`) ready for this world:
     itself on one worker, DDP or FSDP (``cfg.train.sharding_strategy``) on several."""
     if not info.distributed:

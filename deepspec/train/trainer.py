@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepspec.config import save_config, validate_against_target
+from deepspec.config import Config, save_config, validate_against_target
 from deepspec.data.cache_reader import validate_cache_for_config
 from deepspec.data.fingerprint import target_fingerprint
 from deepspec.drafts import build_draft, get_algorithm
@@ -64,7 +64,7 @@ class Trainer:
     (:meth:`train_step`), logs, scores the held-out samples and saves until the step budget
     or a stop signal."""
 
-    def __init__(self, cfg: Any, *, progress: bool = True) -> None:
+    def __init__(self, cfg: Config, *, progress: bool = True) -> None:
         self.cfg = cfg
         self.info = dist_utils.get_info()
         self.progress = progress and self.info.is_main
@@ -379,7 +379,7 @@ class Trainer:
         return flat_metrics(scores)
 
 
-def check_optimizer_settings(cfg: Any) -> None:
+def check_optimizer_settings(cfg: Config) -> None:
     """AdamW's first update moves a weight by up to ``lr / (1 - adam_beta1)``; past the
     float32 range torch fails inside the step with a traceback, so refuse it up front."""
     limit = torch.finfo(torch.float32).max * (1 - cfg.train.adam_beta1)
@@ -390,7 +390,7 @@ def check_optimizer_settings(cfg: Any) -> None:
         )
 
 
-def check_output_dirs(cfg: Any) -> None:
+def check_output_dirs(cfg: Config) -> None:
     """Refuse, before any data is read, checkpoint and TensorBoard directories that are
     files or cannot be written (a read-only root fails here, not at the first save)."""
     for key, path in (
@@ -400,7 +400,7 @@ def check_output_dirs(cfg: Any) -> None:
         check_writable_dir(path, f"{key} (or its _dir)")
 
 
-def experiment_lock(cfg: Any) -> contextlib.AbstractContextManager[None]:
+def experiment_lock(cfg: Config) -> contextlib.AbstractContextManager[None]:
     """An exclusive lock on the run's checkpoint directory, held by rank 0 for the whole run:
     a second run into the same directory (which would resume from the first one's live
     checkpoints and interleave its metrics) is refused in one line naming the holder."""

@@ -46,11 +46,22 @@ def is_package(module: str, modules: dict[str, str]) -> bool:
     return os.path.basename(modules[module]) == "__init__.py"
 
 
+def _type_checking_only(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:``: imports for annotations only, never executed."""
+    return isinstance(node, ast.If) and (
+        (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING")
+        or (isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING")
+    )
+
+
 def _in_function(tree: ast.AST) -> Iterator[tuple[ast.stmt, bool]]:
-    """Every import statement of ``tree`` and whether it sits inside a function."""
+    """Every import statement of ``tree`` that runs (not under ``if TYPE_CHECKING:``) and
+    whether it sits inside a function."""
 
     def walk(node: ast.AST, nested: bool) -> Iterator[tuple[ast.stmt, bool]]:
         for child in ast.iter_child_nodes(node):
+            if _type_checking_only(child):
+                continue
             if isinstance(child, (ast.Import, ast.ImportFrom)):
                 yield child, nested
             inner = nested or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import operator
 import os
 import subprocess
 import sys
@@ -11,6 +13,9 @@ import pytest
 
 from deepspec.config import (
     FIELDS,
+    FIELDS_BY_KEY,
+    Config,
+    ModelConfig,
     config_to_dict,
     get_default_config,
     load_config,
@@ -109,8 +114,7 @@ def test_algorithm_defaults_follow_opts():
 )
 def test_override_types(opt, key, expected):
     cfg = load_config(opts=[opt])
-    section, _, leaf = key.rpartition(".")
-    value = cfg[section][leaf] if section else cfg[leaf]
+    value = operator.attrgetter(key)(cfg)
     assert value == expected and type(value) is type(expected)
 
 
@@ -243,7 +247,10 @@ def test_derived_dirs_and_exp_name(tmp_path):
     assert cfg.exp_name == "dspark_smollm2-135m-instruct"
     assert cfg.logging.checkpoint_dir == f"{tmp_path}/ck/p/dspark_smollm2-135m-instruct"
     assert cfg.logging.tensorboard_dir == f"{tmp_path}/tb/p/dspark_smollm2-135m-instruct"
-    assert cfg.is_frozen()
+    with pytest.raises(dataclasses.FrozenInstanceError):  # frozen once loaded
+        cfg.logging.checkpoint_dir = str(tmp_path)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.exp_name = "other"
 
 
 @pytest.mark.parametrize("path", SHIPPED[:3] + [None], ids=lambda p: os.path.basename(p) if p else "defaults")
@@ -262,6 +269,26 @@ def test_every_field_has_help_and_valid_default():
         assert field.help
         assert field.key.count(".") <= 1
     assert cfg.algorithm == "dspark"
+
+
+def test_the_schema_is_the_typed_dataclasses():
+    """``FIELDS`` is a view of the dataclasses: each key's default, kind and bounds once."""
+    cfg = load_config()
+    assert isinstance(cfg, Config) and isinstance(cfg.model, ModelConfig)
+    assert [f.key for f in FIELDS][:4] == ["project_name", "exp_name", "seed", "algorithm"]
+    fresh = Config()
+    for field in FIELDS:
+        assert operator.attrgetter(field.key)(fresh) == field.default, field.key
+    assert (
+        FIELDS_BY_KEY["model.mask_token_id"].kind == "int" and FIELDS_BY_KEY["model.mask_token_id"].optional
+    )
+    assert FIELDS_BY_KEY["model.target_layer_ids"].kind == "list[int]"
+    assert FIELDS_BY_KEY["train.adam_beta2"].exclusive_maximum == 1.0
+    assert FIELDS_BY_KEY["algorithm"].choices == ("dspark", "dflash", "eagle3")
+    assert Config().model.target_layer_ids is not Config().model.target_layer_ids  # no shared lists
+    assert Config.from_flat({"model.block_size": 3, "seed": 1}) == Config(
+        seed=1, model=ModelConfig(block_size=3)
+    )
 
 
 def test_validate_against_target():
