@@ -20,9 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import ROOT as REPO
-
-ROOT = os.path.join(REPO, "deepspec")
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "deepspec")
 
 
 def package_modules(root: str = ROOT) -> dict[str, str]:
