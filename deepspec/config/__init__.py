@@ -1,5 +1,6 @@
 """Validated configuration: one schema of typed, frozen dataclasses (``schema.py``: :class:`Config`
-and its sections), loading and overrides (``loader.py``)."""
+and its sections), the sources a config is read from (``sources.py``: files, ``_base_`` /
+``_target_`` layers, ``--opts``) and merging, checking and saving (``loader.py``)."""
 
 from deepspec.config.loader import (
     build_config,
@@ -7,7 +8,6 @@ from deepspec.config.loader import (
     finalize_config,
     get_default_config,
     load_config,
-    parse_opts,
     save_config,
     suggest_keys,
     validate_against_target,
@@ -22,6 +22,7 @@ from deepspec.config.schema import (
     ModelConfig,
     TrainConfig,
 )
+from deepspec.config.sources import parse_opts
 
 __all__ = [
     "ALGORITHMS",

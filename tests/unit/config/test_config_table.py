@@ -22,7 +22,7 @@ if __name__ == "__main__":  # run as a script to regenerate the fixture
     sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")))
 
 from deepspec.config import config_to_dict, load_config
-from deepspec.config.loader import read_config_layers
+from deepspec.config.sources import read_config_layers
 from deepspec.errors import ConfigError
 from tests.conftest import ROOT
 
