@@ -285,8 +285,8 @@ def _validate(cfg: Config, problems: Problems, sources: Mapping[str, str]) -> No
     if block and 0 < window < cfg.model.block_size:
         problems.add(
             "model.context_window",
-            f"{window} is smaller than model.block_size {cfg.model.block_size}: a sliding window must cover the "
-            "whole block (0 = no window)",
+            f"{window} is smaller than model.block_size {cfg.model.block_size}: a sliding window must "
+            "cover the whole block (0 = no window)",
             sources.get("model.context_window"),
         )
     if cfg.train.global_batch_size % cfg.train.local_batch_size:
