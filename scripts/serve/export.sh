@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Export a trained draft for a serving engine (see README, Serving):
+# Export a trained draft for a serving engine (see docs/serving.md):
 #   bash scripts/serve/export.sh <draft dir> --to llamacpp|vllm|sglang|speculators --out <dir>
 # Options are those of python -m deepspec.export (--target, --outtype, --mask-host-id).
 # Runs where you stand: a relative <draft dir>, --out or --target names a path in your

@@ -11,7 +11,7 @@
 #
 # Shipped configs, one per algorithm and target (each is config/<algo>/base.py, the
 # algorithm, plus its target's row of config/targets.py: hub id, layer ids, mask token;
-# the smollm2_135m ones add the tuned CPU recipe; README "Configs"):
+# the smollm2_135m ones add the tuned CPU recipe; docs/training.md "Configs"):
 ## dspark
 #   config/dspark/dspark_qwen3_4b.py   config/dspark/dspark_qwen3_8b.py
 #   config/dspark/dspark_qwen3_14b.py  config/dspark/dspark_gemma4_12b.py
