@@ -16,6 +16,7 @@ loads. The classes and functions an entry names are imported on first use
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ def _chain_kwargs(cfg: Config, progress: float = 1.0) -> dict[str, Any]:
     return dict(step_loss_decay=cfg.model.step_loss_decay)
 
 
+@functools.cache  # the training step asks for its batch preparation every micro-batch
 def _resolve(path: str) -> Any:
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)

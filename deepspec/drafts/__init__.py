@@ -26,8 +26,7 @@ def build_draft(
     :func:`deepspec.drafts.vocab.build_draft_vocab`), else the first N ids."""
     if spec is None:
         spec = load_family_spec(target_dir)
-    algorithm = get_algorithm(cfg.algorithm)
-    model = algorithm.model_cls(DraftConfig.from_cfg(cfg, spec, algorithm))
+    model = get_algorithm(cfg.algorithm).model_cls(DraftConfig.from_cfg(cfg, spec))
     model.attention_backend = getattr(cfg.model, "attention_backend", "auto")
     model.reset_parameters(std=cfg.model.init_std)
     if draft_ids is not None:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from deepspec import __version__
-from deepspec.algorithms import Algorithm
+from deepspec.algorithms import ALGORITHMS
 from deepspec.config import Config
 from deepspec.drafts.fused_head import target_lse
 from deepspec.drafts.layers import init_weights
@@ -69,11 +69,12 @@ class DraftConfig:
         return FamilySpec.from_dict(self.target)
 
     @classmethod
-    def from_cfg(cls, cfg: Config, spec: FamilySpec, algorithm: Algorithm) -> DraftConfig:
-        """Build from a validated training config (``deepspec.config``), the target spec and
-        the algorithm's registry entry (which fields it reads: block drafters the window and
+    def from_cfg(cls, cfg: Config, spec: FamilySpec) -> DraftConfig:
+        """Build from a validated training config (``deepspec.config``) and the target spec; the
+        algorithm's registry entry says which fields it reads (block drafters the window and
         q/k norms, DSpark the Markov and confidence heads)."""
         m = cfg.model
+        algorithm = ALGORITHMS[cfg.algorithm]
         block, markov = algorithm.block, algorithm.markov
         return cls(
             algorithm=cfg.algorithm,

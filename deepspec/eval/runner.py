@@ -66,7 +66,7 @@ class Evaluator:
     """Holds the target, tokenizer and draft of one worker and decodes prompts."""
 
     def __init__(
-        self, target_dir: str, draft, settings: EvalSettings, device: str = "cpu", policy: Any = None
+        self, target_dir: str, draft, settings: EvalSettings, policy: Any, device: str = "cpu"
     ) -> None:
         self.settings = settings
         spec = load_family_spec(target_dir)
@@ -82,7 +82,7 @@ class Evaluator:
             eos.add(int(self.chat.tokenizer.eos_token_id))
         self.eos_ids = eos
         self.reused: dict[tuple[str, int], dict] = {}
-        self.policy = policy if policy is not None else settings.verify_policy()
+        self.policy = policy  # deepspec.eval.policies.VerifyPolicy, built once by the plan
 
     def _generate(
         self, prompt_ids: list[int], seed: int, max_new: int, plain: bool = True
@@ -268,7 +268,7 @@ def plan_evaluation(draft_path: str, settings: EvalSettings, target_name: str) -
     draft_path = resolve_draft(draft_path)  # a hub id: downloaded once
     path = os.path.expanduser(draft_path)
     _, config = read_draft_config(path)
-    check_draft_supports_policy(asked, path, s.confidence_threshold, s.survival_threshold, config)
+    check_draft_supports_policy(asked, path, config, s.confidence_threshold, s.survival_threshold)
     if s.output_dir:
         check_output_dir(s.output_dir)
     reused = load_baseline(s.baseline_from, s, target_name) if s.baseline and s.baseline_from else None
@@ -284,7 +284,7 @@ def _worker_records(
     target_dir: str, plan: EvalPlan, worker: int, workers: int, device: str, draft=None
 ) -> dict[str, list[dict[str, Any]]]:
     draft = draft if draft is not None else load_draft(plan.draft_path)
-    evaluator = Evaluator(target_dir, draft, plan.settings, device=device, policy=plan.policy)
+    evaluator = Evaluator(target_dir, draft, plan.settings, plan.policy, device=device)
     evaluator.reused = plan.reused or {}
     out = {}
     for task, prompts in plan.prompts.items():

@@ -75,20 +75,17 @@ CONFIDENCE_POLICIES = ("threshold", "cumulative", "scheduled")  # they read the 
 def check_draft_supports_policy(
     policy: str,
     draft_path: str,
+    config: Any,
     confidence_threshold: float = 0.0,
     survival_threshold: float = 0.0,
-    config: Any = None,
 ) -> None:
     """Refuse a verification policy that reads confidences (``threshold``, ``cumulative``,
-    ``scheduled``) for a draft without a confidence head, from the draft's ``config.json``
-    alone: before the target or the draft loads. ``policy`` may be ``auto`` (resolved here)."""
+    ``scheduled``) for a draft without a confidence head, from the draft's config (its
+    ``DraftConfig``, read from ``config.json``) alone: before the target or the draft loads.
+    ``policy`` may be ``auto`` (resolved here)."""
     resolved = resolve_policy(policy, confidence_threshold, survival_threshold)
     if resolved not in CONFIDENCE_POLICIES:
         return
-    if config is None:  # the draft's DraftConfig, unless the caller has read it
-        from deepspec.drafts import read_draft_config  # not at import: this module stays torch-free
-
-        _, config = read_draft_config(draft_path)
     if config.confidence_head:
         return
     if policy == resolved:
